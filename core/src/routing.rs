@@ -1,0 +1,1 @@
+//! Cryptokey routing: the allowed-IPs table (placeholder being replaced).

@@ -1,0 +1,1 @@
+//! Coordination, policy and identity for wiremesh.

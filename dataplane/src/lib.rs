@@ -1,0 +1,1 @@
+//! The Linux data plane driving `wiremesh-core`.
