@@ -89,9 +89,11 @@ pub fn hash(parts: &[&[u8]]) -> [u8; KEY_LEN] {
     h.finalize().into()
 }
 
-/// MAC(key, input): keyed BLAKE2s with a 16-byte output (paper 5.4.4).
-pub fn mac(key: &[u8; KEY_LEN], input: &[&[u8]]) -> [u8; MAC_LEN] {
-    let mut m = <Blake2sMac<U16> as Mac>::new_from_slice(key).expect("32-byte key is valid for BLAKE2s");
+/// MAC(key, input): keyed BLAKE2s with a 16-byte output (paper 5.4.4). The
+/// key is 32 bytes for MAC1 and 16 (a cookie) for MAC2.
+pub fn mac(key: &[u8], input: &[&[u8]]) -> [u8; MAC_LEN] {
+    debug_assert!(key.len() == KEY_LEN || key.len() == MAC_LEN);
+    let mut m = <Blake2sMac<U16> as Mac>::new_from_slice(key).expect("16- and 32-byte keys are valid for BLAKE2s");
     for p in input {
         Mac::update(&mut m, p);
     }
