@@ -1,1 +1,11 @@
 //! The Linux data plane driving `wiremesh-core`.
+//!
+//! * [`uapi`]: the wg(8) cross-platform configuration protocol (`get=1`,
+//!   `set=1`) as pure logic over a configuration model, plus a small blocking
+//!   Unix-socket server for `/var/run/wireguard/<ifname>.sock`.
+//! * [`tun`]: Linux TUN devices with virtio-net offloads, and the splitting of
+//!   TCP segmentation offload super-packets into wire-sized IP packets.
+#![warn(missing_docs)]
+
+pub mod tun;
+pub mod uapi;
