@@ -98,30 +98,35 @@ pub struct Handshake {
     preshared: PresharedKey,
     /// DH(our static, their static), computed once per peer (paper 5.4.2 note).
     static_static: Option<[u8; KEY_LEN]>,
-    state: State,
+    /// The two roles are kept apart so that when both sides initiate at
+    /// once, each completes its own handshake as initiator as well as
+    /// answering the other's: the sessions converge instead of colliding.
+    initiator: Option<Initiator>,
+    responder: Option<Responder>,
     /// The newest initiation timestamp accepted from this peer.
     latest_timestamp: Tai64N,
     /// When the last initiation from this peer was accepted (flood check).
     last_initiation_consumed: Option<Instant>,
 }
 
+/// Our initiation in flight (initiator role).
 #[derive(Zeroize, ZeroizeOnDrop)]
-enum State {
-    Idle,
-    InitiationSent {
-        #[zeroize(skip)]
-        local_index: u32,
-        hash: [u8; KEY_LEN],
-        chaining_key: [u8; KEY_LEN],
-        ephemeral_private: [u8; KEY_LEN],
-    },
-    InitiationReceived {
-        #[zeroize(skip)]
-        remote_index: u32,
-        hash: [u8; KEY_LEN],
-        chaining_key: [u8; KEY_LEN],
-        remote_ephemeral: [u8; KEY_LEN],
-    },
+struct Initiator {
+    #[zeroize(skip)]
+    local_index: u32,
+    hash: [u8; KEY_LEN],
+    chaining_key: [u8; KEY_LEN],
+    ephemeral_private: [u8; KEY_LEN],
+}
+
+/// The peer's initiation we accepted and have yet to answer (responder role).
+#[derive(Zeroize, ZeroizeOnDrop)]
+struct Responder {
+    #[zeroize(skip)]
+    remote_index: u32,
+    hash: [u8; KEY_LEN],
+    chaining_key: [u8; KEY_LEN],
+    remote_ephemeral: [u8; KEY_LEN],
 }
 
 impl Drop for Handshake {
@@ -134,12 +139,11 @@ impl Drop for Handshake {
 
 impl core::fmt::Debug for Handshake {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let state = match self.state {
-            State::Idle => "idle",
-            State::InitiationSent { .. } => "initiation sent",
-            State::InitiationReceived { .. } => "initiation received",
-        };
-        f.debug_struct("Handshake").field("remote_static", &self.remote_static).field("state", &state).finish_non_exhaustive()
+        f.debug_struct("Handshake")
+            .field("remote_static", &self.remote_static)
+            .field("initiation_in_flight", &self.initiator.is_some())
+            .field("initiation_received", &self.responder.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -232,7 +236,8 @@ impl Handshake {
             static_static: dh(&me.private.secret(), &remote_static.0),
             remote_static,
             preshared,
-            state: State::Idle,
+            initiator: None,
+            responder: None,
             latest_timestamp: Tai64N::default(),
             last_initiation_consumed: None,
         }
@@ -264,15 +269,13 @@ impl Handshake {
 
     /// The local index of an initiation in flight, if any.
     pub fn pending_local_index(&self) -> Option<u32> {
-        match self.state {
-            State::InitiationSent { local_index, .. } => Some(local_index),
-            _ => None,
-        }
+        self.initiator.as_ref().map(|i| i.local_index)
     }
 
     /// Forgets any handshake in progress (wiping its secrets).
     pub fn clear(&mut self) {
-        self.state = State::Idle;
+        self.initiator = None;
+        self.responder = None;
     }
 
     /// Builds an initiation (paper 5.4.2, initiator side). MAC fields are left
@@ -316,12 +319,7 @@ impl Handshake {
         h = hash(&[&h, &encrypted_timestamp]);
         k.zeroize();
 
-        self.state = State::InitiationSent {
-            local_index,
-            hash: h,
-            chaining_key: ck,
-            ephemeral_private: ephemeral.to_bytes(),
-        };
+        self.initiator = Some(Initiator { local_index, hash: h, chaining_key: ck, ephemeral_private: ephemeral.to_bytes() });
         Ok(Initiation {
             sender: local_index,
             ephemeral: ephemeral_public.0,
@@ -356,12 +354,12 @@ impl Handshake {
         let h = hash(&[&pending.hash, &pending.encrypted_timestamp]);
         self.latest_timestamp = timestamp;
         self.last_initiation_consumed = Some(now);
-        self.state = State::InitiationReceived {
+        self.responder = Some(Responder {
             remote_index: pending.sender,
             hash: h,
             chaining_key: ck,
             remote_ephemeral: pending.remote_ephemeral,
-        };
+        });
         Ok(())
     }
 
@@ -372,11 +370,9 @@ impl Handshake {
         local_index: u32,
         rng: &mut impl rand_core::CryptoRngCore,
     ) -> Result<(Response, SessionKeys), HandshakeError> {
-        let (remote_index, mut h, mut ck, remote_ephemeral) = match &self.state {
-            State::InitiationReceived { remote_index, hash, chaining_key, remote_ephemeral } => {
-                (*remote_index, *hash, *chaining_key, *remote_ephemeral)
-            }
-            _ => return Err(HandshakeError::UnexpectedResponse),
+        let (remote_index, mut h, mut ck, remote_ephemeral) = match &self.responder {
+            Some(r) => (r.remote_index, r.hash, r.chaining_key, r.remote_ephemeral),
+            None => return Err(HandshakeError::UnexpectedResponse),
         };
         let ephemeral = PrivateKey::generate(rng);
         let ephemeral_public = ephemeral.public_key();
@@ -405,7 +401,7 @@ impl Handshake {
         h.zeroize();
         let [receive, send] = kdf::<2>(&ck, &[]);
         ck.zeroize();
-        self.state = State::Idle;
+        self.responder = None;
         Ok((
             Response {
                 sender: local_index,
@@ -423,10 +419,8 @@ impl Handshake {
     /// and derives the session keys. On failure the initiation stays in
     /// flight, so a forged response cannot cancel a genuine handshake.
     pub fn consume_response(&mut self, me: &StaticIdentity, msg: &Response) -> Result<SessionKeys, HandshakeError> {
-        let (local_index, mut h, mut ck, ephemeral_private) = match &self.state {
-            State::InitiationSent { local_index, hash, chaining_key, ephemeral_private } if *local_index == msg.receiver => {
-                (*local_index, *hash, *chaining_key, *ephemeral_private)
-            }
+        let (local_index, mut h, mut ck, ephemeral_private) = match &self.initiator {
+            Some(i) if i.local_index == msg.receiver => (i.local_index, i.hash, i.chaining_key, i.ephemeral_private),
             _ => return Err(HandshakeError::UnexpectedResponse),
         };
         let ephemeral = PrivateKey::from_bytes(ephemeral_private);
@@ -455,7 +449,7 @@ impl Handshake {
         opened.map_err(|_| HandshakeError::Decrypt)?;
         let [send, receive] = kdf::<2>(&ck, &[]);
         ck.zeroize();
-        self.state = State::Idle;
+        self.initiator = None;
         Ok(SessionKeys { send, receive, local_index, remote_index: msg.sender, initiator: true })
     }
 }
