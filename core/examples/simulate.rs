@@ -14,7 +14,13 @@ use wiremesh_core::device::{DropReason, Event};
 
 fn main() {
     let seed = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(7);
-    let net = NetConfig { loss: 0.05, duplicate: 0.02, reorder: 0.05, jitter: Duration::from_millis(15), ..NetConfig::default() };
+    let net = NetConfig {
+        loss: 0.05,
+        duplicate: 0.02,
+        reorder: 0.05,
+        jitter: Duration::from_millis(15),
+        ..NetConfig::default()
+    };
     let mut s = Sim::<DefaultProvider>::new(seed, net);
     let n = 4;
     for _ in 0..n {

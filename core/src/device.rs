@@ -8,7 +8,7 @@
 //! change a deadline requires a new look at [`Device::poll_timeout`].
 
 use crate::consts::{
-    MAX_QUEUED_PACKETS, REJECT_AFTER_TIME, KEEPALIVE_TIMEOUT, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX,
+    KEEPALIVE_TIMEOUT, MAX_QUEUED_PACKETS, REJECT_AFTER_TIME, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX,
 };
 use crate::cookie::{CookieChecker, CookieError, CookieSender, LoadMonitor, RateLimiter};
 use crate::crypto::{CryptoProvider, DefaultProvider, TAG_LEN};
@@ -217,7 +217,13 @@ pub struct PeerConfig {
 impl PeerConfig {
     /// A peer with only a public key.
     pub fn new(public_key: PublicKey) -> Self {
-        PeerConfig { public_key, preshared_key: None, endpoint: None, persistent_keepalive: None, allowed_ips: Vec::new() }
+        PeerConfig {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            allowed_ips: Vec::new(),
+        }
     }
 }
 
@@ -605,7 +611,12 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
     }
 
     /// Sets a peer's persistent keepalive interval; turning it on sends a keepalive at once.
-    pub fn set_peer_persistent_keepalive(&mut self, id: PeerId, seconds: Option<u16>, now: Instant) -> Result<(), ConfigError> {
+    pub fn set_peer_persistent_keepalive(
+        &mut self,
+        id: PeerId,
+        seconds: Option<u16>,
+        now: Instant,
+    ) -> Result<(), ConfigError> {
         let p = self.peer_mut_opt(id).ok_or(ConfigError::NoSuchPeer)?;
         let seconds = seconds.filter(|&s| s != 0);
         let was_off = p.persistent_keepalive.is_none();
@@ -670,7 +681,8 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
     /// `buf[HEADROOM..HEADROOM + len]`; `buf` must extend at least
     /// [`TAILROOM`] bytes beyond it. On `Ready` the datagram is `buf[..len]`.
     pub fn encapsulate(&mut self, buf: &mut [u8], len: usize, now: Instant) -> Result<Encapsulated, SendError> {
-        let packet = buf.get(HEADROOM..HEADROOM + len).ok_or(SendError::BufferTooSmall { needed: HEADROOM + len + TAILROOM })?;
+        let packet =
+            buf.get(HEADROOM..HEADROOM + len).ok_or(SendError::BufferTooSmall { needed: HEADROOM + len + TAILROOM })?;
         let Some(header) = parse_header(packet) else {
             return Err(self.drop_send(None, DropReason::NotIp));
         };
@@ -713,7 +725,9 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
     pub fn handle_datagram(&mut self, from: SocketAddr, buf: &mut [u8], now: Instant) -> Result<Received, DropReason> {
         let kind = match classify(buf) {
             Ok(k) => k,
-            Err(ParseError::UnknownType | ParseError::BadLength { .. }) => return Err(self.count_drop(None, DropReason::Malformed)),
+            Err(ParseError::UnknownType | ParseError::BadLength { .. }) => {
+                return Err(self.count_drop(None, DropReason::Malformed))
+            }
         };
         match kind {
             MessageKind::Transport => self.handle_transport(from, buf, now),
@@ -749,7 +763,9 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
                 };
                 match self.peer_mut(id).cookie.consume_reply(&reply, now) {
                     Ok(()) => Ok(Received::Handshake),
-                    Err(CookieError::Decrypt | CookieError::Unsolicited) => Err(self.count_drop(Some(id), DropReason::BadCookieReply)),
+                    Err(CookieError::Decrypt | CookieError::Unsolicited) => {
+                        Err(self.count_drop(Some(id), DropReason::BadCookieReply))
+                    }
                 }
             }
         }
@@ -908,7 +924,9 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
                 self.flush.pop_front();
                 continue;
             };
-            let (Some(destination), Some(kp), Some(packet)) = (peer.endpoint, peer.keypairs.current.as_mut(), peer.staged.front()) else {
+            let (Some(destination), Some(kp), Some(packet)) =
+                (peer.endpoint, peer.keypairs.current.as_mut(), peer.staged.front())
+            else {
                 peer.in_flush_queue = false;
                 self.flush.pop_front();
                 continue;

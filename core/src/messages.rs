@@ -246,10 +246,7 @@ impl TransportHeader {
         if classify(b)? != MessageKind::Transport {
             return Err(ParseError::UnknownType);
         }
-        Ok(TransportHeader {
-            receiver: u32_at(b, 4),
-            counter: u64::from_le_bytes(array_at(b, 8)),
-        })
+        Ok(TransportHeader { receiver: u32_at(b, 4), counter: u64::from_le_bytes(array_at(b, 8)) })
     }
 
     /// Writes the 16-byte header into `out[..16]`.
@@ -262,5 +259,5 @@ impl TransportHeader {
 
 /// The padded length of a plaintext of `len` bytes.
 pub const fn padded_len(len: usize) -> usize {
-    (len + PADDING_MULTIPLE - 1) / PADDING_MULTIPLE * PADDING_MULTIPLE
+    len.div_ceil(PADDING_MULTIPLE) * PADDING_MULTIPLE
 }

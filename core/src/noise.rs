@@ -319,7 +319,8 @@ impl Handshake {
         h = hash(&[&h, &encrypted_timestamp]);
         k.zeroize();
 
-        self.initiator = Some(Initiator { local_index, hash: h, chaining_key: ck, ephemeral_private: ephemeral.to_bytes() });
+        self.initiator =
+            Some(Initiator { local_index, hash: h, chaining_key: ck, ephemeral_private: ephemeral.to_bytes() });
         Ok(Initiation {
             sender: local_index,
             ephemeral: ephemeral_public.0,

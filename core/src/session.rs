@@ -174,9 +174,7 @@ impl<K: TransportKey> Keypair<K> {
         let end = datagram.len() - TAG_LEN;
         let (body, tag) = datagram.split_at_mut(end);
         let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| OpenError::Decrypt)?;
-        self.receive
-            .open_in_place(counter, &mut body[TRANSPORT_HEADER_LEN..], tag)
-            .map_err(|_| OpenError::Decrypt)?;
+        self.receive.open_in_place(counter, &mut body[TRANSPORT_HEADER_LEN..], tag).map_err(|_| OpenError::Decrypt)?;
         if !self.replay.update(counter) {
             return Err(OpenError::Replay);
         }

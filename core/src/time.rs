@@ -87,7 +87,7 @@ impl WallTime {
     }
 
     /// The wall time `d` after this one.
-    pub fn add(self, d: Duration) -> WallTime {
+    pub fn after(self, d: Duration) -> WallTime {
         let total = Duration::new(self.secs, self.nanos) + d;
         WallTime::from_unix(total)
     }

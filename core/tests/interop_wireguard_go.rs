@@ -206,7 +206,8 @@ fn core_initiates<P: CryptoProvider>(name: &str, version: WgGoVersion, ipv6: boo
         let reply = side.pump_until(Duration::from_secs(10), |p| {
             p.len() >= 28 && p[9] == 1 && p[20] == 0 && p[24..26] == [0x77, 0x77] && p[26..28] == seq.to_be_bytes()
         });
-        let reply = reply.unwrap_or_else(|| panic!("{name}: no echo reply for seq {seq}; wireguard-go log:\n{}", s.wg.log()));
+        let reply =
+            reply.unwrap_or_else(|| panic!("{name}: no echo reply for seq {seq}; wireguard-go log:\n{}", s.wg.log()));
         assert_eq!(&reply[12..16], &WG_TUN_IP.octets(), "reply source");
         assert_eq!(&reply[16..20], &CORE_TUN_IP.octets(), "reply destination");
         assert_eq!(&reply[28..], payload, "echo payload");
@@ -258,7 +259,11 @@ fn wireguard_go_initiates<P: CryptoProvider>(name: &str, version: WgGoVersion, i
     let out = ping.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{name}: ping inside the namespace:\n{text}");
-    assert!(out.status.success(), "{name}: ping failed ({answered} answered):\n{text}\nwireguard-go log:\n{}", s.wg.log());
+    assert!(
+        out.status.success(),
+        "{name}: ping failed ({answered} answered):\n{text}\nwireguard-go log:\n{}",
+        s.wg.log()
+    );
     assert!(text.contains("3 received"), "{text}");
     let peer = side.device.peer_ids().next().unwrap();
     let st = side.device.peer_stats(peer).unwrap();

@@ -12,7 +12,7 @@ use wiremesh_core::cookie::CookieSender;
 use wiremesh_core::crypto::{CryptoProvider, Portable};
 use wiremesh_core::device::{DropReason, Encapsulated, Event, PeerConfig, Received};
 use wiremesh_core::keys::{PresharedKey, PrivateKey};
-use wiremesh_core::messages::{Initiation, TYPE_INITIATION, TYPE_RESPONSE, INITIATION_LEN};
+use wiremesh_core::messages::{Initiation, INITIATION_LEN, TYPE_INITIATION, TYPE_RESPONSE};
 use wiremesh_core::noise::{Handshake, StaticIdentity};
 use wiremesh_core::WallTime;
 
@@ -201,7 +201,8 @@ fn replay_reorder_duplicate<P: CryptoProvider>() {
         }
     }
     s.run_for(2 * SECOND);
-    let got: Vec<u32> = s.nodes[1].delivered.iter().map(|p| u32::from_be_bytes(p[20..24].try_into().unwrap())).collect();
+    let got: Vec<u32> =
+        s.nodes[1].delivered.iter().map(|p| u32::from_be_bytes(p[20..24].try_into().unwrap())).collect();
     let unique: BTreeSet<u32> = got.iter().copied().collect();
     assert_eq!(got.len(), unique.len(), "no packet delivered twice");
     assert_eq!(unique.len(), n as usize, "every packet delivered once; drops {:?}", s.nodes[1].device.drops());
@@ -254,7 +255,10 @@ fn cookie_under_flood<P: CryptoProvider>() {
         s.run_until(20 * SECOND, |s| !s.nodes[1].delivered.is_empty()),
         "legitimate peer completes its handshake with a cookie while the flood goes on"
     );
-    assert!(s.count_drops(1, DropReason::UnknownPeer) > 0, "forged initiations from spoofed sources never reach DH beyond the unknown-peer check");
+    assert!(
+        s.count_drops(1, DropReason::UnknownPeer) > 0,
+        "forged initiations from spoofed sources never reach DH beyond the unknown-peer check"
+    );
     // The legitimate initiator received a cookie reply and used it.
     assert!(s.nodes[0].drops.iter().all(|d| *d != DropReason::BadCookieReply));
     let _ = Initiation::MAC1_OFFSET;

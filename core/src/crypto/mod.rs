@@ -132,10 +132,10 @@ pub fn kdf<const N: usize>(key: &[u8; KEY_LEN], input: &[u8]) -> [[u8; KEY_LEN];
     let mut prk = hmac(key, &[input]);
     let mut out = [[0u8; KEY_LEN]; N];
     let mut prev: [u8; KEY_LEN] = [0; KEY_LEN];
-    for i in 0..N {
+    for (i, slot) in out.iter_mut().enumerate() {
         let counter = [(i + 1) as u8];
         prev = if i == 0 { hmac(&prk, &[&counter]) } else { hmac(&prk, &[&prev, &counter]) };
-        out[i] = prev;
+        *slot = prev;
     }
     prk.zeroize();
     prev.zeroize();
@@ -153,28 +153,35 @@ pub fn aead_seal(key: &[u8; KEY_LEN], counter: u64, aad: &[u8], buf: &mut [u8]) 
 }
 
 /// Opens a handshake field sealed by [`aead_seal`].
-pub fn aead_open(key: &[u8; KEY_LEN], counter: u64, aad: &[u8], buf: &mut [u8], tag: &[u8; TAG_LEN]) -> Result<(), AeadError> {
+pub fn aead_open(
+    key: &[u8; KEY_LEN],
+    counter: u64,
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), AeadError> {
     let cipher = ChaCha20Poly1305::new(key.into());
-    cipher
-        .decrypt_in_place_detached(&counter_nonce(counter).into(), aad, buf, tag.into())
-        .map_err(|_| AeadError)
+    cipher.decrypt_in_place_detached(&counter_nonce(counter).into(), aad, buf, tag.into()).map_err(|_| AeadError)
 }
 
 /// XAEAD(key, nonce, plaintext, aad): XChaCha20-Poly1305, used for cookie replies.
 pub fn xaead_seal(key: &[u8; KEY_LEN], nonce: &[u8; XNONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
     let cipher = XChaCha20Poly1305::new(key.into());
-    let tag = cipher
-        .encrypt_in_place_detached(nonce.into(), aad, buf)
-        .expect("cookie is far below the AEAD length limit");
+    let tag =
+        cipher.encrypt_in_place_detached(nonce.into(), aad, buf).expect("cookie is far below the AEAD length limit");
     tag.into()
 }
 
 /// Opens a value sealed by [`xaead_seal`].
-pub fn xaead_open(key: &[u8; KEY_LEN], nonce: &[u8; XNONCE_LEN], aad: &[u8], buf: &mut [u8], tag: &[u8; TAG_LEN]) -> Result<(), AeadError> {
+pub fn xaead_open(
+    key: &[u8; KEY_LEN],
+    nonce: &[u8; XNONCE_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), AeadError> {
     let cipher = XChaCha20Poly1305::new(key.into());
-    cipher
-        .decrypt_in_place_detached(nonce.into(), aad, buf, tag.into())
-        .map_err(|_| AeadError)
+    cipher.decrypt_in_place_detached(nonce.into(), aad, buf, tag.into()).map_err(|_| AeadError)
 }
 
 /// X25519 (RFC 7748) of a secret scalar and a public point. Returns `None` when

@@ -37,8 +37,6 @@ impl TransportKey for PortableKey {
 
     #[inline]
     fn open_in_place(&self, counter: u64, buf: &mut [u8], tag: &[u8; TAG_LEN]) -> Result<(), AeadError> {
-        self.0
-            .decrypt_in_place_detached(&counter_nonce(counter).into(), &[], buf, tag.into())
-            .map_err(|_| AeadError)
+        self.0.decrypt_in_place_detached(&counter_nonce(counter).into(), &[], buf, tag.into()).map_err(|_| AeadError)
     }
 }

@@ -43,7 +43,13 @@ impl TransportKey for RingKey {
     fn open_in_place(&self, counter: u64, buf: &mut [u8], tag: &[u8; TAG_LEN]) -> Result<(), AeadError> {
         let tag = Tag::from(*tag);
         self.0
-            .open_in_place_separate_tag(Nonce::assume_unique_for_key(counter_nonce(counter)), Aad::empty(), tag, buf, 0..)
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(counter_nonce(counter)),
+                Aad::empty(),
+                tag,
+                buf,
+                0..,
+            )
             .map(|_| ())
             .map_err(|_| AeadError)
     }

@@ -131,7 +131,7 @@ impl<P: CryptoProvider> Sim<P> {
         let i = self.nodes.len();
         let key = PrivateKey::generate(&mut self.rng);
         let dev_rng = ChaCha20Rng::seed_from_u64(self.rng.gen());
-        let wall = WALL_START.add(Duration::from_nanos(self.now.as_nanos()));
+        let wall = WALL_START.after(Duration::from_nanos(self.now.as_nanos()));
         let device = Device::<P>::new(key, dev_rng, DeviceConfig::default(), self.now, wall);
         let (hi, lo) = ((i >> 8) as u8, (i & 0xff) as u8);
         self.nodes.push(Node {
@@ -238,7 +238,12 @@ impl<P: CryptoProvider> Sim<P> {
     }
 
     /// Delivers a datagram to whichever node has address `to`.
-    pub fn deliver(&mut self, from: SocketAddr, to: SocketAddr, mut bytes: Vec<u8>) -> Option<Result<Received, DropReason>> {
+    pub fn deliver(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+        mut bytes: Vec<u8>,
+    ) -> Option<Result<Received, DropReason>> {
         let i = self.nodes.iter().position(|n| n.addr == to)?;
         if self.nodes[i].offline {
             return None;
