@@ -37,9 +37,7 @@ mod text;
 pub use config::{AllowedIp, DeviceConfig, InvalidPrefix, PeerConfig, PeerStats, MAX_PEERS};
 pub use error::{errno, Key, UapiError};
 pub use reader::{read_request, Limits, ReadError, Request};
-pub use server::{
-    handle_connection, respond, serve_uapi, socket_path, Response, UapiSocket, SOCKET_DIR,
-};
+pub use server::{handle_connection, respond, serve_uapi, socket_path, Response, UapiSocket, SOCKET_DIR};
 pub use set::{parse_set, SetOp, SetParser};
 
 #[cfg(test)]

@@ -44,11 +44,7 @@ fn wg(args: &[&str], stdin: Option<&str>) -> Output {
 
 fn wg_ok(args: &[&str], stdin: Option<&str>) -> String {
     let out = wg(args, stdin);
-    assert!(
-        out.status.success(),
-        "wg {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "wg {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -119,10 +115,7 @@ fn wg_tool_configures_and_shows_our_socket() {
 
     // wg lists us as an interface.
     let interfaces = wg_ok(&["show", "interfaces"], None);
-    assert!(
-        interfaces.split_whitespace().any(|i| i == name),
-        "{interfaces}"
-    );
+    assert!(interfaces.split_whitespace().any(|i| i == name), "{interfaces}");
 
     wg_ok(
         &[
@@ -153,18 +146,12 @@ fn wg_tool_configures_and_shows_our_socket() {
     );
     {
         let mut config = config.lock().unwrap();
-        assert_eq!(
-            config.private_key.as_ref().unwrap().to_bytes(),
-            base64_decode(&device.private)
-        );
+        assert_eq!(config.private_key.as_ref().unwrap().to_bytes(), base64_decode(&device.private));
         assert_eq!(config.listen_port, 51820);
         assert_eq!(config.fwmark, 0x1234);
         assert_eq!(config.peers.len(), 2);
         assert_eq!(config.peers[0].public_key.0, base64_decode(&peer_a.public));
-        assert_eq!(
-            config.peers[0].preshared_key.to_bytes(),
-            base64_decode(&psk)
-        );
+        assert_eq!(config.peers[0].preshared_key.to_bytes(), base64_decode(&psk));
         let stats = &mut config.peers[0].stats;
         stats.last_handshake = Duration::new(1_700_000_000, 5);
         stats.rx_bytes = 1111;
@@ -174,17 +161,8 @@ fn wg_tool_configures_and_shows_our_socket() {
     let dump = wg_ok(&["show", &name, "dump"], None);
     let lines: Vec<Vec<&str>> = dump.lines().map(|l| l.split('\t').collect()).collect();
     assert_eq!(lines.len(), 3, "{dump}");
-    assert_eq!(
-        lines[0],
-        [&*device.private, &*device.public, "51820", "0x1234"]
-    );
-    let peer_line = |key: &str| {
-        lines
-            .iter()
-            .find(|l| l[0] == key)
-            .expect("peer in dump")
-            .clone()
-    };
+    assert_eq!(lines[0], [&*device.private, &*device.public, "51820", "0x1234"]);
+    let peer_line = |key: &str| lines.iter().find(|l| l[0] == key).expect("peer in dump").clone();
     assert_eq!(
         peer_line(&peer_a.public),
         [
@@ -200,35 +178,13 @@ fn wg_tool_configures_and_shows_our_socket() {
     );
     assert_eq!(
         peer_line(&peer_b.public),
-        [
-            &*peer_b.public,
-            "(none)",
-            "[2001:db8::1]:4000",
-            "(none)",
-            "0",
-            "0",
-            "0",
-            "off"
-        ]
+        [&*peer_b.public, "(none)", "[2001:db8::1]:4000", "(none)", "0", "0", "0", "off"]
     );
-    assert_eq!(
-        wg_ok(&["show", &name, "public-key"], None).trim(),
-        device.public
-    );
+    assert_eq!(wg_ok(&["show", &name, "public-key"], None).trim(), device.public);
 
     // allowed-ips replaces the list; remove drops the peer.
     wg_ok(
-        &[
-            "set",
-            &name,
-            "peer",
-            &peer_b.public,
-            "allowed-ips",
-            "10.1.2.0/24",
-            "peer",
-            &peer_a.public,
-            "remove",
-        ],
+        &["set", &name, "peer", &peer_b.public, "allowed-ips", "10.1.2.0/24", "peer", &peer_a.public, "remove"],
         None,
     );
     let dump = wg_ok(&["show", &name, "dump"], None);
@@ -246,18 +202,11 @@ fn wg_tool_configures_and_shows_our_socket() {
     wg_ok(&["setconf", &name, conf_file.to_str().unwrap()], None);
     let showconf = wg_ok(&["showconf", &name], None);
     assert!(showconf.contains("ListenPort = 4242"), "{showconf}");
-    assert!(
-        showconf.contains(&format!("PublicKey = {}", peer_a.public)),
-        "{showconf}"
-    );
+    assert!(showconf.contains(&format!("PublicKey = {}", peer_a.public)), "{showconf}");
     assert!(showconf.contains("AllowedIPs = 10.9.0.0/16"), "{showconf}");
     assert!(showconf.contains("Endpoint = 198.51.100.7:7"), "{showconf}");
     assert!(!showconf.contains(&peer_b.public), "{showconf}");
-    assert_eq!(
-        config.lock().unwrap().fwmark,
-        0,
-        "setconf resets the fwmark"
-    );
+    assert_eq!(config.lock().unwrap().fwmark, 0, "setconf resets the fwmark");
 
     // A failing set reaches wg as its errno, and changes nothing.
     let out = wg(&["set", &name, "listen-port", "1"], None);
@@ -269,9 +218,7 @@ fn wg_tool_configures_and_shows_our_socket() {
     // A raw client: a bad line gets -EINVAL, and the connection goes on.
     let stream = UnixStream::connect(socket.path()).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    (&stream)
-        .write_all(b"set=1\nlisten_port=9\nallowed_ip=10.0.0.0/8\n\n")
-        .unwrap();
+    (&stream).write_all(b"set=1\nlisten_port=9\nallowed_ip=10.0.0.0/8\n\n").unwrap();
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
     assert_eq!(line, "errno=-22\n");

@@ -85,9 +85,7 @@ impl FromStr for AllowedIp {
         if addr.contains('%') {
             return Err(InvalidPrefix("IPv6 zones cannot be present in a prefix"));
         }
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| InvalidPrefix("not an IP address"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| InvalidPrefix("not an IP address"))?;
         if bits.len() > 1 && bits.starts_with('0') {
             return Err(InvalidPrefix("bad bits after slash"));
         }
@@ -216,10 +214,7 @@ mod tests {
         assert_eq!(prefix("::/0").unwrap(), "::/0");
         assert_eq!(prefix("fd00:1:2:3:4:5:6:7/64").unwrap(), "fd00:1:2:3::/64");
         assert_eq!(prefix("FD00::1/128").unwrap(), "fd00::1/128");
-        assert_eq!(
-            prefix("::ffff:10.0.0.1/128").unwrap(),
-            "::ffff:10.0.0.1/128"
-        );
+        assert_eq!(prefix("::ffff:10.0.0.1/128").unwrap(), "::ffff:10.0.0.1/128");
         assert_eq!(prefix("2001:db8::1/127").unwrap(), "2001:db8::/127");
     }
 
@@ -243,15 +238,9 @@ mod tests {
             "10.0.0.1/8/8",
             "10.0.0.1/256",
         ] {
-            assert!(
-                bad.parse::<AllowedIp>().is_err(),
-                "{bad:?} should be refused"
-            );
+            assert!(bad.parse::<AllowedIp>().is_err(), "{bad:?} should be refused");
         }
-        assert_eq!(
-            prefix("10.0.0.1/00"),
-            Err(InvalidPrefix("bad bits after slash"))
-        );
+        assert_eq!(prefix("10.0.0.1/00"), Err(InvalidPrefix("bad bits after slash")));
     }
 
     #[test]

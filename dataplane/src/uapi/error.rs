@@ -150,9 +150,7 @@ impl UapiError {
     /// The `errno=` value wireguard-go answers this error with.
     pub fn errno(&self) -> i64 {
         match self {
-            UapiError::Io(_) | UapiError::LineTooLong { .. } | UapiError::RequestTooLong { .. } => {
-                errno::IO
-            }
+            UapiError::Io(_) | UapiError::LineTooLong { .. } | UapiError::RequestTooLong { .. } => errno::IO,
             UapiError::MissingEquals { .. } => errno::PROTOCOL,
             UapiError::UnknownDeviceKey { .. }
             | UapiError::UnknownPeerKey { .. }
@@ -198,11 +196,7 @@ impl fmt::Display for UapiError {
             }
             UapiError::TrailingGetData => f.write_str("get=1 not followed by an empty line"),
             UapiError::TooManyPeers { line } => {
-                write!(
-                    f,
-                    "line {line}: too many peers (at most {})",
-                    super::MAX_PEERS
-                )
+                write!(f, "line {line}: too many peers (at most {})", super::MAX_PEERS)
             }
             UapiError::NoPeerSelected { line, key } => {
                 write!(f, "line {line}: {key} before any public_key")

@@ -42,11 +42,7 @@ impl DeviceConfig {
             let _ = writeln!(out, "last_handshake_time_nsec={}", handshake.subsec_nanos());
             let _ = writeln!(out, "tx_bytes={}", peer.stats.tx_bytes);
             let _ = writeln!(out, "rx_bytes={}", peer.stats.rx_bytes);
-            let _ = writeln!(
-                out,
-                "persistent_keepalive_interval={}",
-                peer.persistent_keepalive_interval
-            );
+            let _ = writeln!(out, "persistent_keepalive_interval={}", peer.persistent_keepalive_interval);
             for ip in &peer.allowed_ips {
                 let _ = writeln!(out, "allowed_ip={ip}");
             }

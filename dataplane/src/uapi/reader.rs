@@ -22,10 +22,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_line: 4096,
-            max_request: 64 << 20,
-        }
+        Limits { max_line: 4096, max_request: 64 << 20 }
     }
 }
 
@@ -64,10 +61,7 @@ const MAX_OPERATION_LINE: usize = 16;
 /// the stream, which wireguard-go also accepts). `Ok(None)` means the stream
 /// ended cleanly before a request. A `set` body is read to its end even when a
 /// line is invalid, so the connection stays usable.
-pub fn read_request<R: BufRead>(
-    reader: &mut R,
-    limits: &Limits,
-) -> Result<Option<Request>, ReadError> {
+pub fn read_request<R: BufRead>(reader: &mut R, limits: &Limits) -> Result<Option<Request>, ReadError> {
     // Key lines pass through this buffer: wipe it when done.
     let mut line = Zeroizing::new(Vec::with_capacity(limits.max_line.min(64 << 10) + 1));
     match read_line(reader, &mut line, MAX_OPERATION_LINE) {
@@ -95,18 +89,11 @@ fn read_get_terminator<R: BufRead>(reader: &mut R) -> Result<(), ReadError> {
     if next == b'\n' {
         Ok(())
     } else {
-        Err(ReadError::Invalid {
-            error: UapiError::TrailingGetData,
-            in_sync: false,
-        })
+        Err(ReadError::Invalid { error: UapiError::TrailingGetData, in_sync: false })
     }
 }
 
-fn read_set_body<R: BufRead>(
-    reader: &mut R,
-    limits: &Limits,
-    line: &mut Vec<u8>,
-) -> Result<Vec<SetOp>, ReadError> {
+fn read_set_body<R: BufRead>(reader: &mut R, limits: &Limits, line: &mut Vec<u8>) -> Result<Vec<SetOp>, ReadError> {
     let mut parser = SetParser::new();
     let mut ops = Vec::new();
     // The first invalid line's error; later lines are read but not parsed.
@@ -117,23 +104,15 @@ fn read_set_body<R: BufRead>(
         line_no += 1;
         let end = read_line(reader, line, limits.max_line).map_err(|e| {
             let error = match e {
-                LineError::TooLong => UapiError::LineTooLong {
-                    line: line_no,
-                    limit: limits.max_line,
-                },
+                LineError::TooLong => UapiError::LineTooLong { line: line_no, limit: limits.max_line },
                 LineError::Io(e) => UapiError::Io(e),
             };
-            ReadError::Invalid {
-                error,
-                in_sync: false,
-            }
+            ReadError::Invalid { error, in_sync: false }
         })?;
         total = total.saturating_add(line.len() + 1);
         if total > limits.max_request {
             return Err(ReadError::Invalid {
-                error: UapiError::RequestTooLong {
-                    limit: limits.max_request,
-                },
+                error: UapiError::RequestTooLong { limit: limits.max_request },
                 in_sync: false,
             });
         }
@@ -155,10 +134,7 @@ fn read_set_body<R: BufRead>(
     }
     match first_error {
         None => Ok(ops),
-        Some(error) => Err(ReadError::Invalid {
-            error,
-            in_sync: true,
-        }),
+        Some(error) => Err(ReadError::Invalid { error, in_sync: true }),
     }
 }
 
@@ -173,11 +149,7 @@ enum LineError {
 }
 
 /// Reads up to `\n` (not stored) into `line`, refusing more than `max` bytes.
-fn read_line<R: BufRead>(
-    reader: &mut R,
-    line: &mut Vec<u8>,
-    max: usize,
-) -> Result<LineEnd, LineError> {
+fn read_line<R: BufRead>(reader: &mut R, line: &mut Vec<u8>, max: usize) -> Result<LineEnd, LineError> {
     line.clear();
     loop {
         let available = match reader.fill_buf() {

@@ -25,14 +25,9 @@ pub fn socket_path(ifname: &str) -> io::Result<PathBuf> {
         && ifname.len() < libc::IFNAMSIZ
         && ifname != "."
         && ifname != ".."
-        && !ifname
-            .bytes()
-            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace() || b == b':');
+        && !ifname.bytes().any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace() || b == b':');
     if !valid {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("invalid interface name {ifname:?}"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid interface name {ifname:?}")));
     }
     Ok(Path::new(SOCKET_DIR).join(format!("{ifname}.sock")))
 }
@@ -50,9 +45,7 @@ impl Response {
         // Reserve up front so growing never leaves key bytes behind in freed
         // memory.
         let ips: usize = config.peers.iter().map(|p| p.allowed_ips.len()).sum();
-        let mut text = Zeroizing::new(String::with_capacity(
-            256 + config.peers.len() * 448 + ips * 56,
-        ));
+        let mut text = Zeroizing::new(String::with_capacity(256 + config.peers.len() * 448 + ips * 56));
         config.write_get(&mut text);
         text.push_str("errno=0\n\n");
         Response { text }
@@ -116,9 +109,7 @@ pub fn handle_connection<S: Read + Write>(
                 reader.get_mut().write_all(response.as_bytes())?;
             }
             Err(ReadError::Invalid { error, in_sync }) => {
-                reader
-                    .get_mut()
-                    .write_all(Response::error(&error).as_bytes())?;
+                reader.get_mut().write_all(Response::error(&error).as_bytes())?;
                 if !in_sync {
                     return Ok(());
                 }
@@ -138,26 +129,17 @@ where
     loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => continue,
             Err(e) => return Err(e),
         };
         let handler = Arc::clone(&handler);
-        std::thread::Builder::new()
-            .name("uapi-conn".into())
-            .spawn(move || {
-                // A client that vanishes mid-answer is not our error.
-                let _ = handle_connection(stream, &limits, |request| {
-                    let mut handler = handler.lock().unwrap_or_else(PoisonError::into_inner);
-                    handler(request)
-                });
-            })?;
+        std::thread::Builder::new().name("uapi-conn".into()).spawn(move || {
+            // A client that vanishes mid-answer is not our error.
+            let _ = handle_connection(stream, &limits, |request| {
+                let mut handler = handler.lock().unwrap_or_else(PoisonError::into_inner);
+                handler(request)
+            });
+        })?;
     }
 }
 
@@ -180,10 +162,7 @@ impl UapiSocket {
     /// wireguard-go.
     pub fn bind_path(path: PathBuf) -> io::Result<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(dir)?;
+            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
         }
         let listener = match UnixListener::bind(&path) {
             Ok(listener) => listener,

@@ -96,14 +96,8 @@ impl SetParser {
         self.line += 1;
         let line_no = self.line;
         let line = line.strip_suffix('\r').unwrap_or(line);
-        let (key, value) = line
-            .split_once('=')
-            .ok_or(UapiError::MissingEquals { line: line_no })?;
-        let invalid = |key: Key, reason: &'static str| UapiError::InvalidValue {
-            line: line_no,
-            key,
-            reason,
-        };
+        let (key, value) = line.split_once('=').ok_or(UapiError::MissingEquals { line: line_no })?;
+        let invalid = |key: Key, reason: &'static str| UapiError::InvalidValue { line: line_no, key, reason };
         let is_true = |key: Key| {
             if value == "true" {
                 Ok(())
@@ -120,8 +114,7 @@ impl SetParser {
         if !self.in_peer {
             return match key {
                 "private_key" => {
-                    let mut bytes =
-                        parse_hex_key(value).map_err(|r| invalid(Key::PrivateKey, r))?;
+                    let mut bytes = parse_hex_key(value).map_err(|r| invalid(Key::PrivateKey, r))?;
                     let op = if bytes.iter().all(|&b| b == 0) {
                         SetOp::PrivateKey(None)
                     } else {
@@ -153,27 +146,17 @@ impl SetParser {
                 bytes.zeroize();
                 Ok(op)
             }
-            "endpoint" => parse_endpoint(value)
-                .map(SetOp::Endpoint)
-                .map_err(|r| invalid(Key::Endpoint, r)),
+            "endpoint" => parse_endpoint(value).map(SetOp::Endpoint).map_err(|r| invalid(Key::Endpoint, r)),
             "persistent_keepalive_interval" => parse_decimal(value, u64::from(u16::MAX))
                 .map(|s| SetOp::PersistentKeepaliveInterval(s as u16))
                 .map_err(|r| invalid(Key::PersistentKeepaliveInterval, r)),
-            "replace_allowed_ips" => {
-                is_true(Key::ReplaceAllowedIps).map(|()| SetOp::ReplaceAllowedIps)
-            }
-            "allowed_ip" => value
-                .parse::<AllowedIp>()
-                .map(SetOp::AllowedIp)
-                .map_err(|e| invalid(Key::AllowedIp, e.0)),
+            "replace_allowed_ips" => is_true(Key::ReplaceAllowedIps).map(|()| SetOp::ReplaceAllowedIps),
+            "allowed_ip" => value.parse::<AllowedIp>().map(SetOp::AllowedIp).map_err(|e| invalid(Key::AllowedIp, e.0)),
             "protocol_version" => {
                 if value == "1" {
                     Ok(SetOp::ProtocolVersion)
                 } else {
-                    Err(invalid(
-                        Key::ProtocolVersion,
-                        "the only protocol version is 1",
-                    ))
+                    Err(invalid(Key::ProtocolVersion, "the only protocol version is 1"))
                 }
             }
             _ => Err(UapiError::unknown_key(line_no, key, true)),
@@ -249,10 +232,8 @@ impl Working {
             cursor: Cursor::None,
         };
         for peer in &config.peers {
-            let slot = work.push_peer(PeerConfig {
-                allowed_ips: Vec::with_capacity(peer.allowed_ips.len()),
-                ..peer.clone()
-            });
+            let slot =
+                work.push_peer(PeerConfig { allowed_ips: Vec::with_capacity(peer.allowed_ips.len()), ..peer.clone() });
             for &ip in &peer.allowed_ips {
                 work.insert_allowed_ip(slot, ip);
             }
@@ -284,24 +265,15 @@ impl Working {
                 self.cursor = if self.public_key == Some(*key) {
                     Cursor::Ignored
                 } else if let Some(&slot) = self.by_key.get(key) {
-                    Cursor::Peer {
-                        slot,
-                        created: false,
-                    }
+                    Cursor::Peer { slot, created: false }
                 } else if self.live >= MAX_PEERS {
                     return Err(UapiError::TooManyPeers { line });
                 } else {
-                    Cursor::Peer {
-                        slot: self.push_peer(PeerConfig::new(*key)),
-                        created: true,
-                    }
+                    Cursor::Peer { slot: self.push_peer(PeerConfig::new(*key)), created: true }
                 };
             }
             SetOp::UpdateOnly => match self.cursor {
-                Cursor::Peer {
-                    slot,
-                    created: true,
-                } => {
+                Cursor::Peer { slot, created: true } => {
                     self.remove_peer(slot);
                     self.cursor = Cursor::Ignored;
                 }
@@ -399,8 +371,5 @@ impl Working {
 }
 
 fn no_peer(line: usize, op: &SetOp) -> UapiError {
-    UapiError::NoPeerSelected {
-        line,
-        key: op.key(),
-    }
+    UapiError::NoPeerSelected { line, key: op.key() }
 }

@@ -45,10 +45,7 @@ fn ips(peer: &PeerConfig) -> Vec<String> {
 fn err(config: &mut DeviceConfig, body: &str) -> UapiError {
     let before = config.clone();
     let e = set(config, body).expect_err(body);
-    assert_eq!(
-        *config, before,
-        "a failed set must change nothing: {body:?}"
-    );
+    assert_eq!(*config, before, "a failed set must change nothing: {body:?}");
     e
 }
 
@@ -100,11 +97,7 @@ fn every_key_parses() {
 fn crlf_and_keys_in_upper_case_are_accepted() {
     let mut config = DeviceConfig::default();
     let pk = hex(&[0xab; 32]).to_uppercase();
-    set(
-        &mut config,
-        &format!("listen_port=1\r\npublic_key={pk}\r\n\r\n"),
-    )
-    .unwrap();
+    set(&mut config, &format!("listen_port=1\r\npublic_key={pk}\r\n\r\n")).unwrap();
     assert_eq!(config.listen_port, 1);
     assert_eq!(config.peers[0].public_key, peer_key(0xab));
 }
@@ -123,11 +116,8 @@ fn configure_and_get_in_wireguard_go_order() {
         hex(&[3; 32]),
     );
     set(&mut config, &body).unwrap();
-    config.peers[0].stats = PeerStats {
-        last_handshake: Duration::new(1_700_000_000, 123_456_789),
-        rx_bytes: 1000,
-        tx_bytes: 2000,
-    };
+    config.peers[0].stats =
+        PeerStats { last_handshake: Duration::new(1_700_000_000, 123_456_789), rx_bytes: 1000, tx_bytes: 2000 };
     let expected = format!(
         "private_key={sk}\nlisten_port=51820\nfwmark=7\n\
          public_key={}\npreshared_key={}\nprotocol_version=1\nendpoint=192.0.2.1:51820\n\
@@ -143,22 +133,12 @@ fn configure_and_get_in_wireguard_go_order() {
         hex(&[0; 32]),
     );
     assert_eq!(get(&config), expected);
-    assert_eq!(
-        Response::get(&config).as_bytes(),
-        format!("{expected}errno=0\n\n").as_bytes()
-    );
+    assert_eq!(Response::get(&config).as_bytes(), format!("{expected}errno=0\n\n").as_bytes());
 
     // Counters survive a later set that touches the peer.
-    set(
-        &mut config,
-        &format!("public_key={}\nendpoint=[2001:db8::1]:1\n", hex(&[1; 32])),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nendpoint=[2001:db8::1]:1\n", hex(&[1; 32]))).unwrap();
     assert_eq!(config.peers[0].stats.rx_bytes, 1000);
-    assert_eq!(
-        config.peers[0].endpoint,
-        Some("[2001:db8::1]:1".parse().unwrap())
-    );
+    assert_eq!(config.peers[0].endpoint, Some("[2001:db8::1]:1".parse().unwrap()));
 
     // An empty device prints nothing at all.
     assert_eq!(get(&DeviceConfig::default()), "");
@@ -168,17 +148,9 @@ fn configure_and_get_in_wireguard_go_order() {
 fn zero_values_are_not_printed_and_zero_key_removes() {
     let (sk, _) = device_key();
     let mut config = DeviceConfig::default();
-    set(
-        &mut config,
-        &format!("private_key={sk}\nlisten_port=5\nfwmark=9\n"),
-    )
-    .unwrap();
+    set(&mut config, &format!("private_key={sk}\nlisten_port=5\nfwmark=9\n")).unwrap();
     assert!(config.private_key.is_some());
-    set(
-        &mut config,
-        &format!("private_key={}\nlisten_port=0\nfwmark=0\n", hex(&[0; 32])),
-    )
-    .unwrap();
+    set(&mut config, &format!("private_key={}\nlisten_port=0\nfwmark=0\n", hex(&[0; 32]))).unwrap();
     assert!(config.private_key.is_none());
     assert_eq!((config.listen_port, config.fwmark), (0, 0));
     assert_eq!(get(&config), "");
@@ -200,11 +172,7 @@ fn own_public_key_is_ignored_and_removed() {
     let (sk, own) = device_key();
     let mut config = DeviceConfig::default();
     // Before the device has a key, a peer with that public key is an ordinary peer.
-    set(
-        &mut config,
-        &format!("public_key={}\nallowed_ip=10.0.0.1/32\n", hex(&own.0)),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nallowed_ip=10.0.0.1/32\n", hex(&own.0))).unwrap();
     assert_eq!(config.peers.len(), 1);
     // Setting the private key removes it, with its allowed IPs.
     set(&mut config, &format!("private_key={sk}\n")).unwrap();
@@ -221,53 +189,26 @@ fn own_public_key_is_ignored_and_removed() {
     .unwrap();
     assert_eq!(config.peers.len(), 1);
     assert_eq!(config.peers[0].public_key, peer_key(5));
-    let e = err(
-        &mut config,
-        &format!("public_key={}\nallowed_ip=10.0.0.1\n", hex(&own.0)),
-    );
-    assert!(matches!(
-        e,
-        UapiError::InvalidValue {
-            line: 2,
-            key: Key::AllowedIp,
-            ..
-        }
-    ));
+    let e = err(&mut config, &format!("public_key={}\nallowed_ip=10.0.0.1\n", hex(&own.0)));
+    assert!(matches!(e, UapiError::InvalidValue { line: 2, key: Key::AllowedIp, .. }));
 }
 
 #[test]
 fn replace_peers_and_remove() {
     let mut config = DeviceConfig::default();
-    let body: String = (1..=3)
-        .map(|n| format!("public_key={}\n", hex(&[n; 32])))
-        .collect();
+    let body: String = (1..=3).map(|n| format!("public_key={}\n", hex(&[n; 32]))).collect();
     set(&mut config, &body).unwrap();
     assert_eq!(config.peers.len(), 3);
 
-    set(
-        &mut config,
-        &format!(
-            "public_key={}\nremove=true\nallowed_ip=10.0.0.0/8\n",
-            hex(&[2; 32])
-        ),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nremove=true\nallowed_ip=10.0.0.0/8\n", hex(&[2; 32]))).unwrap();
     let keys: Vec<_> = config.peers.iter().map(|p| p.public_key).collect();
     assert_eq!(keys, [peer_key(1), peer_key(3)]);
 
     // Removing a peer that does not exist creates nothing.
-    set(
-        &mut config,
-        &format!("public_key={}\nremove=true\n", hex(&[9; 32])),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nremove=true\n", hex(&[9; 32]))).unwrap();
     assert_eq!(config.peers.len(), 2);
 
-    set(
-        &mut config,
-        &format!("replace_peers=true\npublic_key={}\n", hex(&[4; 32])),
-    )
-    .unwrap();
+    set(&mut config, &format!("replace_peers=true\npublic_key={}\n", hex(&[4; 32]))).unwrap();
     let keys: Vec<_> = config.peers.iter().map(|p| p.public_key).collect();
     assert_eq!(keys, [peer_key(4)]);
 
@@ -291,45 +232,18 @@ fn replace_peers_and_remove() {
 #[test]
 fn update_only() {
     let mut config = DeviceConfig::default();
-    set(
-        &mut config,
-        &format!(
-            "public_key={}\nupdate_only=true\nallowed_ip=10.0.0.0/8\n",
-            hex(&[1; 32])
-        ),
-    )
-    .unwrap();
-    assert!(
-        config.peers.is_empty(),
-        "update_only must not create a peer"
-    );
+    set(&mut config, &format!("public_key={}\nupdate_only=true\nallowed_ip=10.0.0.0/8\n", hex(&[1; 32]))).unwrap();
+    assert!(config.peers.is_empty(), "update_only must not create a peer");
 
     set(&mut config, &format!("public_key={}\n", hex(&[1; 32]))).unwrap();
-    set(
-        &mut config,
-        &format!(
-            "public_key={}\nupdate_only=true\npersistent_keepalive_interval=5\n",
-            hex(&[1; 32])
-        ),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nupdate_only=true\npersistent_keepalive_interval=5\n", hex(&[1; 32])))
+        .unwrap();
     assert_eq!(config.peers[0].persistent_keepalive_interval, 5);
 
     // update_only after lines that already took a prefix from another peer:
     // the new peer goes, and the prefix with it (as in wireguard-go).
-    set(
-        &mut config,
-        &format!("public_key={}\nallowed_ip=10.9.0.0/16\n", hex(&[1; 32])),
-    )
-    .unwrap();
-    set(
-        &mut config,
-        &format!(
-            "public_key={}\nallowed_ip=10.9.0.0/16\nupdate_only=true\n",
-            hex(&[2; 32])
-        ),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nallowed_ip=10.9.0.0/16\n", hex(&[1; 32]))).unwrap();
+    set(&mut config, &format!("public_key={}\nallowed_ip=10.9.0.0/16\nupdate_only=true\n", hex(&[2; 32]))).unwrap();
     assert_eq!(config.peers.len(), 1);
     assert!(config.peers[0].allowed_ips.is_empty());
 }
@@ -351,31 +265,15 @@ fn allowed_ips_are_unique_masked_and_ordered() {
     assert_eq!(ips(&config.peers[1]), ["10.1.0.0/16"]);
 
     // Re-adding moves a prefix to the end of the list; a duplicate is not doubled.
-    set(
-        &mut config,
-        &format!(
-            "public_key={}\nallowed_ip=10.0.0.0/24\nallowed_ip=10.0.0.1/24\n",
-            hex(&[1; 32])
-        ),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nallowed_ip=10.0.0.0/24\nallowed_ip=10.0.0.1/24\n", hex(&[1; 32])))
+        .unwrap();
     assert_eq!(ips(&config.peers[0]), ["::/0", "10.0.0.0/24"]);
 
-    set(
-        &mut config,
-        &format!(
-            "public_key={}\nreplace_allowed_ips=true\nallowed_ip=192.168.0.0/16\n",
-            hex(&[1; 32])
-        ),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nreplace_allowed_ips=true\nallowed_ip=192.168.0.0/16\n", hex(&[1; 32])))
+        .unwrap();
     assert_eq!(ips(&config.peers[0]), ["192.168.0.0/16"]);
     // A prefix freed by replace_allowed_ips can go to another peer.
-    set(
-        &mut config,
-        &format!("public_key={}\nallowed_ip=::/0\n", hex(&[2; 32])),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nallowed_ip=::/0\n", hex(&[2; 32]))).unwrap();
     assert_eq!(ips(&config.peers[1]), ["10.1.0.0/16", "::/0"]);
 }
 
@@ -385,10 +283,7 @@ fn bad_lines_fail_with_wireguard_go_errno() {
     let (sk, _) = device_key();
     set(
         &mut config,
-        &format!(
-            "private_key={sk}\nlisten_port=1\npublic_key={}\nallowed_ip=10.0.0.0/8\n",
-            hex(&[1; 32])
-        ),
+        &format!("private_key={sk}\nlisten_port=1\npublic_key={}\nallowed_ip=10.0.0.0/8\n", hex(&[1; 32])),
     )
     .unwrap();
     let pk = hex(&[1; 32]);
@@ -401,19 +296,10 @@ fn bad_lines_fail_with_wireguard_go_errno() {
         (device("foo=bar"), errno::INVALID),
         (device("Private_key=00"), errno::INVALID),
         (device("private_key=00"), errno::INVALID),
-        (
-            device(&format!("private_key={}", &sk[..63])),
-            errno::INVALID,
-        ),
+        (device(&format!("private_key={}", &sk[..63])), errno::INVALID),
         (device(&format!("private_key={sk}0")), errno::INVALID),
-        (
-            device(&format!("private_key=x{}", &sk[1..])),
-            errno::INVALID,
-        ),
-        (
-            device(&format!("private_key= {}", &sk[1..])),
-            errno::INVALID,
-        ),
+        (device(&format!("private_key=x{}", &sk[1..])), errno::INVALID),
+        (device(&format!("private_key= {}", &sk[1..])), errno::INVALID),
         (device("private_key="), errno::INVALID),
         (device("listen_port=65536"), errno::INVALID),
         (device("listen_port=-1"), errno::INVALID),
@@ -439,10 +325,7 @@ fn bad_lines_fail_with_wireguard_go_errno() {
         (peer("remove=false"), errno::INVALID),
         (peer("update_only=1"), errno::INVALID),
         (peer("preshared_key=1234"), errno::INVALID),
-        (
-            peer(&format!("preshared_key={}", "z".repeat(64))),
-            errno::INVALID,
-        ),
+        (peer(&format!("preshared_key={}", "z".repeat(64))), errno::INVALID),
         (peer("endpoint=example.com:51820"), errno::INVALID),
         (peer("endpoint=::1:51820"), errno::INVALID),
         (peer("endpoint=1.2.3.4"), errno::INVALID),
@@ -480,23 +363,10 @@ fn bad_lines_fail_with_wireguard_go_errno() {
 fn errors_name_the_line_and_never_echo_values() {
     let mut config = DeviceConfig::default();
     let secretish = "ab".repeat(31);
-    let e = err(
-        &mut config,
-        &format!("listen_port=1\nprivate_key={secretish}\n"),
-    );
-    assert!(matches!(
-        e,
-        UapiError::InvalidValue {
-            line: 2,
-            key: Key::PrivateKey,
-            ..
-        }
-    ));
+    let e = err(&mut config, &format!("listen_port=1\nprivate_key={secretish}\n"));
+    assert!(matches!(e, UapiError::InvalidValue { line: 2, key: Key::PrivateKey, .. }));
     assert!(!e.to_string().contains(&secretish));
-    let e = err(
-        &mut config,
-        &format!("public_key={}\nprivate_key=00\n", hex(&[1; 32])),
-    );
+    let e = err(&mut config, &format!("public_key={}\nprivate_key=00\n", hex(&[1; 32])));
     assert!(matches!(&e, UapiError::UnknownPeerKey { line: 2, key } if key == "private_key"));
     let long_key = "k".repeat(1000);
     let e = err(&mut config, &format!("{long_key}=1\n"));
@@ -509,10 +379,7 @@ fn a_failed_set_changes_nothing() {
     let mut config = DeviceConfig::default();
     set(
         &mut config,
-        &format!(
-            "private_key={sk}\nlisten_port=51820\npublic_key={}\nallowed_ip=10.0.0.0/8\n",
-            hex(&[1; 32])
-        ),
+        &format!("private_key={sk}\nlisten_port=51820\npublic_key={}\nallowed_ip=10.0.0.0/8\n", hex(&[1; 32])),
     )
     .unwrap();
     config.peers[0].stats.tx_bytes = 77;
@@ -543,40 +410,20 @@ fn too_many_peers() {
     config.apply(&ops).unwrap();
     assert_eq!(config.peers.len(), MAX_PEERS);
     let before = config.clone();
-    let e = set(
-        &mut config,
-        &format!("listen_port=9\npublic_key={}\n", hex(&[0xff; 32])),
-    )
-    .unwrap_err();
+    let e = set(&mut config, &format!("listen_port=9\npublic_key={}\n", hex(&[0xff; 32]))).unwrap_err();
     assert!(matches!(e, UapiError::TooManyPeers { line: 2 }));
     assert_eq!(e.errno(), errno::INVALID);
     assert!(config == before);
     // Removing one makes room within the same request.
-    set(
-        &mut config,
-        &format!(
-            "public_key={}\nremove=true\npublic_key={}\n",
-            hex(&[0; 32]),
-            hex(&[0xff; 32])
-        ),
-    )
-    .unwrap();
+    set(&mut config, &format!("public_key={}\nremove=true\npublic_key={}\n", hex(&[0; 32]), hex(&[0xff; 32]))).unwrap();
     assert_eq!(config.peers.len(), MAX_PEERS);
 }
 
 #[test]
 fn hand_built_ops_need_a_peer() {
     let mut config = DeviceConfig::default();
-    let e = config
-        .apply(&[SetOp::ListenPort(3), SetOp::Remove])
-        .unwrap_err();
-    assert!(matches!(
-        e,
-        UapiError::NoPeerSelected {
-            line: 2,
-            key: Key::Remove
-        }
-    ));
+    let e = config.apply(&[SetOp::ListenPort(3), SetOp::Remove]).unwrap_err();
+    assert!(matches!(e, UapiError::NoPeerSelected { line: 2, key: Key::Remove }));
     assert_eq!(config.listen_port, 0);
 }
 
@@ -625,13 +472,7 @@ fn unknown_operations_hang_up() {
 #[test]
 fn get_needs_an_empty_line() {
     let e = read("get=1\nx\n").unwrap_err();
-    assert!(matches!(
-        e,
-        ReadError::Invalid {
-            error: UapiError::TrailingGetData,
-            in_sync: false
-        }
-    ));
+    assert!(matches!(e, ReadError::Invalid { error: UapiError::TrailingGetData, in_sync: false }));
 }
 
 #[test]
@@ -639,57 +480,29 @@ fn invalid_set_is_read_to_its_end() {
     let mut input = Cursor::new(&b"set=1\nlisten_port=x\nfwmark=1\nfoo\n\nget=1\n\n"[..]);
     let limits = Limits::default();
     match read_request(&mut input, &limits) {
-        Err(ReadError::Invalid {
-            error,
-            in_sync: true,
-        }) => {
-            assert!(matches!(
-                error,
-                UapiError::InvalidValue {
-                    line: 1,
-                    key: Key::ListenPort,
-                    ..
-                }
-            ));
+        Err(ReadError::Invalid { error, in_sync: true }) => {
+            assert!(matches!(error, UapiError::InvalidValue { line: 1, key: Key::ListenPort, .. }));
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(matches!(
-        read_request(&mut input, &limits),
-        Ok(Some(Request::Get))
-    ));
+    assert!(matches!(read_request(&mut input, &limits), Ok(Some(Request::Get))));
     assert!(matches!(read_request(&mut input, &limits), Ok(None)));
 }
 
 #[test]
 fn limits_bound_memory() {
-    let limits = Limits {
-        max_line: 100,
-        max_request: 1000,
-    };
+    let limits = Limits { max_line: 100, max_request: 1000 };
     let long_line = format!("set=1\nlisten_port=1\nendpoint={}\n\n", "1".repeat(200));
     match read_request(&mut Cursor::new(long_line.as_bytes()), &limits) {
-        Err(ReadError::Invalid {
-            error,
-            in_sync: false,
-        }) => {
-            assert!(matches!(
-                error,
-                UapiError::LineTooLong {
-                    line: 2,
-                    limit: 100
-                }
-            ));
+        Err(ReadError::Invalid { error, in_sync: false }) => {
+            assert!(matches!(error, UapiError::LineTooLong { line: 2, limit: 100 }));
             assert_eq!(error.errno(), errno::IO);
         }
         other => panic!("unexpected {other:?}"),
     }
     let many_lines = format!("set=1\n{}\n", "listen_port=1\n".repeat(100));
     match read_request(&mut Cursor::new(many_lines.as_bytes()), &limits) {
-        Err(ReadError::Invalid {
-            error,
-            in_sync: false,
-        }) => {
+        Err(ReadError::Invalid { error, in_sync: false }) => {
             assert!(matches!(error, UapiError::RequestTooLong { limit: 1000 }));
             assert_eq!(error.errno(), errno::IO);
         }
@@ -701,10 +514,7 @@ fn limits_bound_memory() {
 fn non_utf8_is_invalid_not_a_panic() {
     let mut input = Cursor::new(&b"set=1\nlisten_port=\xff\xfe\n\xc3=1\n\n"[..]);
     match read_request(&mut input, &Limits::default()) {
-        Err(ReadError::Invalid {
-            error,
-            in_sync: true,
-        }) => assert_eq!(error.errno(), errno::INVALID),
+        Err(ReadError::Invalid { error, in_sync: true }) => assert_eq!(error.errno(), errno::INVALID),
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -733,14 +543,8 @@ impl Write for Conn {
 }
 
 fn converse(config: &mut DeviceConfig, input: &str) -> String {
-    let mut conn = Conn {
-        input: Cursor::new(input.as_bytes().to_vec()),
-        output: Vec::new(),
-    };
-    handle_connection(&mut conn, &Limits::default(), |request| {
-        respond(config, request)
-    })
-    .unwrap();
+    let mut conn = Conn { input: Cursor::new(input.as_bytes().to_vec()), output: Vec::new() };
+    handle_connection(&mut conn, &Limits::default(), |request| respond(config, request)).unwrap();
     String::from_utf8(conn.output).unwrap()
 }
 
@@ -774,10 +578,7 @@ fn a_conversation() {
 #[test]
 fn response_texts() {
     assert_eq!(Response::set(Ok(())).as_bytes(), b"errno=0\n\n");
-    assert_eq!(
-        Response::errno(errno::PORT_IN_USE).as_bytes(),
-        b"errno=-98\n\n"
-    );
+    assert_eq!(Response::errno(errno::PORT_IN_USE).as_bytes(), b"errno=-98\n\n");
     let e = UapiError::PortInUse(io::Error::from(io::ErrorKind::AddrInUse));
     assert_eq!(Response::set(Err(e)).as_bytes(), b"errno=-98\n\n");
     assert_eq!(format!("{:?}", Response::errno(0)), "Response(<redacted>)");
@@ -787,15 +588,8 @@ fn response_texts() {
 fn debug_output_has_no_secrets() {
     let (sk, _) = device_key();
     let mut config = DeviceConfig::default();
-    set(
-        &mut config,
-        &format!(
-            "private_key={sk}\npublic_key={}\npreshared_key={}\n",
-            hex(&[1; 32]),
-            hex(&[0x5a; 32])
-        ),
-    )
-    .unwrap();
+    set(&mut config, &format!("private_key={sk}\npublic_key={}\npreshared_key={}\n", hex(&[1; 32]), hex(&[0x5a; 32])))
+        .unwrap();
     let debug = format!("{config:?}");
     assert!(!debug.contains("5a, 5a") && !debug.contains("90, 90") && !debug.contains("66, 66"));
     assert!(debug.contains("redacted"));
@@ -803,10 +597,7 @@ fn debug_output_has_no_secrets() {
 
 #[test]
 fn socket_paths() {
-    assert_eq!(
-        socket_path("wg0").unwrap(),
-        std::path::Path::new("/var/run/wireguard/wg0.sock")
-    );
+    assert_eq!(socket_path("wg0").unwrap(), std::path::Path::new("/var/run/wireguard/wg0.sock"));
     for bad in ["", "a/b", "..", ".", "0123456789abcdef", "a b", "a:b"] {
         assert!(socket_path(bad).is_err(), "{bad:?}");
     }

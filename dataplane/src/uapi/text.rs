@@ -55,10 +55,7 @@ pub(crate) fn parse_decimal(value: &str, max: u64) -> Result<u64, &'static str> 
         if !d.is_ascii_digit() {
             return Err("not a decimal number");
         }
-        n = n
-            .checked_mul(10)
-            .and_then(|n| n.checked_add(u64::from(d - b'0')))
-            .ok_or("number out of range")?;
+        n = n.checked_mul(10).and_then(|n| n.checked_add(u64::from(d - b'0'))).ok_or("number out of range")?;
     }
     if n > max {
         return Err("number out of range");
@@ -95,8 +92,7 @@ pub(crate) fn parse_endpoint(value: &str) -> Result<SocketAddr, &'static str> {
         let scope_id = match zone {
             None => 0,
             Some("") => return Err("empty IPv6 zone"),
-            Some(zone) => parse_decimal(zone, u64::from(u32::MAX))
-                .map_err(|_| "IPv6 zone is not numeric")? as u32,
+            Some(zone) => parse_decimal(zone, u64::from(u32::MAX)).map_err(|_| "IPv6 zone is not numeric")? as u32,
         };
         Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope_id)))
     } else {
@@ -146,10 +142,7 @@ mod tests {
         assert!(parse_decimal("1_0", 10).is_err());
         assert!(parse_decimal(" 1", 10).is_err());
         assert!(parse_decimal("99999999999999999999999", u64::MAX).is_err());
-        assert_eq!(
-            parse_decimal("18446744073709551615", u64::MAX),
-            Ok(u64::MAX)
-        );
+        assert_eq!(parse_decimal("18446744073709551615", u64::MAX), Ok(u64::MAX));
     }
 
     #[test]
