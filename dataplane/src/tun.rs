@@ -247,7 +247,8 @@ impl Tun {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
                 Some(libc::EPERM | libc::EACCES) => TunError::NeedsCapNetAdmin(name.to_string(), e),
-                _ => TunError::Missing(e),
+                Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => TunError::Missing(e),
+                _ => TunError::Io { op: "open /dev/net/tun", source: e },
             });
         }
         // SAFETY: `raw` is a file descriptor we just opened and own alone.
