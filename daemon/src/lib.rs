@@ -1,1 +1,6 @@
-//! Coordination, policy and identity for wiremesh.
+//! Coordination, policy and identity for wiremesh; for now the standalone
+//! interface (`wiremeshd interface`) and its configuration file.
+#![warn(missing_docs)]
+
+pub mod conf;
+pub mod interface;

@@ -7,5 +7,7 @@
 //!   TCP segmentation offload super-packets into wire-sized IP packets.
 #![warn(missing_docs)]
 
+pub mod driver;
 pub mod tun;
 pub mod uapi;
+pub mod udp;

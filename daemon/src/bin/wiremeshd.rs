@@ -1,0 +1,121 @@
+//! `wiremeshd`: the long-running wiremesh roles.
+
+use clap::{Parser, Subcommand};
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "wiremeshd", version, about = "wiremesh daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A standalone WireGuard interface: creates TUN device IFNAME and serves
+    /// /var/run/wireguard/IFNAME.sock for wg(8), like wireguard-go.
+    Interface {
+        /// Interface name.
+        ifname: String,
+        /// Stay in the foreground (otherwise detach once the interface is up).
+        #[arg(short, long)]
+        foreground: bool,
+        /// A `wg setconf` configuration file to apply at start.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data-plane worker threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+/// Environment variable carrying the readiness pipe to a detached child.
+const READY_FD_ENV: &str = "WIREMESHD_READY_FD";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Interface { ifname, foreground, config, threads } => {
+            let opts = wiremesh_daemon::interface::Options { ifname, config, threads };
+            let ready_fd: Option<i32> = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse().ok());
+            if !foreground && ready_fd.is_none() {
+                return detach();
+            }
+            let ready = move || {
+                if let Some(fd) = ready_fd {
+                    // SAFETY: the parent passed us the write end of a pipe.
+                    unsafe {
+                        libc::write(fd, b"ok".as_ptr().cast(), 2);
+                        libc::close(fd);
+                    }
+                }
+            };
+            match wiremesh_daemon::interface::run(&opts, ready) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("wiremeshd: {e}");
+                    if let Some(fd) = ready_fd {
+                        let msg = e.into_bytes();
+                        // SAFETY: writing our own bytes to the readiness pipe.
+                        unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+                    }
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Re-runs this command detached (new session, no terminal) and waits until
+/// the child reports the interface up, or its error, as wireguard-go does.
+fn detach() -> ExitCode {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        eprintln!("wiremeshd: pipe: {}", std::io::Error::last_os_error());
+        return ExitCode::FAILURE;
+    }
+    let (r, w) = (fds[0], fds[1]);
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("wiremeshd: cannot find own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(READY_FD_ENV, w.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe; the closure runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::close(r);
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    // SAFETY: closing our copy of the write end.
+    unsafe { libc::close(w) };
+    if let Err(e) = child {
+        eprintln!("wiremeshd: cannot start: {e}");
+        return ExitCode::FAILURE;
+    }
+    // SAFETY: `r` is the read end we own.
+    let mut pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(r) };
+    let mut msg = String::new();
+    let _ = pipe.read_to_string(&mut msg);
+    if msg == "ok" {
+        ExitCode::SUCCESS
+    } else {
+        let msg = if msg.is_empty() { "the interface process exited before it was ready".into() } else { msg };
+        let _ = writeln!(std::io::stderr(), "wiremeshd: {msg}");
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,913 @@
+//! The data-plane worker: one thread that owns a `wiremesh-core` device, the
+//! TUN device and the UDP socket, and drives all IO through one io_uring.
+//!
+//! Outbound, each TUN read may be a TCP super-packet (TSO through
+//! `IFF_VNET_HDR`); it is split into segments laid out back to back in one
+//! buffer, each sealed in place by the core, and the whole run goes out in
+//! one `sendmsg` with `UDP_SEGMENT` (GSO). Inbound, one `recvmsg` may carry
+//! many coalesced datagrams (`UDP_GRO`); each is opened in place and written
+//! to the TUN device from the same buffer. Nothing is copied on the data
+//! path except by the segmentation itself.
+//!
+//! Buffers are owned by slots that never move; a slot's memory is handed to
+//! the kernel with its operation and taken back only at the operation's
+//! completion (counted per slot), which is the invariant every `unsafe`
+//! push below relies on.
+//!
+//! Configuration arrives from the UAPI thread as messages, with an eventfd
+//! read in the ring to wake the worker; the worker applies each `set` to a
+//! copy of the configuration and to the device, so a failed `set` changes
+//! nothing.
+
+use crate::tun::split;
+use crate::tun::{Tun, VirtioNetHdr};
+use crate::uapi::{DeviceConfig, Request, Response, SetOp, UapiError};
+use crate::udp::{decode_addr, read_gro_cmsg, write_gso_cmsg, UdpSock, CMSG_SPACE};
+use io_uring::{opcode, types, IoUring};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use wiremesh_core::crypto::DefaultProvider;
+use wiremesh_core::device::{DeviceConfig as CoreConfig, Encapsulated, PeerConfig as CorePeer, Received, HEADROOM};
+use wiremesh_core::{Instant, WallTime};
+
+type Device = wiremesh_core::device::Device<StdRng, DefaultProvider>;
+
+/// TUN reads in flight.
+const TUN_SLOTS: usize = 8;
+/// Bytes of one TUN read: a virtio header and a 64 KiB super-packet.
+const TUN_BUF: usize = VirtioNetHdr::LEN + 65535;
+/// Bytes for the sealed segments of one super-packet.
+const TX_BUF: usize = 256 * 1024;
+/// Most `sendmsg` calls one super-packet may need.
+const MSGS_PER_SLOT: usize = 8;
+/// Most segments one super-packet may split into.
+const MAX_SEGMENTS: usize = 1024;
+/// UDP receives in flight.
+const RECV_SLOTS: usize = 32;
+/// Bytes of one UDP receive (GRO coalesces up to 64 KiB).
+const RECV_BUF: usize = 65536;
+/// Sends of handshakes, keepalives and staged packets in flight.
+const CTRL_SLOTS: usize = 32;
+const CTRL_BUF: usize = 65536 + 64;
+/// The largest UDP payload one GSO send may carry in total.
+const GSO_MAX_BYTES: usize = 65000;
+/// Completions handled per wakeup before timers and control get a turn.
+const CQE_BATCH: usize = 256;
+
+const KIND_TUN_READ: u64 = 1;
+const KIND_UDP_SEND: u64 = 2;
+const KIND_UDP_RECV: u64 = 3;
+const KIND_TUN_WRITE: u64 = 4;
+const KIND_CTRL_SEND: u64 = 5;
+const KIND_EVENTFD: u64 = 6;
+const KIND_CANCEL: u64 = 7;
+
+fn user_data(kind: u64, slot: usize, sub: usize) -> u64 {
+    (kind << 56) | ((slot as u64) << 16) | sub as u64
+}
+
+fn decode_user_data(u: u64) -> (u64, usize, usize) {
+    (u >> 56, ((u >> 16) & 0xff_ffff_ffff) as usize, (u & 0xffff) as usize)
+}
+
+/// A `msghdr` with everything it points to, kept at a fixed address.
+struct MsgState {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    addr: libc::sockaddr_in6,
+    cmsg: Aligned,
+}
+
+// SAFETY: the raw pointers in a MsgState point only into buffers owned by
+// the same Worker (boxed, so their addresses survive moving the Worker to its
+// thread); the Worker is used by one thread at a time.
+unsafe impl Send for MsgState {}
+
+#[repr(C, align(8))]
+struct Aligned([u8; CMSG_SPACE]);
+
+impl MsgState {
+    fn new() -> Self {
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        unsafe { std::mem::zeroed() }
+    }
+
+    /// Points the header at `buf[..len]` for sending to `to` with an optional
+    /// GSO segment size.
+    fn prepare_send(&mut self, udp: &UdpSock, buf: *mut u8, len: usize, to: SocketAddr, segment: Option<u16>) {
+        self.iov = libc::iovec { iov_base: buf.cast(), iov_len: len };
+        let addr_len = udp.encode(to, &mut self.addr);
+        self.hdr = MsgState::new().hdr;
+        self.hdr.msg_name = (&mut self.addr as *mut libc::sockaddr_in6).cast();
+        self.hdr.msg_namelen = addr_len;
+        self.hdr.msg_iov = &mut self.iov;
+        self.hdr.msg_iovlen = 1;
+        if let Some(seg) = segment {
+            self.hdr.msg_controllen = write_gso_cmsg(&mut self.cmsg.0, seg);
+            self.hdr.msg_control = self.cmsg.0.as_mut_ptr().cast();
+        }
+    }
+
+    fn prepare_recv(&mut self, buf: *mut u8, len: usize) {
+        self.iov = libc::iovec { iov_base: buf.cast(), iov_len: len };
+        self.hdr = MsgState::new().hdr;
+        self.hdr.msg_name = (&mut self.addr as *mut libc::sockaddr_in6).cast();
+        self.hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+        self.hdr.msg_iov = &mut self.iov;
+        self.hdr.msg_iovlen = 1;
+        self.hdr.msg_control = self.cmsg.0.as_mut_ptr().cast();
+        self.hdr.msg_controllen = CMSG_SPACE;
+    }
+}
+
+struct TunSlot {
+    read: Box<[u8]>,
+    tx: Box<[u8]>,
+    msgs: Box<[MsgState]>,
+    sizes: Box<[usize]>,
+    /// Sends in flight from `tx`; the read is re-armed when it drops to zero.
+    pending: usize,
+    /// GSO groups of the last super-packet, for resending without GSO: (offset, len, stride, destination).
+    groups: Vec<(usize, usize, usize, SocketAddr)>,
+}
+
+struct RecvSlot {
+    buf: Box<[u8]>,
+    msg: MsgState,
+    /// TUN writes in flight from `buf`.
+    pending: usize,
+    armed: bool,
+}
+
+struct CtrlSlot {
+    buf: Box<[u8]>,
+    msg: MsgState,
+    busy: bool,
+}
+
+/// Counters of the data plane itself (the core counts protocol events).
+#[derive(Debug, Default)]
+pub struct DataplaneStats {
+    /// TUN reads completed.
+    pub tun_reads: AtomicU64,
+    /// Segments produced from TUN reads.
+    pub segments: AtomicU64,
+    /// `sendmsg` calls on the UDP socket.
+    pub udp_sends: AtomicU64,
+    /// Datagrams received.
+    pub udp_datagrams: AtomicU64,
+    /// `recvmsg` completions.
+    pub udp_recvs: AtomicU64,
+    /// Packets written to TUN.
+    pub tun_writes: AtomicU64,
+    /// Errors of any IO operation.
+    pub io_errors: AtomicU64,
+    /// Super-packets that could not be segmented.
+    pub bad_tun_packets: AtomicU64,
+}
+
+enum ControlMsg {
+    Uapi(Request, mpsc::SyncSender<Response>),
+}
+
+/// The handle other threads use to configure and stop a running worker.
+#[derive(Clone)]
+pub struct Control {
+    tx: mpsc::Sender<ControlMsg>,
+    eventfd: Arc<OwnedFd>,
+    stop: Arc<AtomicBool>,
+    /// The worker's counters.
+    pub stats: Arc<DataplaneStats>,
+}
+
+impl Control {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a live u64 to an eventfd.
+        unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Answers one UAPI request through the worker (blocking until it has).
+    pub fn uapi(&self, request: Request) -> Response {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.tx.send(ControlMsg::Uapi(request, tx)).is_err() {
+            return Response::errno(crate::uapi::errno::IO);
+        }
+        self.wake();
+        rx.recv().unwrap_or_else(|_| Response::errno(crate::uapi::errno::IO))
+    }
+
+    /// Asks the worker to stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+}
+
+/// The worker: run it on its own thread with [`Worker::run`].
+pub struct Worker {
+    ring: IoUring,
+    tun: Tun,
+    vnet: bool,
+    udp: UdpSock,
+    /// Sockets replaced by a new listen port, kept until their operations end.
+    retired: Vec<UdpSock>,
+    device: Option<Device>,
+    config: DeviceConfig,
+    mtu: usize,
+    clock: std::time::Instant,
+    tun_slots: Box<[TunSlot]>,
+    recv_slots: Box<[RecvSlot]>,
+    ctrl_slots: Box<[CtrlSlot]>,
+    eventfd: Arc<OwnedFd>,
+    eventfd_buf: Box<u64>,
+    rx: mpsc::Receiver<ControlMsg>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<DataplaneStats>,
+    /// Ring entries not yet submitted.
+    queued: usize,
+}
+
+impl Worker {
+    /// A worker for `tun`, binding the UDP socket for `config`.
+    pub fn new(tun: Tun, config: DeviceConfig) -> io::Result<(Worker, Control)> {
+        let ring = IoUring::new(1024)?;
+        let udp = UdpSock::bind(config.listen_port, config.fwmark)?;
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor we own.
+        let eventfd = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(DataplaneStats::default());
+        let mtu = tun.mtu().map(|m| m as usize).unwrap_or(1420);
+        let vnet = tun.vnet_hdr();
+        let tun_slots = (0..TUN_SLOTS)
+            .map(|_| TunSlot {
+                read: vec![0u8; TUN_BUF].into_boxed_slice(),
+                tx: vec![0u8; TX_BUF].into_boxed_slice(),
+                msgs: (0..MSGS_PER_SLOT).map(|_| MsgState::new()).collect(),
+                sizes: vec![0usize; MAX_SEGMENTS].into_boxed_slice(),
+                pending: 0,
+                groups: Vec::with_capacity(MSGS_PER_SLOT),
+            })
+            .collect();
+        let recv_slots = (0..RECV_SLOTS)
+            .map(|_| RecvSlot { buf: vec![0u8; RECV_BUF].into_boxed_slice(), msg: MsgState::new(), pending: 0, armed: false })
+            .collect();
+        let ctrl_slots = (0..CTRL_SLOTS)
+            .map(|_| CtrlSlot { buf: vec![0u8; CTRL_BUF].into_boxed_slice(), msg: MsgState::new(), busy: false })
+            .collect();
+        let mut config = config;
+        config.listen_port = udp.port();
+        let mut w = Worker {
+            ring,
+            tun,
+            vnet,
+            udp,
+            retired: Vec::new(),
+            device: None,
+            config: DeviceConfig::default(),
+            mtu,
+            clock: std::time::Instant::now(),
+            tun_slots,
+            recv_slots,
+            ctrl_slots,
+            eventfd: eventfd.clone(),
+            eventfd_buf: Box::new(0),
+            rx,
+            stop: stop.clone(),
+            stats: stats.clone(),
+            queued: 0,
+        };
+        w.config.listen_port = config.listen_port;
+        w.config.fwmark = config.fwmark;
+        w.reconcile(config).map_err(|e| io::Error::other(e.to_string()))?;
+        Ok((w, Control { tx, eventfd, stop, stats }))
+    }
+
+    /// The UDP port bound.
+    pub fn listen_port(&self) -> u16 {
+        self.udp.port()
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_duration(self.clock.elapsed())
+    }
+
+    fn wall() -> WallTime {
+        WallTime::from_unix(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default())
+    }
+
+    /// Runs until [`Control::stop`].
+    pub fn run(mut self) -> io::Result<()> {
+        for i in 0..TUN_SLOTS {
+            self.arm_tun_read(i);
+        }
+        for i in 0..RECV_SLOTS {
+            self.arm_recv(i);
+        }
+        self.arm_eventfd();
+        let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(CQE_BATCH);
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = self.now();
+            if let Some(dev) = self.device.as_mut() {
+                if dev.poll_timeout().is_some_and(|t| t <= now) {
+                    dev.handle_timeout(now);
+                }
+            }
+            self.flush_control_output();
+            let wait = self
+                .device
+                .as_ref()
+                .and_then(|d| d.poll_timeout())
+                .map(|t| t.saturating_duration_since(self.now()))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            let ts = types::Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            self.queued = 0;
+            loop {
+                cqes.clear();
+                cqes.extend(self.ring.completion().take(CQE_BATCH).map(|c| (c.user_data(), c.result(), c.flags())));
+                if cqes.is_empty() {
+                    break;
+                }
+                for &(ud, res, _flags) in &cqes {
+                    self.complete(ud, res);
+                }
+                // Submit what the completions queued, so the kernel works while we continue.
+                if self.queued > 0 {
+                    self.ring.submit()?;
+                    self.queued = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes one entry, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Every buffer the entry points to must stay valid and untouched until
+    /// its completion is reaped.
+    unsafe fn push(&mut self, entry: io_uring::squeue::Entry) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            while self.ring.submission().push(&entry).is_err() {
+                let _ = self.ring.submit();
+            }
+        }
+        self.queued += 1;
+    }
+
+    fn arm_tun_read(&mut self, i: usize) {
+        let fd = self.tun.as_raw_fd();
+        let slot = &mut self.tun_slots[i];
+        let e = opcode::Read::new(types::Fd(fd), slot.read.as_mut_ptr(), TUN_BUF as u32)
+            .build()
+            .user_data(user_data(KIND_TUN_READ, i, 0));
+        // SAFETY: slot i's read buffer is not touched until this read completes
+        // (the slot has no other operation in flight: pending == 0).
+        unsafe { self.push(e) };
+    }
+
+    fn arm_recv(&mut self, i: usize) {
+        let fd = self.udp.fd();
+        let slot = &mut self.recv_slots[i];
+        let ptr = slot.buf.as_mut_ptr();
+        slot.msg.prepare_recv(ptr, RECV_BUF);
+        slot.armed = true;
+        let e = opcode::RecvMsg::new(types::Fd(fd), &mut slot.msg.hdr)
+            .build()
+            .user_data(user_data(KIND_UDP_RECV, i, 0));
+        // SAFETY: the slot's buffer and msghdr live in a boxed slice that never
+        // moves and are not touched until the completion.
+        unsafe { self.push(e) };
+    }
+
+    fn arm_eventfd(&mut self) {
+        let fd = self.eventfd.as_raw_fd();
+        let ptr = (&mut *self.eventfd_buf as *mut u64).cast::<u8>();
+        let e = opcode::Read::new(types::Fd(fd), ptr, 8).build().user_data(user_data(KIND_EVENTFD, 0, 0));
+        // SAFETY: the boxed u64 lives as long as the worker.
+        unsafe { self.push(e) };
+    }
+
+    fn complete(&mut self, ud: u64, res: i32) {
+        let (kind, slot, sub) = decode_user_data(ud);
+        match kind {
+            KIND_TUN_READ => self.on_tun_read(slot, res),
+            KIND_UDP_SEND => self.on_udp_send(slot, sub, res),
+            KIND_UDP_RECV => self.on_recv(slot, res),
+            KIND_TUN_WRITE => {
+                if res < 0 {
+                    self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let s = &mut self.recv_slots[slot];
+                s.pending -= 1;
+                if s.pending == 0 {
+                    self.arm_recv(slot);
+                }
+            }
+            KIND_CTRL_SEND => {
+                if res < 0 {
+                    self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                self.ctrl_slots[slot].busy = false;
+                self.flush_control_output();
+            }
+            KIND_EVENTFD => {
+                self.drain_control();
+                self.arm_eventfd();
+            }
+            _ => {}
+        }
+    }
+
+    fn on_tun_read(&mut self, i: usize, res: i32) {
+        if res < 0 {
+            if res != -libc::EAGAIN && res != -libc::EINTR {
+                self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            if res == -libc::EBADF {
+                return;
+            }
+            self.arm_tun_read(i);
+            return;
+        }
+        self.stats.tun_reads.fetch_add(1, Ordering::Relaxed);
+        let n = res as usize;
+        let now = self.now();
+        let mtu = self.mtu;
+        let Some(device) = self.device.as_mut() else {
+            self.arm_tun_read(i);
+            return;
+        };
+        let slot = &mut self.tun_slots[i];
+        let (hdr, packet) = if self.vnet {
+            match VirtioNetHdr::parse(&slot.read[..n]) {
+                Ok(h) => (h, &slot.read[VirtioNetHdr::LEN..n]),
+                Err(_) => {
+                    self.stats.bad_tun_packets.fetch_add(1, Ordering::Relaxed);
+                    self.arm_tun_read(i);
+                    return;
+                }
+            }
+        } else {
+            (VirtioNetHdr::NONE, &slot.read[..n])
+        };
+        let Some(first) = first_segment_len(&hdr, packet) else {
+            self.stats.bad_tun_packets.fetch_add(1, Ordering::Relaxed);
+            self.arm_tun_read(i);
+            return;
+        };
+        let stride = HEADROOM + transport_padded_len(first, mtu) + wiremesh_core::crypto::TAG_LEN;
+        let max_chunks = (TX_BUF / stride).min(MAX_SEGMENTS);
+        let mut chunks: Vec<&mut [u8]> = slot.tx.chunks_mut(stride).take(max_chunks).collect();
+        let count = match split(&hdr, packet, HEADROOM, &mut chunks, &mut slot.sizes) {
+            Ok(c) => c,
+            Err(_) => {
+                self.stats.bad_tun_packets.fetch_add(1, Ordering::Relaxed);
+                self.arm_tun_read(i);
+                return;
+            }
+        };
+        self.stats.segments.fetch_add(count as u64, Ordering::Relaxed);
+        // Seal each segment in place, then group runs for one GSO send each.
+        slot.groups.clear();
+        let gso = self.udp.gso;
+        let mut run: Option<(usize, usize, usize, SocketAddr)> = None; // (first chunk, count, last len, dest)
+        let mut groups: [(usize, usize, usize, SocketAddr); MSGS_PER_SLOT] =
+            [(0, 0, 0, SocketAddr::from(([0, 0, 0, 0], 0))); MSGS_PER_SLOT];
+        let mut ngroups = 0;
+        let mut overflow = Vec::new();
+        for (k, chunk) in chunks.iter_mut().enumerate().take(count) {
+            let len = slot.sizes[k];
+            match device.encapsulate(chunk, len, now) {
+                Ok(Encapsulated::Ready(t)) => {
+                    let extend = match run {
+                        Some((start, cnt, last_len, dest)) => {
+                            gso && dest == t.destination
+                                && start + cnt == k
+                                && last_len == stride
+                                && (cnt + 1) * stride <= GSO_MAX_BYTES
+                                && cnt < 64
+                        }
+                        None => false,
+                    };
+                    if extend {
+                        let r = run.as_mut().expect("run exists");
+                        r.1 += 1;
+                        r.2 = t.len;
+                    } else {
+                        if let Some(r) = run.take() {
+                            if ngroups < MSGS_PER_SLOT {
+                                groups[ngroups] = r;
+                                ngroups += 1;
+                            } else {
+                                overflow.push(r);
+                            }
+                        }
+                        run = Some((k, 1, t.len, t.destination));
+                    }
+                }
+                Ok(Encapsulated::Staged { .. }) | Err(_) => {}
+            }
+        }
+        if let Some(r) = run.take() {
+            if ngroups < MSGS_PER_SLOT {
+                groups[ngroups] = r;
+                ngroups += 1;
+            } else {
+                overflow.push(r);
+            }
+        }
+        // Rare: more runs than message slots; send those synchronously.
+        for (start, cnt, last_len, dest) in overflow {
+            for c in 0..cnt {
+                let off = (start + c) * stride;
+                let len = if c + 1 == cnt { last_len } else { stride };
+                let _ = self.udp.send_to(&slot.tx[off..off + len], dest);
+            }
+        }
+        let fd = self.udp.fd();
+        for (g, &(start, cnt, last_len, dest)) in groups.iter().enumerate().take(ngroups) {
+            let off = start * stride;
+            let total = (cnt - 1) * stride + last_len;
+            let seg = (cnt > 1).then_some(stride as u16);
+            let ptr = slot.tx[off..].as_mut_ptr();
+            slot.msgs[g].prepare_send(&self.udp, ptr, total, dest, seg);
+            slot.groups.push((off, total, stride, dest));
+            let e = opcode::SendMsg::new(types::Fd(fd), &slot.msgs[g].hdr)
+                .build()
+                .user_data(user_data(KIND_UDP_SEND, i, g));
+            slot.pending += 1;
+            self.stats.udp_sends.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: tx and msgs of slot i stay untouched until every send of
+            // the slot completed (pending counts them; the slot's next read is
+            // armed only at zero).
+            unsafe {
+                while self.ring.submission().push(&e).is_err() {
+                    let _ = self.ring.submit();
+                }
+            }
+            self.queued += 1;
+        }
+        let pending = self.tun_slots[i].pending;
+        if pending == 0 {
+            self.arm_tun_read(i);
+        }
+        self.flush_control_output();
+    }
+
+    fn on_udp_send(&mut self, i: usize, g: usize, res: i32) {
+        if res < 0 {
+            self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+            if res == -libc::EIO && self.udp.gso {
+                // The route's device cannot segment: stop using GSO and resend
+                // this run one datagram at a time.
+                self.udp.gso = false;
+                let slot = &self.tun_slots[i];
+                if let Some(&(off, total, stride, dest)) = slot.groups.get(g) {
+                    let mut o = 0;
+                    while o < total {
+                        let len = stride.min(total - o);
+                        let _ = self.udp.send_to(&slot.tx[off + o..off + o + len], dest);
+                        o += len;
+                    }
+                }
+            }
+        }
+        let slot = &mut self.tun_slots[i];
+        slot.pending -= 1;
+        if slot.pending == 0 {
+            self.arm_tun_read(i);
+        }
+    }
+
+    fn on_recv(&mut self, i: usize, res: i32) {
+        self.recv_slots[i].armed = false;
+        if res < 0 {
+            if res != -libc::ECANCELED && res != -libc::EAGAIN && res != -libc::EINTR {
+                self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            self.arm_recv(i);
+            return;
+        }
+        self.stats.udp_recvs.fetch_add(1, Ordering::Relaxed);
+        let n = res as usize;
+        let now = self.now();
+        let vnet = self.vnet;
+        let tun_fd = self.tun.as_raw_fd();
+        let slot = &mut self.recv_slots[i];
+        let Some(from) = decode_addr(&slot.msg.addr) else {
+            self.arm_recv(i);
+            return;
+        };
+        let truncated = slot.msg.hdr.msg_flags & libc::MSG_TRUNC != 0;
+        // SAFETY: the kernel filled the control buffer this msghdr points to.
+        let seg = unsafe { read_gro_cmsg(&slot.msg.hdr) }.unwrap_or(n).max(1);
+        let Some(device) = self.device.as_mut() else {
+            self.arm_recv(i);
+            return;
+        };
+        if truncated {
+            self.arm_recv(i);
+            return;
+        }
+        let mut writes: [(usize, usize); 64] = [(0, 0); 64];
+        let mut nw = 0;
+        let mut off = 0;
+        let mut datagrams = 0u64;
+        while off < n {
+            let len = seg.min(n - off);
+            datagrams += 1;
+            let dg = &mut slot.buf[off..off + len];
+            if let Ok(Received::Packet { range, .. }) = device.handle_datagram(from, dg, now) {
+                let start = off + range.start;
+                let plen = range.len();
+                let (wstart, wlen) = if vnet {
+                    let h = VirtioNetHdr::NONE.to_bytes();
+                    slot.buf[start - VirtioNetHdr::LEN..start].copy_from_slice(&h);
+                    (start - VirtioNetHdr::LEN, plen + VirtioNetHdr::LEN)
+                } else {
+                    (start, plen)
+                };
+                if nw < writes.len() {
+                    writes[nw] = (wstart, wlen);
+                    nw += 1;
+                } else {
+                    // More than 64 packets in one receive: write synchronously.
+                    // SAFETY: writing initialized bytes of our own buffer.
+                    unsafe { libc::write(tun_fd, slot.buf[wstart..].as_ptr().cast(), wlen) };
+                }
+            }
+            off += len;
+        }
+        self.stats.udp_datagrams.fetch_add(datagrams, Ordering::Relaxed);
+        slot.pending = nw;
+        let base = slot.buf.as_ptr();
+        for &(wstart, wlen) in writes.iter().take(nw) {
+            // SAFETY: `base` points into slot i's boxed buffer, which is not
+            // re-armed for receiving until all its writes completed.
+            let e = opcode::Write::new(types::Fd(tun_fd), unsafe { base.add(wstart) }, wlen as u32)
+                .build()
+                .user_data(user_data(KIND_TUN_WRITE, i, 0));
+            // SAFETY: see above.
+            unsafe { self.push(e) };
+        }
+        self.stats.tun_writes.fetch_add(nw as u64, Ordering::Relaxed);
+        if nw == 0 {
+            self.arm_recv(i);
+        }
+        self.flush_control_output();
+    }
+
+    /// Moves handshakes, keepalives and staged packets from the core into free
+    /// control slots and queues their sends.
+    fn flush_control_output(&mut self) {
+        let now = self.now();
+        let fd = self.udp.fd();
+        loop {
+            let Some(device) = self.device.as_mut() else { return };
+            let Some(i) = self.ctrl_slots.iter().position(|s| !s.busy) else { return };
+            let slot = &mut self.ctrl_slots[i];
+            let t = match device.poll_transmit(now, &mut slot.buf) {
+                Ok(Some(t)) => t,
+                Ok(None) => return,
+                Err(_) => {
+                    self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            let ptr = slot.buf.as_mut_ptr();
+            slot.msg.prepare_send(&self.udp, ptr, t.len, t.destination, None);
+            slot.busy = true;
+            let e = opcode::SendMsg::new(types::Fd(fd), &slot.msg.hdr)
+                .build()
+                .user_data(user_data(KIND_CTRL_SEND, i, 0));
+            // SAFETY: the slot is busy (untouched) until this send completes.
+            unsafe { self.push(e) };
+        }
+    }
+
+    fn drain_control(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                ControlMsg::Uapi(request, reply) => {
+                    let response = self.uapi(request);
+                    let _ = reply.send(response);
+                }
+            }
+        }
+    }
+
+    fn uapi(&mut self, request: Request) -> Response {
+        match request {
+            Request::Get => {
+                self.sync_stats();
+                Response::get(&self.config)
+            }
+            Request::Set(ops) => {
+                self.sync_stats();
+                let mut next = self.config.clone();
+                if let Err(e) = next.apply(&ops) {
+                    return Response::error(&e);
+                }
+                // Endpoints the set did not name keep what roaming taught the device.
+                let named: Vec<_> = named_endpoints(&ops);
+                for p in &mut next.peers {
+                    if !named.contains(&p.public_key.0) {
+                        if let Some(old) = self.config.peer(&p.public_key) {
+                            p.endpoint = old.endpoint;
+                        }
+                    }
+                }
+                Response::set(self.reconcile(next))
+            }
+        }
+    }
+
+    /// Copies counters and roamed endpoints from the device into the config.
+    fn sync_stats(&mut self) {
+        let Some(dev) = self.device.as_ref() else { return };
+        for p in &mut self.config.peers {
+            if let Some(id) = dev.peer_by_key(&p.public_key) {
+                if let Some(st) = dev.peer_stats(id) {
+                    p.stats.rx_bytes = st.rx_bytes;
+                    p.stats.tx_bytes = st.tx_bytes;
+                    p.stats.last_handshake =
+                        st.last_handshake.map(|w| Duration::new(w.secs, w.nanos)).unwrap_or_default();
+                }
+                if let Some(ep) = dev.peer_endpoint(id) {
+                    p.endpoint = Some(ep);
+                }
+            }
+        }
+    }
+
+    /// Makes the socket and the device match `next`; on failure nothing changes.
+    fn reconcile(&mut self, mut next: DeviceConfig) -> Result<(), UapiError> {
+        let now = self.now();
+        // The socket first: it is the step that can fail.
+        if next.listen_port != self.config.listen_port && !(next.listen_port == 0 && self.config.listen_port != 0) {
+            let udp = UdpSock::bind(next.listen_port, next.fwmark).map_err(UapiError::PortInUse)?;
+            let old = std::mem::replace(&mut self.udp, udp);
+            // Cancel receives on the old socket; their completions re-arm on the new one.
+            for i in 0..RECV_SLOTS {
+                if self.recv_slots[i].armed {
+                    let e = opcode::AsyncCancel::new(user_data(KIND_UDP_RECV, i, 0))
+                        .build()
+                        .user_data(user_data(KIND_CANCEL, i, 0));
+                    // SAFETY: a cancel request points to no memory.
+                    unsafe { self.push(e) };
+                }
+            }
+            self.retired.push(old);
+            if self.retired.len() > 4 {
+                self.retired.remove(0);
+            }
+        }
+        next.listen_port = self.udp.port();
+        if next.fwmark != self.config.fwmark {
+            self.udp.set_fwmark(next.fwmark).map_err(UapiError::PortInUse)?;
+        }
+        let key_changed = next.private_key.as_ref().map(|k| k.to_bytes())
+            != self.config.private_key.as_ref().map(|k| k.to_bytes());
+        if key_changed {
+            match (&next.private_key, self.device.as_mut()) {
+                (None, _) => self.device = None,
+                (Some(k), Some(dev)) => dev.set_private_key(k.clone()),
+                (Some(k), None) => {
+                    let mut cfg = CoreConfig::default();
+                    cfg.mtu = Some(self.mtu);
+                    self.device = Some(Device::new(k.clone(), StdRng::from_entropy(), cfg, now, Self::wall()));
+                    // Every configured peer is new to this device.
+                    self.config.peers.clear();
+                }
+            }
+        }
+        if let Some(dev) = self.device.as_mut() {
+            for old in &self.config.peers {
+                if next.peer(&old.public_key).is_none() {
+                    if let Some(id) = dev.peer_by_key(&old.public_key) {
+                        let _ = dev.remove_peer(id);
+                    }
+                }
+            }
+            for p in &next.peers {
+                let old = self.config.peer(&p.public_key);
+                let id = match dev.peer_by_key(&p.public_key) {
+                    Some(id) => id,
+                    None => {
+                        let mut c = CorePeer::new(p.public_key);
+                        c.preshared_key = Some(p.preshared_key.clone());
+                        c.endpoint = p.endpoint;
+                        c.persistent_keepalive = Some(p.persistent_keepalive_interval);
+                        c.allowed_ips = p.allowed_ips.iter().map(|a| (a.addr(), a.cidr())).collect();
+                        match dev.add_peer(c, now) {
+                            Ok(_) => {}
+                            Err(_) => continue, // our own key: ignored, as wireguard-go does
+                        }
+                        continue;
+                    }
+                };
+                let old_ep = old.and_then(|o| o.endpoint);
+                if p.endpoint != old_ep {
+                    let _ = dev.set_peer_endpoint(id, p.endpoint);
+                }
+                if old.is_none_or(|o| o.preshared_key.to_bytes() != p.preshared_key.to_bytes()) {
+                    let _ = dev.set_peer_preshared_key(id, Some(p.preshared_key.clone()));
+                }
+                if old.is_none_or(|o| o.persistent_keepalive_interval != p.persistent_keepalive_interval) {
+                    let _ = dev.set_peer_persistent_keepalive(id, Some(p.persistent_keepalive_interval), now);
+                }
+                if old.is_none_or(|o| o.allowed_ips != p.allowed_ips) {
+                    let _ = dev.clear_allowed_ips(id);
+                    for a in &p.allowed_ips {
+                        let _ = dev.add_allowed_ip(id, a.addr(), a.cidr());
+                    }
+                }
+            }
+            // Allowed IPs moved between peers are re-asserted in config order.
+            for p in &next.peers {
+                if let Some(id) = dev.peer_by_key(&p.public_key) {
+                    for a in &p.allowed_ips {
+                        if dev.route(a.addr()) != Some(id) {
+                            let _ = dev.add_allowed_ip(id, a.addr(), a.cidr());
+                        }
+                    }
+                }
+            }
+        }
+        self.config = next;
+        self.flush_control_output();
+        Ok(())
+    }
+}
+
+/// The public keys whose section of a `set` named an endpoint.
+fn named_endpoints(ops: &[SetOp]) -> Vec<[u8; 32]> {
+    let mut out = Vec::new();
+    let mut current = None;
+    for op in ops {
+        match op {
+            SetOp::Peer(k) => current = Some(k.0),
+            SetOp::Endpoint(_) => {
+                if let Some(k) = current {
+                    out.push(k);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The length of the first segment a TUN read splits into.
+fn first_segment_len(hdr: &VirtioNetHdr, packet: &[u8]) -> Option<usize> {
+    if packet.is_empty() {
+        return None;
+    }
+    if !hdr.is_gso() {
+        return Some(packet.len());
+    }
+    let l4 = usize::from(hdr.csum_start);
+    let l4_len = match hdr.gso_type & !VirtioNetHdr::GSO_ECN {
+        VirtioNetHdr::GSO_UDP_L4 => 8,
+        VirtioNetHdr::GSO_TCPV4 | VirtioNetHdr::GSO_TCPV6 => usize::from(packet.get(l4 + 12)? >> 4) * 4,
+        _ => return None,
+    };
+    Some((l4 + l4_len + usize::from(hdr.gso_size)).min(packet.len()))
+}
+
+/// The padded plaintext length the core produces for a packet of `len`
+/// bytes with tunnel MTU `mtu` (padding never grows a packet past the MTU).
+fn transport_padded_len(len: usize, mtu: usize) -> usize {
+    let padded = len.div_ceil(16) * 16;
+    if len <= mtu {
+        padded.min(mtu)
+    } else {
+        padded
+    }
+}
+
+#[allow(dead_code)]
+fn raw(fd: &impl AsRawFd) -> RawFd {
+    fd.as_raw_fd()
+}
