@@ -19,6 +19,7 @@
 //! copy of the configuration and to the device, so a failed `set` changes
 //! nothing.
 
+use crate::gro::{coalesce, Group, Packet};
 use crate::tun::split;
 use crate::tun::{Tun, VirtioNetHdr};
 use crate::uapi::{DeviceConfig, Request, Response, SetOp, UapiError};
@@ -52,6 +53,8 @@ const MAX_SEGMENTS: usize = 1024;
 const RECV_SLOTS: usize = 32;
 /// Bytes of one UDP receive (GRO coalesces up to 64 KiB).
 const RECV_BUF: usize = 65536;
+/// Packets one receive may decrypt (UDP GRO merges at most 64 datagrams).
+const MAX_RECV_PACKETS: usize = 128;
 /// Sends of handshakes, keepalives and staged packets in flight.
 const CTRL_SLOTS: usize = 32;
 const CTRL_BUF: usize = 65536 + 64;
@@ -140,10 +143,19 @@ struct TunSlot {
 struct RecvSlot {
     buf: Box<[u8]>,
     msg: MsgState,
+    /// Decrypted packets of the last receive, and how they coalesce.
+    packets: Vec<Packet>,
+    groups: Vec<Group>,
+    /// Vectors of the coalesced writes; the kernel reads them until completion.
+    iovs: Box<[libc::iovec]>,
     /// TUN writes in flight from `buf`.
     pending: usize,
     armed: bool,
 }
+
+// SAFETY: the iovecs point only into the slot's own boxed buffer, which
+// moves with it; one thread uses the Worker at a time.
+unsafe impl Send for RecvSlot {}
 
 struct CtrlSlot {
     buf: Box<[u8]>,
@@ -262,7 +274,16 @@ impl Worker {
             })
             .collect();
         let recv_slots = (0..RECV_SLOTS)
-            .map(|_| RecvSlot { buf: vec![0u8; RECV_BUF].into_boxed_slice(), msg: MsgState::new(), pending: 0, armed: false })
+            .map(|_| RecvSlot {
+                buf: vec![0u8; RECV_BUF].into_boxed_slice(),
+                msg: MsgState::new(),
+                packets: Vec::with_capacity(MAX_RECV_PACKETS),
+                groups: Vec::with_capacity(MAX_RECV_PACKETS),
+                iovs: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_RECV_PACKETS]
+                    .into_boxed_slice(),
+                pending: 0,
+                armed: false,
+            })
             .collect();
         let ctrl_slots = (0..CTRL_SLOTS)
             .map(|_| CtrlSlot { buf: vec![0u8; CTRL_BUF].into_boxed_slice(), msg: MsgState::new(), busy: false })
@@ -630,8 +651,7 @@ impl Worker {
             self.arm_recv(i);
             return;
         }
-        let mut writes: [(usize, usize); 64] = [(0, 0); 64];
-        let mut nw = 0;
+        slot.packets.clear();
         let mut off = 0;
         let mut datagrams = 0u64;
         while off < n {
@@ -639,37 +659,73 @@ impl Worker {
             datagrams += 1;
             let dg = &mut slot.buf[off..off + len];
             if let Ok(Received::Packet { range, .. }) = device.handle_datagram(from, dg, now) {
-                let start = off + range.start;
-                let plen = range.len();
-                let (wstart, wlen) = if vnet {
-                    let h = VirtioNetHdr::NONE.to_bytes();
-                    slot.buf[start - VirtioNetHdr::LEN..start].copy_from_slice(&h);
-                    (start - VirtioNetHdr::LEN, plen + VirtioNetHdr::LEN)
+                let packet = Packet { start: off + range.start, len: range.len() };
+                if slot.packets.len() < MAX_RECV_PACKETS {
+                    slot.packets.push(packet);
                 } else {
-                    (start, plen)
-                };
-                if nw < writes.len() {
-                    writes[nw] = (wstart, wlen);
-                    nw += 1;
-                } else {
-                    // More than 64 packets in one receive: write synchronously.
+                    // Beyond what one receive can hold in practice: write it now.
+                    let (ws, wl) = if vnet { (packet.start - VirtioNetHdr::LEN, packet.len + VirtioNetHdr::LEN) } else { (packet.start, packet.len) };
+                    if vnet {
+                        slot.buf[ws..packet.start].copy_from_slice(&VirtioNetHdr::NONE.to_bytes());
+                    }
                     // SAFETY: writing initialized bytes of our own buffer.
-                    unsafe { libc::write(tun_fd, slot.buf[wstart..].as_ptr().cast(), wlen) };
+                    unsafe { libc::write(tun_fd, slot.buf[ws..].as_ptr().cast(), wl) };
                 }
             }
             off += len;
         }
         self.stats.udp_datagrams.fetch_add(datagrams, Ordering::Relaxed);
+        if vnet {
+            coalesce(&mut slot.buf, &slot.packets, &mut slot.groups);
+        } else {
+            slot.groups.clear();
+            slot.groups.extend((0..slot.packets.len()).map(|k| Group { first: k, count: 1, hdr: VirtioNetHdr::NONE, headers: 0 }));
+        }
+        let nw = slot.groups.len();
         slot.pending = nw;
-        let base = slot.buf.as_ptr();
-        for &(wstart, wlen) in writes.iter().take(nw) {
-            // SAFETY: `base` points into slot i's boxed buffer, which is not
-            // re-armed for receiving until all its writes completed.
-            let e = opcode::Write::new(types::Fd(tun_fd), unsafe { base.add(wstart) }, wlen as u32)
-                .build()
-                .user_data(user_data(KIND_TUN_WRITE, i, 0));
-            // SAFETY: see above.
-            unsafe { self.push(e) };
+        let base = slot.buf.as_mut_ptr();
+        let mut entries: [Option<io_uring::squeue::Entry>; MAX_RECV_PACKETS] = [const { None }; MAX_RECV_PACKETS];
+        let mut iov_next = 0;
+        for (g, group) in slot.groups.iter().enumerate() {
+            let first = slot.packets[group.first];
+            let (wstart, wlen) = if vnet {
+                let h = group.hdr.to_bytes();
+                slot.buf[first.start - VirtioNetHdr::LEN..first.start].copy_from_slice(&h);
+                (first.start - VirtioNetHdr::LEN, first.len + VirtioNetHdr::LEN)
+            } else {
+                (first.start, first.len)
+            };
+            let ud = user_data(KIND_TUN_WRITE, i, 0);
+            if group.count == 1 {
+                // SAFETY: `base` points into slot i's boxed buffer, which is not
+                // re-armed for receiving until all its writes completed.
+                let ptr = unsafe { base.add(wstart) };
+                entries[g] = Some(opcode::Write::new(types::Fd(tun_fd), ptr, wlen as u32).build().user_data(ud));
+            } else {
+                let iov0 = iov_next;
+                // SAFETY: as above, every vector points into slot i's buffer.
+                slot.iovs[iov_next] = libc::iovec { iov_base: unsafe { base.add(wstart) }.cast(), iov_len: wlen };
+                iov_next += 1;
+                for p in &slot.packets[group.first + 1..group.first + group.count] {
+                    slot.iovs[iov_next] = libc::iovec {
+                        // SAFETY: as above.
+                        iov_base: unsafe { base.add(p.start + group.headers) }.cast(),
+                        iov_len: p.len - group.headers,
+                    };
+                    iov_next += 1;
+                }
+                let iov_ptr = slot.iovs[iov0..].as_ptr();
+                entries[g] = Some(
+                    opcode::Writev::new(types::Fd(tun_fd), iov_ptr, group.count as u32).build().user_data(ud),
+                );
+            }
+        }
+        for e in entries.iter_mut().take(nw) {
+            if let Some(e) = e.take() {
+                // SAFETY: the buffer and vectors of slot i stay untouched until
+                // its writes complete (counted in `pending`).
+                unsafe { self.push(e) };
+            }
         }
         self.stats.tun_writes.fetch_add(nw as u64, Ordering::Relaxed);
         if nw == 0 {

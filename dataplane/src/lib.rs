@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod driver;
+pub mod gro;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
