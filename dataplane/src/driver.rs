@@ -29,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -70,6 +70,18 @@ const KIND_TUN_WRITE: u64 = 4;
 const KIND_CTRL_SEND: u64 = 5;
 const KIND_EVENTFD: u64 = 6;
 const KIND_CANCEL: u64 = 7;
+const KIND_TUN_POLL: u64 = 8;
+
+/// How the worker reads and writes the TUN device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunIo {
+    /// Reads and writes are io_uring operations (the default).
+    Uring,
+    /// An io_uring poll says when the device is readable; reads, writes and
+    /// `writev`s are plain system calls. Kept to measure against `Uring`
+    /// (see docs/performance.md); select with `WIREMESH_TUN_IO=sync`.
+    Sync,
+}
 
 fn user_data(kind: u64, slot: usize, sub: usize) -> u64 {
     (kind << 56) | ((slot as u64) << 16) | sub as u64
@@ -244,6 +256,11 @@ pub struct Worker {
     stats: Arc<DataplaneStats>,
     /// Ring entries not yet submitted.
     queued: usize,
+    tun_io: TunIo,
+    /// With `TunIo::Sync`: slots free to read into, and whether a poll is armed.
+    free_tun: Vec<usize>,
+    tun_poll_armed: bool,
+    reading_tun: bool,
 }
 
 impl Worker {
@@ -309,6 +326,13 @@ impl Worker {
             stop: stop.clone(),
             stats: stats.clone(),
             queued: 0,
+            tun_io: match std::env::var("WIREMESH_TUN_IO").as_deref() {
+                Ok("sync") => TunIo::Sync,
+                _ => TunIo::Uring,
+            },
+            free_tun: Vec::with_capacity(TUN_SLOTS),
+            tun_poll_armed: false,
+            reading_tun: false,
         };
         w.config.listen_port = config.listen_port;
         w.config.fwmark = config.fwmark;
@@ -397,6 +421,13 @@ impl Worker {
     }
 
     fn arm_tun_read(&mut self, i: usize) {
+        if self.tun_io == TunIo::Sync {
+            self.free_tun.push(i);
+            if !self.reading_tun {
+                self.arm_tun_poll();
+            }
+            return;
+        }
         let fd = self.tun.as_raw_fd();
         let slot = &mut self.tun_slots[i];
         let e = opcode::Read::new(types::Fd(fd), slot.read.as_mut_ptr(), TUN_BUF as u32)
@@ -405,6 +436,45 @@ impl Worker {
         // SAFETY: slot i's read buffer is not touched until this read completes
         // (the slot has no other operation in flight: pending == 0).
         unsafe { self.push(e) };
+    }
+
+    fn arm_tun_poll(&mut self) {
+        if self.tun_poll_armed {
+            return;
+        }
+        self.tun_poll_armed = true;
+        let fd = self.tun.as_raw_fd();
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(user_data(KIND_TUN_POLL, 0, 0));
+        // SAFETY: a poll points to no memory.
+        unsafe { self.push(e) };
+    }
+
+    /// `TunIo::Sync`: reads with plain system calls into free slots until the
+    /// device is drained (or a budget is spent), then re-arms the poll.
+    fn read_tun_sync(&mut self) {
+        let fd = self.tun.as_raw_fd();
+        self.reading_tun = true;
+        let mut budget = 256;
+        while budget > 0 {
+            let Some(i) = self.free_tun.pop() else { break };
+            budget -= 1;
+            let buf = &mut self.tun_slots[i].read;
+            // SAFETY: reading into the slot's own buffer, which no operation uses.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), TUN_BUF) };
+            if n < 0 {
+                self.free_tun.push(i);
+                let err = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if err != libc::EAGAIN && err != libc::EINTR {
+                    self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                break;
+            }
+            self.on_tun_read(i, n as i32);
+        }
+        self.reading_tun = false;
+        if !self.free_tun.is_empty() {
+            self.arm_tun_poll();
+        }
     }
 
     fn arm_recv(&mut self, i: usize) {
@@ -451,6 +521,10 @@ impl Worker {
                 }
                 self.ctrl_slots[slot].busy = false;
                 self.flush_control_output();
+            }
+            KIND_TUN_POLL => {
+                self.tun_poll_armed = false;
+                self.read_tun_sync();
             }
             KIND_EVENTFD => {
                 self.drain_control();
@@ -720,6 +794,34 @@ impl Worker {
                 );
             }
         }
+        if self.tun_io == TunIo::Sync {
+            // The same writes as plain system calls, done now.
+            let slot = &mut self.recv_slots[i];
+            for group in &slot.groups {
+                let first = slot.packets[group.first];
+                let wstart = if vnet { first.start - VirtioNetHdr::LEN } else { first.start };
+                let r = if group.count == 1 {
+                    let wlen = first.len + if vnet { VirtioNetHdr::LEN } else { 0 };
+                    // SAFETY: writing initialized bytes of our own buffer.
+                    unsafe { libc::write(tun_fd, slot.buf[wstart..].as_ptr().cast(), wlen) }
+                } else {
+                    let iov0 = slot.iovs.iter().position(|v| v.iov_base == slot.buf[wstart..].as_mut_ptr().cast());
+                    match iov0 {
+                        // SAFETY: the vectors point into our own buffer.
+                        Some(k) => unsafe { libc::writev(tun_fd, slot.iovs[k..].as_ptr(), group.count as i32) },
+                        None => -1,
+                    }
+                };
+                if r < 0 {
+                    self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            slot.pending = 0;
+            self.stats.tun_writes.fetch_add(nw as u64, Ordering::Relaxed);
+            self.arm_recv(i);
+            self.flush_control_output();
+            return;
+        }
         for e in entries.iter_mut().take(nw) {
             if let Some(e) = e.take() {
                 // SAFETY: the buffer and vectors of slot i stay untouched until
@@ -850,8 +952,7 @@ impl Worker {
                 (None, _) => self.device = None,
                 (Some(k), Some(dev)) => dev.set_private_key(k.clone()),
                 (Some(k), None) => {
-                    let mut cfg = CoreConfig::default();
-                    cfg.mtu = Some(self.mtu);
+                    let cfg = CoreConfig { mtu: Some(self.mtu), ..CoreConfig::default() };
                     self.device = Some(Device::new(k.clone(), StdRng::from_entropy(), cfg, now, Self::wall()));
                     // Every configured peer is new to this device.
                     self.config.peers.clear();
@@ -963,7 +1064,3 @@ fn transport_padded_len(len: usize, mtu: usize) -> usize {
     }
 }
 
-#[allow(dead_code)]
-fn raw(fd: &impl AsRawFd) -> RawFd {
-    fd.as_raw_fd()
-}
