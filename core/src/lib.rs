@@ -47,6 +47,8 @@
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// no_std that cannot break by accident: the library itself names core and alloc.
+#![warn(clippy::std_instead_of_core, clippy::alloc_instead_of_core)]
 
 #[cfg(feature = "alloc")]
 extern crate alloc;

@@ -178,11 +178,7 @@ fn setup(version: WgGoVersion, ipv6: bool) -> Setup {
     let wg = WireguardGo::start(&ns, version, 51820);
     let key = PrivateKey::generate(&mut rand::rngs::OsRng);
     let our_pub = netns::b64_encode_32(&key.public_key().0);
-    let core_bind: SocketAddr = if ipv6 {
-        SocketAddr::new(veth.b_ip.parse().unwrap(), 0)
-    } else {
-        SocketAddr::new(veth.b_ip.parse().unwrap(), 0)
-    };
+    let core_bind = SocketAddr::new(veth.b_ip.parse().unwrap(), 0);
     // Bind first to learn the port, then tell wireguard-go where we are.
     let probe = UdpSocket::bind(core_bind).unwrap();
     let core_bind = probe.local_addr().unwrap();

@@ -61,8 +61,8 @@ fn simultaneous_initiation<P: CryptoProvider>() {
     for seed in 0..8 {
         let mut s = two_nodes::<P>(100 + seed, NetConfig::default());
         let (ia, ib) = (s.nodes[0].tunnel_ip, s.nodes[1].tunnel_ip);
-        s.send_ip(0, ib, b"from a").unwrap();
-        s.send_ip(1, ia, b"from b").unwrap();
+        s.push_ip(0, ib, b"from a");
+        s.push_ip(1, ia, b"from b");
         assert!(
             s.run_until(30 * SECOND, |s| !s.nodes[0].delivered.is_empty() && !s.nodes[1].delivered.is_empty()),
             "seed {seed}: both sides must get their packet"
@@ -80,7 +80,7 @@ fn retries_under_loss<P: CryptoProvider>() {
         let net = NetConfig { loss: 0.5, ..NetConfig::default() };
         let mut s = two_nodes::<P>(200 + seed, net);
         let dst = s.nodes[1].tunnel_ip;
-        s.send_ip(0, dst, b"through the storm").unwrap();
+        s.push_ip(0, dst, b"through the storm");
         if s.run_until(90 * SECOND, |s| s.handshakes_completed(0) > 0) {
             completed += 1;
         }
@@ -95,8 +95,8 @@ fn steady_traffic<P: CryptoProvider>(s: &mut Sim<P>, minutes: u64) -> (usize, us
     let (ia, ib) = (s.nodes[0].tunnel_ip, s.nodes[1].tunnel_ip);
     let mut sent = 0;
     for i in 0..minutes * 60 {
-        s.send_ip(0, ib, &payload(i as u32)).unwrap();
-        s.send_ip(1, ia, &payload(i as u32)).unwrap();
+        s.push_ip(0, ib, &payload(i as u32));
+        s.push_ip(1, ia, &payload(i as u32));
         sent += 1;
         s.run_for(SECOND);
     }
@@ -119,7 +119,7 @@ fn rekey_by_time<P: CryptoProvider>() {
 fn rekey_by_message_count<P: CryptoProvider>() {
     let mut s = two_nodes::<P>(400, NetConfig::default());
     let ib = s.nodes[1].tunnel_ip;
-    s.send_ip(0, ib, b"start").unwrap();
+    s.push_ip(0, ib, b"start");
     s.run_for(SECOND);
     assert_eq!(s.handshakes_completed(0), 1);
     let pa = s.nodes[0].device.peer_ids().next().unwrap();
@@ -127,10 +127,10 @@ fn rekey_by_message_count<P: CryptoProvider>() {
     s.run_for(6 * SECOND);
     // Jump the real counter to just below the real limit (no lowered constants).
     s.nodes[0].device.advance_send_counter(pa, REKEY_AFTER_MESSAGES - 2);
-    s.send_ip(0, ib, b"1").unwrap();
+    s.push_ip(0, ib, b"1");
     s.run_for(SECOND);
     assert_eq!(s.handshakes_completed(0), 1, "below the limit: no rekey");
-    s.send_ip(0, ib, b"2").unwrap();
+    s.push_ip(0, ib, b"2");
     s.run_for(SECOND);
     assert_eq!(s.handshakes_completed(0), 2, "counter reached REKEY_AFTER_MESSAGES: new handshake");
     assert_eq!(s.nodes[1].delivered.len(), 3);
@@ -150,11 +150,11 @@ fn rekey_by_message_count<P: CryptoProvider>() {
 fn reject_after_time_and_zeroing<P: CryptoProvider>() {
     let mut s = two_nodes::<P>(500, NetConfig::default());
     let ib = s.nodes[1].tunnel_ip;
-    s.send_ip(0, ib, b"start").unwrap();
+    s.push_ip(0, ib, b"start");
     s.run_for(SECOND);
     assert_eq!(s.handshakes_completed(0), 1);
     // Keep one sealed datagram to replay late.
-    s.send_ip(0, ib, b"late").unwrap();
+    s.push_ip(0, ib, b"late");
     let late = s.nodes[0].sent_log.last().unwrap().clone();
     s.run_for(SECOND);
     // Partition: nothing gets through any more.
@@ -181,7 +181,7 @@ fn reject_after_time_and_zeroing<P: CryptoProvider>() {
     assert_eq!(got, Err(DropReason::UnknownIndex), "zeroed keys no longer match any index");
     // The partition heals: a new packet brings up a new session.
     s.filter = None;
-    s.send_ip(0, ib, b"healed").unwrap();
+    s.push_ip(0, ib, b"healed");
     s.run_for(2 * SECOND);
     assert!(s.nodes[1].delivered.ends_with(&[ipv4_packet(s.nodes[0].tunnel_ip, ib, b"healed")]));
 }
@@ -191,11 +191,11 @@ fn replay_reorder_duplicate<P: CryptoProvider>() {
     let mut s = two_nodes::<P>(600, net);
     let ib = s.nodes[1].tunnel_ip;
     let n = 2000u32;
-    s.send_ip(0, ib, b"handshake first").unwrap();
+    s.push_ip(0, ib, b"handshake first");
     s.run_for(SECOND);
     s.nodes[1].delivered.clear();
     for i in 0..n {
-        s.send_ip(0, ib, &payload(i)).unwrap();
+        s.push_ip(0, ib, &payload(i));
         if i % 50 == 0 {
             s.run_for(Duration::from_millis(5));
         }
@@ -244,7 +244,7 @@ fn cookie_under_flood<P: CryptoProvider>() {
             s.inject(spoofed, victim_addr, forged[k].to_vec());
         }
         if tick == 100 {
-            s.send_ip(0, ib, b"legit").unwrap();
+            s.push_ip(0, ib, b"legit");
             legit_sent = true;
         }
         s.run_for(Duration::from_millis(10));
@@ -267,17 +267,17 @@ fn cookie_under_flood<P: CryptoProvider>() {
 fn roaming<P: CryptoProvider>() {
     let mut s = two_nodes::<P>(800, NetConfig::default());
     let (ia, ib) = (s.nodes[0].tunnel_ip, s.nodes[1].tunnel_ip);
-    s.send_ip(0, ib, b"before").unwrap();
+    s.push_ip(0, ib, b"before");
     s.run_for(SECOND);
     // Node 0 moves to a new address (e.g. a NAT rebinding).
     let new_addr: SocketAddr = "10.9.9.9:40404".parse().unwrap();
     s.nodes[0].addr = new_addr;
-    s.send_ip(0, ib, b"after move").unwrap();
+    s.push_ip(0, ib, b"after move");
     s.run_for(SECOND);
     let pb = s.nodes[1].device.peer_ids().next().unwrap();
     assert_eq!(s.nodes[1].device.peer_endpoint(pb), Some(new_addr));
     assert!(s.nodes[1].events.contains(&Event::EndpointChanged { peer: pb, endpoint: new_addr }));
-    s.send_ip(1, ia, b"reply to new address").unwrap();
+    s.push_ip(1, ia, b"reply to new address");
     s.run_for(SECOND);
     assert_eq!(s.nodes[0].delivered.len(), 1);
     // A forged packet from another address does not move the endpoint.
@@ -314,7 +314,7 @@ fn many_peers<P: CryptoProvider>() {
     assert_eq!(s.nodes[hub].device.peer_count(), 2000);
     for (k, &n) in spokes.iter().enumerate() {
         let dst = s.nodes[n].tunnel_ip;
-        s.send_ip(hub, dst, &payload(k as u32)).unwrap();
+        s.push_ip(hub, dst, &payload(k as u32));
     }
     s.run_for(2 * SECOND);
     for (k, &n) in spokes.iter().enumerate() {
@@ -324,7 +324,7 @@ fn many_peers<P: CryptoProvider>() {
     // A spoke may not speak for another spoke's address.
     let (a, b) = (spokes[0], spokes[1]);
     let spoofed = ipv4_packet(s.nodes[b].tunnel_ip, s.nodes[hub].tunnel_ip, b"spoof");
-    s.send_raw(a, &spoofed).unwrap_or_else(|e| panic!("{e}"));
+    s.push_raw(a, &spoofed);
     s.run_for(SECOND);
     assert_eq!(s.count_drops(hub, DropReason::NotAllowedSource), 1);
     assert!(s.nodes[hub].delivered.is_empty());
@@ -337,7 +337,7 @@ fn provider_equivalence() {
             let mut s = two_nodes::<P>(1000, NetConfig::default());
             let ib = s.nodes[1].tunnel_ip;
             for i in 0..20 {
-                s.send_ip(0, ib, &payload(i)).unwrap();
+                s.push_ip(0, ib, &payload(i));
                 s.run_for(Duration::from_millis(100));
             }
             s.nodes[0].sent_log.clone()
@@ -358,11 +358,13 @@ fn provider_equivalence() {
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
         mod portable {
+            #[allow(unused_imports)]
             use super::*;
             $( #[test] fn $name() { super::$name::<Portable>() } )*
         }
         #[cfg(feature = "ring")]
         mod ring {
+            #[allow(unused_imports)]
             use super::*;
             $( #[test] fn $name() { super::$name::<wiremesh_core::crypto::Ring>() } )*
         }

@@ -75,6 +75,9 @@ impl Ord for InFlight {
     }
 }
 
+/// Decides whether a datagram from node `usize` enters the network.
+pub type Filter = Box<dyn FnMut(usize, &[u8]) -> bool>;
+
 pub struct Sim<P: CryptoProvider> {
     pub nodes: Vec<Node<P>>,
     pub now: Instant,
@@ -84,7 +87,7 @@ pub struct Sim<P: CryptoProvider> {
     seq: u64,
     /// A filter applied to every datagram before it enters the network:
     /// return false to drop it. Arguments: sender index, bytes.
-    pub filter: Option<Box<dyn FnMut(usize, &[u8]) -> bool>>,
+    pub filter: Option<Filter>,
     pub datagrams_sent: u64,
 }
 
@@ -171,6 +174,16 @@ impl<P: CryptoProvider> Sim<P> {
         let src = self.nodes[from].tunnel_ip;
         let packet = ipv4_packet(src, dst, payload);
         self.send_raw(from, &packet)
+    }
+
+    /// Sends like [`Sim::send_ip`], requiring success, whatever the outcome.
+    pub fn push_ip(&mut self, from: usize, dst: Ipv4Addr, payload: &[u8]) {
+        let _ = self.send_ip(from, dst, payload).unwrap_or_else(|e| panic!("send from node {from}: {e}"));
+    }
+
+    /// Sends like [`Sim::send_raw`], requiring success.
+    pub fn push_raw(&mut self, from: usize, packet: &[u8]) {
+        let _ = self.send_raw(from, packet).unwrap_or_else(|e| panic!("send from node {from}: {e}"));
     }
 
     pub fn send_raw(&mut self, from: usize, packet: &[u8]) -> Result<Encapsulated, SendError> {
