@@ -3,4 +3,6 @@
 #![warn(missing_docs)]
 
 pub mod conf;
+pub mod control;
 pub mod interface;
+pub mod node;

@@ -1,0 +1,351 @@
+//! The control protocol's messages (JSON over HTTPS), the bytes a machine key
+//! signs, and the small encodings (hex, base64) they use.
+
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// The prefix of every API path.
+pub const API: &str = "/api/v1";
+
+/// Domain separation for every machine-key signature.
+const SIGNATURE_CONTEXT: &[u8] = b"wiremesh-control-v1\0";
+
+/// A fresh single-use challenge, to be signed by the machine key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Challenge {
+    /// 32 random bytes, hex.
+    pub challenge: String,
+}
+
+/// `POST /api/v1/register`: a node joins the tailnet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The auth key an administrator created (ignored when the machine is already registered).
+    pub auth_key: String,
+    /// The Ed25519 machine public key, hex.
+    pub machine_key: String,
+    /// The WireGuard (X25519) node public key, base64 as `wg` prints it.
+    pub node_key: String,
+    /// The host name the node asks for (made DNS-safe and unique by the server).
+    pub hostname: String,
+    /// `ip:port` endpoints where the node listens.
+    pub endpoints: Vec<String>,
+    /// A challenge from `POST /api/v1/challenge`, hex.
+    pub challenge: String,
+    /// Ed25519 signature over [`register_message`], hex.
+    pub signature: String,
+}
+
+/// `POST /api/v1/map`: a node opens its map stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MapRequest {
+    /// The Ed25519 machine public key, hex.
+    pub machine_key: String,
+    /// The node key the node currently uses, base64.
+    pub node_key: String,
+    /// `ip:port` endpoints where the node listens now.
+    pub endpoints: Vec<String>,
+    /// A challenge from `POST /api/v1/challenge`, hex.
+    pub challenge: String,
+    /// Ed25519 signature over [`map_message`], hex.
+    pub signature: String,
+}
+
+/// One node as the maps and the admin API show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The server's stable identifier.
+    pub id: i64,
+    /// The unique DNS label.
+    pub name: String,
+    /// `name.domain`.
+    pub fqdn: String,
+    /// The WireGuard public key, base64.
+    pub node_key: String,
+    /// The machine public key, hex.
+    pub machine_key: String,
+    /// The tailnet IPv4 address (in 100.64.0.0/10).
+    pub ipv4: Ipv4Addr,
+    /// The tailnet IPv6 address (in the tailnet's ULA /48).
+    pub ipv6: Ipv6Addr,
+    /// The endpoints the node reported.
+    pub endpoints: Vec<String>,
+    /// What the node may send from: its /32 and /128.
+    pub allowed_ips: Vec<String>,
+    /// Tags from the auth key.
+    pub tags: Vec<String>,
+    /// Whether the node was registered with an ephemeral key.
+    pub ephemeral: bool,
+    /// Whether the node holds a map stream open now.
+    pub online: bool,
+    /// Who the node belongs to: `tagged-devices` for tagged nodes, else `admin`.
+    pub owner: String,
+    /// Unix seconds of registration.
+    pub created_at: i64,
+}
+
+/// One packet-filter rule; the placeholder filter is a single allow-all rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterRule {
+    /// Source prefixes (`*` for any).
+    pub src: Vec<String>,
+    /// Destination prefixes (`*` for any).
+    pub dst: Vec<String>,
+    /// Destination ports (`*` for any).
+    pub ports: String,
+}
+
+impl FilterRule {
+    /// The allow-all placeholder until the policy work lands.
+    pub fn allow_all() -> Vec<FilterRule> {
+        vec![FilterRule { src: vec!["*".into()], dst: vec!["*".into()], ports: "*".into() }]
+    }
+}
+
+/// A node's whole view of the tailnet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkMap {
+    /// Grows with every change of the tailnet.
+    pub version: u64,
+    /// The tailnet's DNS domain.
+    pub domain: String,
+    /// The node itself.
+    #[serde(rename = "self")]
+    pub self_node: NodeInfo,
+    /// Every other node, by id.
+    pub peers: Vec<NodeInfo>,
+    /// The node's inbound packet filter.
+    pub filter: Vec<FilterRule>,
+}
+
+/// One line of the map stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamMessage {
+    /// The full map.
+    Map(NetworkMap),
+    /// Nothing changed; the connection is alive.
+    Keepalive,
+    /// The stream ends for this reason (for example the node was removed).
+    Error(ErrorBody),
+}
+
+/// The body of every 4xx and 5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable reason, e.g. `bad_request`, `unauthorized`, `key_spent`.
+    pub code: String,
+    /// A sentence for people.
+    pub error: String,
+}
+
+/// `POST /api/v1/admin/keys`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    /// The key may register any number of nodes.
+    #[serde(default)]
+    pub reusable: bool,
+    /// Nodes registered with it are ephemeral.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Tags given to nodes registered with it (`tag:name`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Seconds until the key expires (none: never).
+    #[serde(default)]
+    pub expiry_secs: Option<u64>,
+}
+
+/// An auth key as the admin API lists it (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthKeyInfo {
+    /// The key's identifier.
+    pub id: i64,
+    /// The first characters of the key, to recognise it.
+    pub prefix: String,
+    /// May register many nodes.
+    pub reusable: bool,
+    /// Registers ephemeral nodes.
+    pub ephemeral: bool,
+    /// Tags given to its nodes.
+    pub tags: Vec<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds, if it expires.
+    pub expires_at: Option<i64>,
+    /// Nodes registered with it.
+    pub uses: i64,
+    /// Whether a one-off key was used.
+    pub spent: bool,
+    /// Whether an admin revoked it.
+    pub revoked: bool,
+}
+
+/// The answer to `POST /api/v1/admin/keys`: the only time the key is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedKey {
+    /// The secret key.
+    pub key: String,
+    /// What the key is.
+    pub info: AuthKeyInfo,
+}
+
+/// `GET /api/v1/admin/tailnet`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TailnetInfo {
+    /// DNS domain of the tailnet.
+    pub domain: String,
+    /// The IPv4 range nodes get addresses from.
+    pub ipv4_range: String,
+    /// The tailnet's ULA /48.
+    pub ipv6_range: String,
+    /// SHA-256 of the server certificate, hex.
+    pub cert_sha256: String,
+    /// Schema version of the state store.
+    pub schema_version: i64,
+}
+
+/// The bytes a machine key signs to register. The server certificate's
+/// fingerprint is included so a signature made for one server is useless at another.
+pub fn register_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &RegisterRequest) -> Vec<u8> {
+    let endpoints = req.endpoints.join(",");
+    signed_message(
+        "register",
+        challenge,
+        cert_sha256,
+        &[&req.auth_key, &req.machine_key, &req.node_key, &req.hostname, &endpoints],
+    )
+}
+
+/// The bytes a machine key signs to open its map stream.
+pub fn map_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &MapRequest) -> Vec<u8> {
+    let endpoints = req.endpoints.join(",");
+    signed_message("map", challenge, cert_sha256, &[&req.machine_key, &req.node_key, &endpoints])
+}
+
+fn signed_message(purpose: &str, challenge: &[u8; 32], cert_sha256: &[u8; 32], fields: &[&str]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(128);
+    m.extend_from_slice(SIGNATURE_CONTEXT);
+    m.extend_from_slice(purpose.as_bytes());
+    m.push(0);
+    m.extend_from_slice(challenge);
+    m.extend_from_slice(cert_sha256);
+    // Length-prefixed, so no two field lists give the same bytes.
+    for f in fields {
+        m.extend_from_slice(&(f.len() as u32).to_be_bytes());
+        m.extend_from_slice(f.as_bytes());
+    }
+    m
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Decodes hex of exactly `N` bytes.
+pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let s = s.as_bytes();
+    if s.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, pair) in s.chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding of a 32-byte key (the form `wg` prints).
+pub fn b64_key(key: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(44);
+    for chunk in key.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let acc = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                s.push(B64[((acc >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// Decodes a base64 32-byte key (44 characters ending in one `=`).
+pub fn unb64_key(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim().as_bytes();
+    if s.len() != 44 || s[43] != b'=' || s[..43].contains(&b'=') {
+        return None;
+    }
+    let mut bits: u64 = 0;
+    let mut nbits = 0;
+    let mut out = [0u8; 32];
+    let mut o = 0;
+    for &c in &s[..43] {
+        let v = B64.iter().position(|&b| b == c)? as u64;
+        bits = (bits << 6) | v;
+        nbits += 6;
+        if nbits >= 8 {
+            nbits -= 8;
+            if o < 32 {
+                out[o] = (bits >> nbits) as u8;
+            }
+            o += 1;
+            bits &= (1 << nbits) - 1;
+        }
+    }
+    // 43 characters carry 258 bits: 32 bytes and 2 bits that must be zero.
+    (o == 32 && bits == 0).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let b = [0u8, 1, 0xab, 0xff];
+        assert_eq!(hex(&b), "0001abff");
+        assert_eq!(unhex::<4>("0001abff"), Some(b));
+        assert_eq!(unhex::<4>("0001abf"), None);
+        assert_eq!(unhex::<4>("0001abfg"), None);
+    }
+
+    #[test]
+    fn base64_keys_round_trip_and_reject_garbage() {
+        for seed in 0..=255u8 {
+            let k: [u8; 32] = core::array::from_fn(|i| (i as u8).wrapping_mul(31).wrapping_add(seed));
+            let s = b64_key(&k);
+            assert_eq!(s.len(), 44);
+            assert_eq!(unb64_key(&s), Some(k));
+        }
+        assert_eq!(unb64_key("AAAA"), None);
+        // The last character before '=' may only carry zero low bits.
+        assert_eq!(unb64_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAB="), None);
+        assert_eq!(unb64_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="), Some([0; 32]));
+    }
+
+    #[test]
+    fn signed_messages_differ_by_purpose_and_field_boundaries() {
+        let c = [7u8; 32];
+        let f = [9u8; 32];
+        let a = signed_message("map", &c, &f, &["ab", "c"]);
+        let b = signed_message("map", &c, &f, &["a", "bc"]);
+        let r = signed_message("register", &c, &f, &["ab", "c"]);
+        assert_ne!(a, b);
+        assert_ne!(a, r);
+    }
+}

@@ -1,0 +1,509 @@
+//! `wiremeshd control`: the HTTPS API, the map streams, and presence.
+//!
+//! Every change (registration, removal, a node's endpoints, a stream opening
+//! or closing) rebuilds one in-memory snapshot of the tailnet from the store
+//! and publishes it on a `tokio::sync::watch` channel; each open map stream
+//! wakes, computes its node's map from the snapshot and sends it if it
+//! differs from the last one sent.
+
+use super::db::{self, Db, Registration, Tailnet};
+use super::proto::{self, NetworkMap, NodeInfo, StreamMessage};
+use super::{tls, ApiError};
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// How long a challenge may be used.
+const CHALLENGE_TTL: Duration = Duration::from_secs(60);
+/// Outstanding challenges kept at most (a bound against floods).
+const MAX_CHALLENGES: usize = 100_000;
+/// A keepalive line after this much silence on a map stream; clients
+/// reconnect after three missed ones.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Endpoints a node may report.
+const MAX_ENDPOINTS: usize = 16;
+
+/// What `wiremeshd control` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// State directory (database, certificate).
+    pub state: PathBuf,
+}
+
+/// The tailnet as of one change.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Grows with each change.
+    pub version: u64,
+    /// Every node, with presence filled in.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// The server's shared state.
+pub struct App {
+    db: Mutex<Db>,
+    tailnet: Tailnet,
+    fingerprint: [u8; 32],
+    challenges: Mutex<HashMap<[u8; 32], Instant>>,
+    presence: Mutex<HashMap<i64, usize>>,
+    publish_lock: Mutex<()>,
+    version: AtomicU64,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a lock must not take the server down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl App {
+    /// Wraps an open store.
+    pub fn new(db: Db, fingerprint: [u8; 32]) -> Arc<App> {
+        let tailnet = db.tailnet().clone();
+        // Versions start at the clock so they keep growing across restarts.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        let (snapshot, _) = watch::channel(Arc::new(Snapshot::default()));
+        let app = Arc::new(App {
+            db: Mutex::new(db),
+            tailnet,
+            fingerprint,
+            challenges: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
+            publish_lock: Mutex::new(()),
+            version: AtomicU64::new(start),
+            snapshot,
+        });
+        app.publish();
+        app
+    }
+
+    /// Rebuilds the snapshot from the store and wakes every map stream.
+    pub fn publish(&self) {
+        let _order = lock(&self.publish_lock);
+        let mut nodes = match lock(&self.db).nodes() {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("wiremeshd control: cannot read nodes: {e}");
+                return;
+            }
+        };
+        {
+            let presence = lock(&self.presence);
+            for n in &mut nodes {
+                n.online = presence.get(&n.id).is_some_and(|c| *c > 0);
+            }
+        }
+        let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes }));
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    async fn with_db<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Db) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&app.db)))
+            .await
+            .map_err(|e| ApiError::internal(format!("store task failed: {e}")))?
+    }
+
+    fn new_challenge(&self) -> Result<[u8; 32], ApiError> {
+        let mut c = [0u8; 32];
+        SystemRandom::new().fill(&mut c).map_err(|_| ApiError::internal("no randomness".into()))?;
+        let now = Instant::now();
+        let mut map = lock(&self.challenges);
+        if map.len() >= MAX_CHALLENGES {
+            map.retain(|_, expiry| *expiry > now);
+            if map.len() >= MAX_CHALLENGES {
+                return Err(ApiError::new(503, "busy", "too many outstanding challenges"));
+            }
+        }
+        map.insert(c, now + CHALLENGE_TTL);
+        Ok(c)
+    }
+
+    /// Takes a challenge out (each is good once) and checks it is current.
+    fn consume_challenge(&self, hex: &str) -> Result<[u8; 32], ApiError> {
+        let c = proto::unhex::<32>(hex).ok_or_else(|| ApiError::bad_request("challenge must be 64 hex digits".into()))?;
+        match lock(&self.challenges).remove(&c) {
+            Some(expiry) if expiry > Instant::now() => Ok(c),
+            _ => Err(ApiError::new(401, "bad_challenge", "unknown, used or expired challenge")),
+        }
+    }
+
+    fn map_for(&self, snap: &Snapshot, id: i64) -> Option<NetworkMap> {
+        let self_node = snap.nodes.iter().find(|n| n.id == id)?.clone();
+        let peers = snap.nodes.iter().filter(|n| n.id != id).cloned().collect();
+        Some(NetworkMap {
+            version: snap.version,
+            domain: self.tailnet.domain.clone(),
+            self_node,
+            peers,
+            filter: proto::FilterRule::allow_all(),
+        })
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub fn run(opts: &Options) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(serve(opts))
+}
+
+async fn serve(opts: &Options) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.state)
+        .map_err(|e| format!("{}: {e}", opts.state.display()))?;
+    let identity = tls::load_or_create(&opts.state)?;
+    let (db, token) = Db::open(&opts.state).map_err(|e| e.to_string())?;
+    let listener =
+        tokio::net::TcpListener::bind(opts.listen).await.map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let fp = proto::hex(&identity.fingerprint);
+    std::fs::write(opts.state.join("cert.sha256"), format!("{fp}\n")).map_err(|e| e.to_string())?;
+    let app = App::new(db, identity.fingerprint);
+    {
+        let mut out = std::io::stdout().lock();
+        if let Some(token) = token {
+            let _ = writeln!(out, "admin token (shown once, stored hashed): {token}");
+        }
+        let _ = writeln!(out, "listening on {addr}");
+        let _ = writeln!(out, "control URL: https://{addr}#sha256={fp}");
+        let _ = out.flush();
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.config);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    eprintln!("wiremeshd control: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
+                return;
+            };
+            let svc = hyper::service::service_fn(move |req| handle(app.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+    Ok(())
+}
+
+/// Answers one request; every failure becomes a JSON error, never a panic.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    Ok(match route(app, req).await {
+        Ok(r) => r,
+        Err(e) => json_response(e.status, &e.body()),
+    })
+}
+
+fn json_response(status: u16, body: &impl Serialize) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(bytes)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(413, "too_large", &format!("cannot read the body (at most {MAX_BODY} bytes): {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
+}
+
+async fn require_admin(app: &Arc<App>, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(token) = header.strip_prefix("Bearer ") else {
+        return Err(ApiError::unauthorized("admin token required (Authorization: Bearer <token>)"));
+    };
+    let token = token.trim().to_string();
+    if app.with_db(move |db| db.check_admin(&token)).await? {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("wrong admin token"))
+    }
+}
+
+async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
+    let Some(rest) = path.strip_prefix(proto::API) else {
+        return Err(ApiError::not_found("no such endpoint"));
+    };
+    let segments: Vec<&str> = rest.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (segments.as_slice(), &method) {
+        (["health"], &Method::GET) => Ok(json_response(200, &serde_json::json!({ "ok": true }))),
+        (["challenge"], &Method::POST) => {
+            let c = app.new_challenge()?;
+            Ok(json_response(200, &proto::Challenge { challenge: proto::hex(&c) }))
+        }
+        (["register"], &Method::POST) => register(app, read_json(req).await?).await,
+        (["map"], &Method::POST) => map_stream(app, read_json(req).await?).await,
+        (["admin", ..], _) => {
+            require_admin(&app, &req).await?;
+            admin(app, &segments[1..], req).await
+        }
+        (["health" | "challenge" | "register" | "map"], _) => {
+            Err(ApiError::new(405, "method_not_allowed", "method not allowed"))
+        }
+        _ => Err(ApiError::not_found("no such endpoint")),
+    }
+}
+
+async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    match (segments, &method) {
+        (["tailnet"], &Method::GET) => {
+            let fp = proto::hex(&app.fingerprint);
+            let tailnet = app.tailnet.clone();
+            let v = app.with_db(|db| db.schema_version()).await?;
+            Ok(json_response(
+                200,
+                &proto::TailnetInfo {
+                    domain: tailnet.domain.clone(),
+                    ipv4_range: format!("{}/{}", std::net::Ipv4Addr::from(db::IPV4_BASE), db::IPV4_PREFIX),
+                    ipv6_range: tailnet.ipv6_range(),
+                    cert_sha256: fp,
+                    schema_version: v,
+                },
+            ))
+        }
+        (["keys"], &Method::GET) => Ok(json_response(200, &app.with_db(|db| db.auth_keys()).await?)),
+        (["keys"], &Method::POST) => {
+            let r: proto::CreateKeyRequest = read_json(req).await?;
+            let (key, info) =
+                app.with_db(move |db| db.create_auth_key(r.reusable, r.ephemeral, &r.tags, r.expiry_secs)).await?;
+            Ok(json_response(200, &proto::CreatedKey { key, info }))
+        }
+        (["keys", id], &Method::DELETE) => {
+            let id: i64 = id.parse().map_err(|_| ApiError::bad_request("key id must be a number".into()))?;
+            if app.with_db(move |db| db.revoke_auth_key(id)).await? {
+                Ok(json_response(200, &serde_json::json!({ "revoked": id })))
+            } else {
+                Err(ApiError::not_found("no such key"))
+            }
+        }
+        (["nodes"], &Method::GET) => Ok(json_response(200, &app.snapshot().nodes)),
+        (["nodes", which], &Method::DELETE) => {
+            let which = which.to_string();
+            match app.with_db(move |db| db.remove_node(&which)).await? {
+                Some(id) => {
+                    app.publish();
+                    Ok(json_response(200, &serde_json::json!({ "removed": id })))
+                }
+                None => Err(ApiError::not_found("no such node")),
+            }
+        }
+        (["tailnet" | "keys" | "nodes", ..], _) => Err(ApiError::new(405, "method_not_allowed", "method not allowed")),
+        _ => Err(ApiError::not_found("no such endpoint")),
+    }
+}
+
+fn parse_machine_key(s: &str) -> Result<[u8; 32], ApiError> {
+    proto::unhex::<32>(s).ok_or_else(|| ApiError::bad_request("machine_key must be 64 hex digits".into()))
+}
+
+fn parse_node_key(s: &str) -> Result<[u8; 32], ApiError> {
+    proto::unb64_key(s).ok_or_else(|| ApiError::bad_request("node_key must be a base64 32-byte key".into()))
+}
+
+fn check_endpoints(endpoints: &[String]) -> Result<(), ApiError> {
+    if endpoints.len() > MAX_ENDPOINTS {
+        return Err(ApiError::bad_request(format!("at most {MAX_ENDPOINTS} endpoints")));
+    }
+    for e in endpoints {
+        e.parse::<SocketAddr>().map_err(|_| ApiError::bad_request(format!("endpoint {e:?} is not ip:port")))?;
+    }
+    Ok(())
+}
+
+fn verify(machine_key: &[u8; 32], message: &[u8], signature_hex: &str) -> Result<(), ApiError> {
+    let sig = proto::unhex::<64>(signature_hex)
+        .ok_or_else(|| ApiError::bad_request("signature must be 128 hex digits".into()))?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, machine_key)
+        .verify(message, &sig)
+        .map_err(|_| ApiError::new(401, "bad_signature", "the machine key signature does not verify"))
+}
+
+async fn register(app: Arc<App>, r: proto::RegisterRequest) -> Result<Response<Body>, ApiError> {
+    let machine_key = parse_machine_key(&r.machine_key)?;
+    let node_key = parse_node_key(&r.node_key)?;
+    if r.hostname.len() > 255 || r.auth_key.len() > 256 {
+        return Err(ApiError::bad_request("hostname or auth_key too long".into()));
+    }
+    check_endpoints(&r.endpoints)?;
+    let challenge = app.consume_challenge(&r.challenge)?;
+    verify(&machine_key, &proto::register_message(&challenge, &app.fingerprint, &r), &r.signature)?;
+    let reg = Registration { auth_key: r.auth_key, machine_key, node_key, hostname: r.hostname, endpoints: r.endpoints };
+    let node = app.with_db(move |db| db.register(&reg)).await?;
+    app.publish();
+    Ok(json_response(200, &node))
+}
+
+/// Counts a node online while one of its streams is open.
+struct Presence {
+    app: Arc<App>,
+    id: i64,
+}
+
+impl Presence {
+    fn new(app: Arc<App>, id: i64) -> Self {
+        *lock(&app.presence).entry(id).or_insert(0) += 1;
+        app.publish();
+        Presence { app, id }
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        {
+            let mut p = lock(&self.app.presence);
+            if let Some(c) = p.get_mut(&self.id) {
+                *c -= 1;
+                if *c == 0 {
+                    p.remove(&self.id);
+                }
+            }
+        }
+        self.app.publish();
+    }
+}
+
+/// A response body fed line by line from a channel.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn line(msg: &StreamMessage) -> Bytes {
+    let mut v = serde_json::to_vec(msg).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body>, ApiError> {
+    let machine_key = parse_machine_key(&r.machine_key)?;
+    let node_key = parse_node_key(&r.node_key)?;
+    check_endpoints(&r.endpoints)?;
+    let challenge = app.consume_challenge(&r.challenge)?;
+    verify(&machine_key, &proto::map_message(&challenge, &app.fingerprint, &r), &r.signature)?;
+    let endpoints = r.endpoints.clone();
+    let id = app
+        .with_db(move |db| {
+            let node = db
+                .node_by_machine_key(&machine_key)?
+                .ok_or_else(|| ApiError::new(401, "unknown_machine", "this machine is not registered"))?;
+            db.update_node(node.id, &node_key, &endpoints)?;
+            Ok(node.id)
+        })
+        .await?;
+    let presence = Presence::new(app.clone(), id);
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let mut changes = app.snapshot.subscribe();
+    tokio::spawn(async move {
+        let _presence = presence;
+        let mut last: Option<NetworkMap> = None;
+        loop {
+            let snap = changes.borrow_and_update().clone();
+            match app.map_for(&snap, id) {
+                None => {
+                    let err = ApiError::new(410, "node_removed", "this node was removed from the tailnet");
+                    let _ = tx.send(line(&StreamMessage::Error(err.body()))).await;
+                    break;
+                }
+                Some(map) => {
+                    let unchanged = last.as_ref().is_some_and(|l| {
+                        l.self_node == map.self_node && l.peers == map.peers && l.filter == map.filter
+                    });
+                    if !unchanged {
+                        if tx.send(line(&StreamMessage::Map(map.clone()))).await.is_err() {
+                            break;
+                        }
+                        last = Some(map);
+                    }
+                }
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep(KEEPALIVE) => {
+                    if tx.send(line(&StreamMessage::Keepalive)).await.is_err() {
+                        break;
+                    }
+                }
+                _ = tx.closed() => break,
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(200)
+        .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
+        .header(hyper::header::CACHE_CONTROL, "no-store")
+        .body(BodyExt::boxed(ChannelBody(rx)))
+        .map_err(|e| ApiError::internal(e.to_string()))?)
+}

@@ -1,0 +1,1 @@
+//! `wiremeshd node`: the node agent.
