@@ -1,1 +1,329 @@
-fn main() {}
+//! `wiremesh`: the CLI. Talks to the local node agent (status, ping, whois)
+//! or, with an admin token, to the control server (keys, nodes).
+
+use clap::{Parser, Subcommand};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use wiremesh_daemon::control::client::{Client, ControlUrl};
+use wiremesh_daemon::control::proto::{self, AuthKeyInfo, CreateKeyRequest, CreatedKey, NodeInfo};
+use wiremesh_daemon::node::local::{self, LocalRequest, LocalResponse};
+
+#[derive(Parser)]
+#[command(name = "wiremesh", version, about = "wiremesh command-line client")]
+struct Cli {
+    /// The node agent's local API socket (default /var/run/wiremesh/<tun>.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// The node agent's TUN device, to find its socket.
+    #[arg(long, global = true, default_value = "wiremesh0")]
+    tun: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Admin {
+    /// The control server: https://host:port#sha256=<fingerprint>.
+    #[arg(long)]
+    control: String,
+    /// The admin token printed at the server's first start.
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// A file holding the admin token.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// This node and its peers: names, addresses, online, handshakes, traffic.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pings a node by name or address through the tunnel.
+    Ping {
+        /// Short name, full name or tailnet address.
+        target: String,
+        /// Echo requests to send.
+        #[arg(short, long, default_value_t = 3)]
+        count: u32,
+    },
+    /// Which node an address belongs to.
+    Whois {
+        /// A tailnet address.
+        ip: IpAddr,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Auth keys (admin).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Nodes (admin).
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Creates an auth key and prints it (the only time it is shown).
+    Create {
+        #[command(flatten)]
+        admin: Admin,
+        /// The key may register any number of nodes.
+        #[arg(long)]
+        reusable: bool,
+        /// Nodes registered with it are ephemeral.
+        #[arg(long)]
+        ephemeral: bool,
+        /// Tags for its nodes: tag:a,tag:b.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Lifetime, e.g. 90s, 30m, 1h, 7d.
+        #[arg(long)]
+        expiry: Option<String>,
+        /// Print the key and its description as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists auth keys (never the keys themselves).
+    List {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Revokes an auth key.
+    Revoke {
+        #[command(flatten)]
+        admin: Admin,
+        /// The key's id.
+        id: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    /// Lists nodes.
+    List {
+        #[command(flatten)]
+        admin: Admin,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a node from the tailnet.
+    Remove {
+        #[command(flatten)]
+        admin: Admin,
+        /// The node's id or name.
+        node: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(|| local::default_socket(&cli.tun));
+    let result = match cli.command {
+        Command::Status { json } => status(&socket, json),
+        Command::Ping { target, count } => ping(&socket, &target, count),
+        Command::Whois { ip, json } => whois(&socket, ip, json),
+        Command::Keys { command } => keys(command),
+        Command::Nodes { command } => nodes(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("wiremesh: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ask(socket: &std::path::Path, req: &LocalRequest) -> Result<LocalResponse, String> {
+    match local::call(socket, req)? {
+        LocalResponse::Error(e) => Err(e),
+        r => Ok(r),
+    }
+}
+
+fn ago(unix: u64) -> String {
+    if unix == 0 {
+        return "never".into();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{}s ago", now.saturating_sub(unix))
+}
+
+fn status(socket: &std::path::Path, json: bool) -> Result<ExitCode, String> {
+    let LocalResponse::Status(s) = ask(socket, &LocalRequest::Status)? else {
+        return Err("unexpected answer".into());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let conn = if s.connected { "connected" } else { "not connected" };
+    match &s.self_node {
+        Some(n) => println!("{}  {}  {}  (self, {}, control {conn})", n.ipv4, n.ipv6, n.fqdn, s.tun),
+        None => println!("not registered yet ({}, control {conn})", s.tun),
+    }
+    for p in &s.peers {
+        println!(
+            "{}  {}  {}  {}  handshake {}  rx {} tx {}  endpoint {}",
+            p.node.ipv4,
+            p.node.ipv6,
+            p.node.fqdn,
+            if p.node.online { "online" } else { "offline" },
+            ago(p.last_handshake),
+            p.rx_bytes,
+            p.tx_bytes,
+            p.endpoint.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ping(socket: &std::path::Path, target: &str, count: u32) -> Result<ExitCode, String> {
+    let LocalResponse::Node(n) = ask(socket, &LocalRequest::Resolve { name: target.into() })? else {
+        return Err("unexpected answer".into());
+    };
+    let ip = match target.parse::<IpAddr>() {
+        Ok(ip @ IpAddr::V6(_)) => ip,
+        _ => IpAddr::V4(n.ipv4),
+    };
+    // The path: which peer and endpoint the tunnel uses for it.
+    let via = match ask(socket, &LocalRequest::Status)? {
+        LocalResponse::Status(s) => s
+            .peers
+            .iter()
+            .find(|p| p.node.id == n.id)
+            .map(|p| format!("via {}", p.endpoint.clone().unwrap_or_else(|| "no endpoint yet".into())))
+            .unwrap_or_else(|| "this node".into()),
+        _ => String::new(),
+    };
+    println!("pinging {} ({ip}) {via}", n.fqdn);
+    let status = std::process::Command::new("ping")
+        .args(["-c", &count.to_string(), "-W", "2", &ip.to_string()])
+        .status()
+        .map_err(|e| format!("cannot run ping: {e}"))?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn whois(socket: &std::path::Path, ip: IpAddr, json: bool) -> Result<ExitCode, String> {
+    let LocalResponse::Node(n) = ask(socket, &LocalRequest::Whois { ip })? else {
+        return Err("unexpected answer".into());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&n).map_err(|e| e.to_string())?);
+    } else {
+        println!("{}  id {}  {} {}  owner {}  tags [{}]", n.fqdn, n.id, n.ipv4, n.ipv6, n.owner, n.tags.join(","));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `90s`, `30m`, `1h`, `7d`, or plain seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let mul = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("bad duration unit in {s:?} (s, m, h, d)")),
+    };
+    n.checked_mul(mul).ok_or_else(|| format!("duration {s:?} too long"))
+}
+
+fn admin_client(a: &Admin) -> Result<(Client, String), String> {
+    let url: ControlUrl = a.control.parse()?;
+    let token = match (&a.admin_token, &a.admin_token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?.trim().to_string(),
+        (None, None) => std::env::var("WIREMESH_ADMIN_TOKEN")
+            .map_err(|_| "give --admin-token, --admin-token-file or WIREMESH_ADMIN_TOKEN".to_string())?,
+    };
+    Ok((Client::new(url), token))
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    Ok(rt.block_on(f))
+}
+
+fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
+    let path = format!("{}/admin/keys", proto::API);
+    match cmd {
+        KeysCommand::Create { admin, reusable, ephemeral, tags, expiry, json } => {
+            let (client, token) = admin_client(&admin)?;
+            let expiry_secs = expiry.as_deref().map(parse_duration).transpose()?;
+            let req = CreateKeyRequest { reusable, ephemeral, tags, expiry_secs };
+            let k: CreatedKey = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&k).map_err(|e| e.to_string())?);
+            } else {
+                println!("{}", k.key);
+            }
+        }
+        KeysCommand::List { admin } => {
+            let (client, token) = admin_client(&admin)?;
+            let keys: Vec<AuthKeyInfo> = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            for k in keys {
+                println!(
+                    "{}  {}…  reusable={} ephemeral={} uses={} spent={} revoked={} tags=[{}]",
+                    k.id,
+                    k.prefix,
+                    k.reusable,
+                    k.ephemeral,
+                    k.uses,
+                    k.spent,
+                    k.revoked,
+                    k.tags.join(",")
+                );
+            }
+        }
+        KeysCommand::Revoke { admin, id } => {
+            let (client, token) = admin_client(&admin)?;
+            let _: serde_json::Value =
+                block_on(client.json(hyper::Method::DELETE, &format!("{path}/{id}"), None::<&()>, Some(&token)))?
+                    .map_err(|e| e.to_string())?;
+            println!("revoked key {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn nodes(cmd: NodesCommand) -> Result<ExitCode, String> {
+    let path = format!("{}/admin/nodes", proto::API);
+    match cmd {
+        NodesCommand::List { admin, json } => {
+            let (client, token) = admin_client(&admin)?;
+            let nodes: Vec<NodeInfo> = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes).map_err(|e| e.to_string())?);
+            } else {
+                for n in nodes {
+                    let online = if n.online { "online" } else { "offline" };
+                    println!("{}  {}  {}  {}  {online}", n.id, n.fqdn, n.ipv4, n.ipv6);
+                }
+            }
+        }
+        NodesCommand::Remove { admin, node } => {
+            let (client, token) = admin_client(&admin)?;
+            let _: serde_json::Value =
+                block_on(client.json(hyper::Method::DELETE, &format!("{path}/{node}"), None::<&()>, Some(&token)))?
+                    .map_err(|e| e.to_string())?;
+            println!("removed {node}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

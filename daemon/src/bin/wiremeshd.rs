@@ -30,6 +30,42 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// The coordination server: registers nodes and streams their network maps.
+    Control {
+        /// Address to listen on (HTTPS).
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        /// State directory (SQLite database, TLS certificate).
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// The node agent: joins the tailnet and keeps the data plane on its map.
+    Node {
+        /// The control server: https://host:port#sha256=<certificate fingerprint>.
+        #[arg(long)]
+        control: String,
+        /// An auth key (needed for the first registration only).
+        #[arg(long)]
+        auth_key: Option<String>,
+        /// Host name to ask for (default: the system's).
+        #[arg(long)]
+        hostname: Option<String>,
+        /// State directory (machine and node keys).
+        #[arg(long, default_value = "/var/lib/wiremesh")]
+        state: PathBuf,
+        /// TUN device name.
+        #[arg(long, default_value = "wiremesh0")]
+        tun: String,
+        /// UDP port for WireGuard (0: any).
+        #[arg(long, default_value_t = 0)]
+        listen_port: u16,
+        /// TUN MTU (1280-1420).
+        #[arg(long, default_value_t = 1280, value_parser = clap::value_parser!(u32).range(1280..=1420))]
+        mtu: u32,
+        /// Local API socket for the CLI (default /var/run/wiremesh/<tun>.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
 }
 
 /// Environment variable carrying the readiness pipe to a detached child.
@@ -38,6 +74,30 @@ const READY_FD_ENV: &str = "WIREMESHD_READY_FD";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Control { listen, state } => {
+            let opts = wiremesh_daemon::control::server::Options { listen, state };
+            exit(wiremesh_daemon::control::server::run(&opts))
+        }
+        Command::Node { control, auth_key, hostname, state, tun, listen_port, mtu, socket } => {
+            let control = match control.parse() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("wiremeshd: --control: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = wiremesh_daemon::node::Options {
+                control,
+                auth_key,
+                hostname: hostname.unwrap_or_else(wiremesh_daemon::node::system_hostname),
+                state,
+                socket: socket.unwrap_or_else(|| wiremesh_daemon::node::local::default_socket(&tun)),
+                tun,
+                listen_port,
+                mtu,
+            };
+            exit(wiremesh_daemon::node::run(opts))
+        }
         Command::Interface { ifname, foreground, config, threads } => {
             let opts = wiremesh_daemon::interface::Options { ifname, config, threads };
             let ready_fd: Option<i32> = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse().ok());
@@ -65,6 +125,16 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn exit(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wiremeshd: {e}");
+            ExitCode::FAILURE
         }
     }
 }

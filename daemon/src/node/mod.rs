@@ -1,1 +1,462 @@
-//! `wiremeshd node`: the node agent.
+//! `wiremeshd node`: the node agent. It keeps its keys in its state
+//! directory, registers once, holds its map stream open, and reconciles the
+//! data plane with wg(8) `set` requests through [`Control::uapi`], the same
+//! path `wg set` takes. When the control server is away it keeps the data
+//! plane as the last map left it and reconnects with backoff.
+
+pub mod keys;
+pub mod local;
+pub mod reconcile;
+
+use crate::control::client::{Client, ClientError, ControlUrl};
+use crate::control::proto::{self, MapRequest, NetworkMap, RegisterRequest, StreamMessage};
+use crate::control::server::KEEPALIVE;
+use http_body_util::BodyExt;
+use local::{LocalRequest, LocalResponse};
+use reconcile::Reconciler;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use wiremesh_dataplane::driver::{Control, Worker};
+use wiremesh_dataplane::tun::{Options as TunOptions, Tun};
+use wiremesh_dataplane::uapi::{parse_set, serve_uapi, DeviceConfig, Limits, Request, UapiSocket};
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// First wait after a failure.
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+
+/// What `wiremeshd node` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The control server.
+    pub control: ControlUrl,
+    /// The auth key, needed for the first registration only.
+    pub auth_key: Option<String>,
+    /// The host name to ask for.
+    pub hostname: String,
+    /// State directory (keys).
+    pub state: PathBuf,
+    /// TUN device name.
+    pub tun: String,
+    /// UDP listen port (0: any).
+    pub listen_port: u16,
+    /// TUN MTU.
+    pub mtu: u32,
+    /// Local API socket.
+    pub socket: PathBuf,
+}
+
+/// What the local API reads.
+struct Shared {
+    map: Option<NetworkMap>,
+    connected: bool,
+}
+
+struct Agent {
+    opts: Options,
+    client: Client,
+    machine: keys::MachineKey,
+    node_key: String,
+    listen_port: u16,
+    control: Control,
+    shared: Mutex<Shared>,
+    reconciler: Mutex<Reconciler>,
+    addresses: Mutex<Option<(IpAddr, IpAddr)>>,
+}
+
+/// Why following the map stopped.
+enum Stop {
+    /// Try again after a pause.
+    Retry(String),
+    /// Give up: the process exits with this error.
+    Fatal(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The machine's host name.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Runs the agent until SIGTERM or SIGINT, or until it cannot go on.
+pub fn run(opts: Options) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.state)
+        .map_err(|e| format!("{}: {e}", opts.state.display()))?;
+    let machine = keys::MachineKey::load_or_create(&opts.state.join("machine.key"))?;
+    let node_private = keys::load_or_create_node_key(&opts.state.join("node.key"))?;
+    let node_key = proto::b64_key(&node_private.public_key().0);
+
+    let tun_opts = TunOptions { nonblocking: true, ..TunOptions::with_offloads() };
+    let tun = Tun::create(&opts.tun, &tun_opts).map_err(|e| format!("cannot create {}: {e}", opts.tun))?;
+    tun.set_mtu(opts.mtu).map_err(|e| format!("cannot set the MTU of {}: {e}", opts.tun))?;
+    tun.set_up(true).map_err(|e| format!("cannot bring {} up: {e}", opts.tun))?;
+    let mut config = DeviceConfig::default();
+    let setup = format!("private_key={}\nlisten_port={}\n", proto::hex(&node_private.to_bytes()), opts.listen_port);
+    config.apply(&parse_set(&setup).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    drop(setup);
+    let (worker, control) = Worker::new(tun, config).map_err(|e| format!("cannot start the data plane: {e}"))?;
+    let listen_port = worker.listen_port();
+    // The wg(8) socket, so `wg show` sees what the agent configured.
+    let wg_socket = UapiSocket::bind(&opts.tun).map_err(|e| format!("cannot serve the wg(8) socket: {e}"))?;
+    let listener = wg_socket.try_clone_listener().map_err(|e| e.to_string())?;
+    let uapi_control = control.clone();
+    std::thread::Builder::new()
+        .name("uapi".into())
+        .spawn(move || serve_uapi(listener, Limits::default(), move |req| uapi_control.uapi(req)))
+        .map_err(|e| e.to_string())?;
+    let worker = std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || worker.run())
+        .map_err(|e| e.to_string())?;
+
+    let agent = Arc::new(Agent {
+        client: Client::new(opts.control.clone()),
+        opts,
+        machine,
+        node_key,
+        listen_port,
+        control: control.clone(),
+        shared: Mutex::new(Shared { map: None, connected: false }),
+        reconciler: Mutex::new(Reconciler::default()),
+        addresses: Mutex::new(None),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let result = rt.block_on(agent.clone().main());
+    let _ = std::fs::remove_file(&agent.opts.socket);
+    control.stop();
+    let _ = worker.join();
+    drop(wg_socket);
+    result
+}
+
+impl Agent {
+    async fn main(self: Arc<Self>) -> Result<(), String> {
+        if let Some(dir) = self.opts.socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let _ = std::fs::remove_file(&self.opts.socket);
+        let local = tokio::net::UnixListener::bind(&self.opts.socket)
+            .map_err(|e| format!("cannot serve {}: {e}", self.opts.socket.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&self.opts.socket, std::fs::Permissions::from_mode(0o600));
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = local.accept().await {
+                let me = me.clone();
+                tokio::spawn(async move { me.serve_local(stream).await });
+            }
+        });
+        println!("node agent on {} (port {}), local API {}", self.opts.tun, self.listen_port, self.opts.socket.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
+        tokio::select! {
+            r = self.follow_forever() => r,
+            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    }
+
+    async fn follow_forever(&self) -> Result<(), String> {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let mut got_map = false;
+            match self.follow(&mut got_map).await {
+                Stop::Fatal(e) => return Err(e),
+                Stop::Retry(e) => eprintln!("wiremeshd node: {e}; retrying in {backoff:?}"),
+            }
+            lock(&self.shared).connected = false;
+            if got_map {
+                backoff = MIN_BACKOFF;
+            }
+            // A little jitter so nodes do not all come back in the same instant.
+            let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Opens the map stream (registering first if the server does not know
+    /// this machine) and applies each map until the stream ends.
+    async fn follow(&self, got_map: &mut bool) -> Stop {
+        let endpoints = local_endpoints(self.listen_port, &self.opts.tun);
+        let resp = match self.open_map(&endpoints).await {
+            Err(ClientError::Api { status: 401, body }) if body.code == "unknown_machine" => {
+                let Some(auth_key) = self.opts.auth_key.clone() else {
+                    return Stop::Fatal("this machine is not registered and no --auth-key was given".into());
+                };
+                match self.register(auth_key, &endpoints).await {
+                    Ok(node) => println!("registered as {} ({}, {})", node.fqdn, node.ipv4, node.ipv6),
+                    Err(ClientError::Api { status, body }) if status != 401 || body.code != "bad_challenge" => {
+                        return Stop::Fatal(format!("registration refused: {} ({})", body.error, body.code));
+                    }
+                    Err(e) => return Stop::Retry(e.to_string()),
+                }
+                match self.open_map(&endpoints).await {
+                    Ok(r) => r,
+                    Err(e) => return Stop::Retry(e.to_string()),
+                }
+            }
+            Err(e) => return Stop::Retry(e.to_string()),
+            Ok(r) => r,
+        };
+        lock(&self.shared).connected = true;
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let frame = match tokio::time::timeout(KEEPALIVE * 3, body.frame()).await {
+                Err(_) => return Stop::Retry("map stream silent for too long".into()),
+                Ok(None) => return Stop::Retry("map stream ended".into()),
+                Ok(Some(Err(e))) => return Stop::Retry(format!("map stream broke: {e}")),
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            buf.extend_from_slice(&data);
+            if buf.len() > 64 << 20 {
+                return Stop::Retry("map line too long".into());
+            }
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                match serde_json::from_slice::<StreamMessage>(&line) {
+                    Ok(StreamMessage::Map(map)) => {
+                        *got_map = true;
+                        if let Err(e) = self.apply(map) {
+                            eprintln!("wiremeshd node: cannot apply the map: {e}");
+                        }
+                    }
+                    Ok(StreamMessage::Keepalive) => {}
+                    Ok(StreamMessage::Error(e)) if e.code == "node_removed" => {
+                        let _ = self.apply_none();
+                        return Stop::Fatal(format!("{} ({})", e.error, e.code));
+                    }
+                    Ok(StreamMessage::Error(e)) => return Stop::Retry(format!("{} ({})", e.error, e.code)),
+                    Err(e) => return Stop::Retry(format!("bad map line: {e}")),
+                }
+            }
+        }
+    }
+
+    async fn open_map(&self, endpoints: &[String]) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let challenge = self.client.challenge().await?;
+        let mut req = MapRequest {
+            machine_key: self.machine.public_hex(),
+            node_key: self.node_key.clone(),
+            endpoints: endpoints.to_vec(),
+            challenge: proto::hex(&challenge),
+            signature: String::new(),
+        };
+        req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &self.opts.control.fingerprint, &req));
+        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = self.client.send(hyper::Method::POST, &format!("{}/map", proto::API), body, None).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        Err(crate::control::client::api_error(status, &bytes))
+    }
+
+    async fn register(&self, auth_key: String, endpoints: &[String]) -> Result<proto::NodeInfo, ClientError> {
+        let challenge = self.client.challenge().await?;
+        let mut req = RegisterRequest {
+            auth_key,
+            machine_key: self.machine.public_hex(),
+            node_key: self.node_key.clone(),
+            hostname: self.opts.hostname.clone(),
+            endpoints: endpoints.to_vec(),
+            challenge: proto::hex(&challenge),
+            signature: String::new(),
+        };
+        req.signature =
+            self.machine.sign_hex(&proto::register_message(&challenge, &self.opts.control.fingerprint, &req));
+        self.client.json(hyper::Method::POST, &format!("{}/register", proto::API), Some(&req), None).await
+    }
+
+    fn uapi_set(&self, body: &str) -> Result<(), String> {
+        let ops = parse_set(body).map_err(|e| format!("bad set request: {e}"))?;
+        let resp = self.control.uapi(Request::Set(ops));
+        let text = String::from_utf8_lossy(resp.as_bytes());
+        if text.starts_with("errno=0") {
+            Ok(())
+        } else {
+            Err(format!("the data plane refused the change: {}", text.trim()))
+        }
+    }
+
+    fn apply(&self, map: NetworkMap) -> Result<(), String> {
+        let addrs = (IpAddr::V4(map.self_node.ipv4), IpAddr::V6(map.self_node.ipv6));
+        if *lock(&self.addresses) != Some(addrs) {
+            self.set_addresses(addrs)?;
+            *lock(&self.addresses) = Some(addrs);
+        }
+        {
+            let mut rec = lock(&self.reconciler);
+            let plan = rec.plan(Some(&map));
+            if !plan.body.is_empty() {
+                self.uapi_set(&plan.body)?;
+                let (a, c, r) = plan.counts;
+                println!("map {}: {} peers ({a} added, {c} changed, {r} removed)", map.version, plan.next.len());
+            }
+            rec.commit(plan);
+        }
+        lock(&self.shared).map = Some(map);
+        Ok(())
+    }
+
+    fn apply_none(&self) -> Result<(), String> {
+        let mut rec = lock(&self.reconciler);
+        let plan = rec.plan(None);
+        if !plan.body.is_empty() {
+            self.uapi_set(&plan.body)?;
+        }
+        rec.commit(plan);
+        lock(&self.shared).map = None;
+        Ok(())
+    }
+
+    fn set_addresses(&self, (v4, v6): (IpAddr, IpAddr)) -> Result<(), String> {
+        let tun = self.opts.tun.as_str();
+        run_ip(&["addr", "flush", "dev", tun])?;
+        run_ip(&["addr", "add", &format!("{v4}/{}", crate::control::db::IPV4_PREFIX), "dev", tun])?;
+        // The tailnet's /48 routes through the tunnel; nodad: usable at once.
+        run_ip(&["-6", "addr", "add", &format!("{v6}/48"), "dev", tun, "nodad"])?;
+        run_ip(&["link", "set", "dev", tun, "up"])
+    }
+
+    async fn serve_local(&self, stream: tokio::net::UnixStream) {
+        let (r, mut w) = stream.into_split();
+        let mut lines = tokio::io::BufReader::new(r.take(64 * 1024)).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let answer = match serde_json::from_str::<LocalRequest>(&line) {
+                Ok(req) => self.answer(req).await,
+                Err(e) => LocalResponse::Error(format!("bad request: {e}")),
+            };
+            let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+            out.push(b'\n');
+            if w.write_all(&out).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    async fn answer(&self, req: LocalRequest) -> LocalResponse {
+        let (map, connected) = {
+            let s = lock(&self.shared);
+            (s.map.clone(), s.connected)
+        };
+        match req {
+            LocalRequest::Status => {
+                let control = self.control.clone();
+                let get = tokio::task::spawn_blocking(move || {
+                    String::from_utf8_lossy(control.uapi(Request::Get).as_bytes()).into_owned()
+                })
+                .await
+                .unwrap_or_default();
+                LocalResponse::Status(local::status(
+                    map.as_ref(),
+                    &get,
+                    &self.opts.tun,
+                    &self.opts.control.to_string(),
+                    connected,
+                    self.listen_port,
+                ))
+            }
+            LocalRequest::Resolve { name } => match map.as_ref().and_then(|m| local::resolve(m, &name)) {
+                Some(n) => LocalResponse::Node(n.clone()),
+                None => LocalResponse::Error(format!("no node named {name:?} in the tailnet")),
+            },
+            LocalRequest::Whois { ip } => match map.as_ref().and_then(|m| local::resolve(m, &ip.to_string())) {
+                Some(n) => LocalResponse::Node(n.clone()),
+                None => LocalResponse::Error(format!("no node has address {ip}")),
+            },
+        }
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+fn run_ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// The `ip:port` endpoints to report: every address on an interface that is
+/// up, except loopback, IPv6 link-local, the tailnet's own ranges and `tun`.
+pub fn local_endpoints(port: u16, tun: &str) -> Vec<String> {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `ifap` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Vec::new();
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as u32 == 0 {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        if name == tun {
+            continue;
+        }
+        // SAFETY: the family says which sockaddr type ifa_addr points to.
+        let ip: IpAddr = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes())
+            }
+            libc::AF_INET6 => {
+                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                IpAddr::from(sa.sin6_addr.s6_addr)
+            }
+            _ => continue,
+        };
+        match ip {
+            IpAddr::V4(a) if !a.is_loopback() && !a.is_unspecified() && (u32::from(a) >> 22) != (100 << 2 | 1) => {
+                v4.push(SocketAddr::new(ip, port).to_string())
+            }
+            IpAddr::V6(a)
+                if !a.is_loopback() && !a.is_unspecified() && (a.segments()[0] & 0xffc0) != 0xfe80 =>
+            {
+                v6.push(SocketAddr::new(ip, port).to_string())
+            }
+            _ => {}
+        }
+    }
+    // SAFETY: freeing the list getifaddrs allocated.
+    unsafe { libc::freeifaddrs(ifap) };
+    v4.sort();
+    v4.dedup();
+    v6.sort();
+    v6.dedup();
+    v4.extend(v6);
+    v4.truncate(16);
+    v4
+}

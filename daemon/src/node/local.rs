@@ -1,0 +1,200 @@
+//! The node agent's local API: one JSON request per line on a Unix socket
+//! (root only), one JSON answer per line. The CLI (`wiremesh`) speaks it.
+
+use crate::control::proto::{hex, NetworkMap, NodeInfo};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// Where the agent for `tun` listens unless told otherwise.
+pub fn default_socket(tun: &str) -> PathBuf {
+    Path::new("/var/run/wiremesh").join(format!("{tun}.sock"))
+}
+
+/// A request to the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum LocalRequest {
+    /// Self and peers with data-plane counters.
+    Status,
+    /// The node a name (short or full) or address belongs to.
+    Resolve {
+        /// A name or an address.
+        name: String,
+    },
+    /// The node an address belongs to.
+    Whois {
+        /// A tailnet address.
+        ip: IpAddr,
+    },
+}
+
+/// One peer as `wiremesh status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The node as the map describes it.
+    pub node: NodeInfo,
+    /// The endpoint the data plane uses now.
+    pub endpoint: Option<String>,
+    /// Unix seconds of the last handshake (0: never).
+    pub last_handshake: u64,
+    /// Bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
+}
+
+/// The answer to [`LocalRequest::Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The TUN device.
+    pub tun: String,
+    /// The control server.
+    pub control: String,
+    /// Whether the map stream is up now.
+    pub connected: bool,
+    /// The node itself, once registered.
+    #[serde(rename = "self")]
+    pub self_node: Option<NodeInfo>,
+    /// The UDP port the data plane listens on.
+    pub listen_port: u16,
+    /// The peers.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// An answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalResponse {
+    /// Status.
+    Status(Status),
+    /// A node (resolve, whois).
+    Node(NodeInfo),
+    /// Failure.
+    Error(String),
+}
+
+/// Per-peer counters from a wg(8) `get` answer, by hex public key.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WgPeer {
+    /// `endpoint=`.
+    pub endpoint: Option<String>,
+    /// `last_handshake_time_sec=`.
+    pub last_handshake: u64,
+    /// `rx_bytes=`.
+    pub rx_bytes: u64,
+    /// `tx_bytes=`.
+    pub tx_bytes: u64,
+}
+
+/// Reads the peers out of a `get=1` answer.
+pub fn parse_get(text: &str) -> std::collections::BTreeMap<String, WgPeer> {
+    let mut peers = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else { continue };
+        if k == "public_key" {
+            current = Some(v.to_string());
+            peers.insert(v.to_string(), WgPeer::default());
+            continue;
+        }
+        let Some(p) = current.as_ref().and_then(|c| peers.get_mut(c)) else { continue };
+        match k {
+            "endpoint" => p.endpoint = Some(v.to_string()),
+            "last_handshake_time_sec" => p.last_handshake = v.parse().unwrap_or(0),
+            "rx_bytes" => p.rx_bytes = v.parse().unwrap_or(0),
+            "tx_bytes" => p.tx_bytes = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    peers
+}
+
+/// The node `name` (short name, full name, or address) stands for in `map`.
+pub fn resolve<'a>(map: &'a NetworkMap, name: &str) -> Option<&'a NodeInfo> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let ip: Option<IpAddr> = name.parse().ok();
+    std::iter::once(&map.self_node).chain(&map.peers).find(|n| {
+        n.name == name || n.fqdn == name || ip.is_some_and(|ip| ip == IpAddr::V4(n.ipv4) || ip == IpAddr::V6(n.ipv6))
+    })
+}
+
+/// Builds the status from the map and a `get=1` answer.
+pub fn status(
+    map: Option<&NetworkMap>,
+    get: &str,
+    tun: &str,
+    control: &str,
+    connected: bool,
+    listen_port: u16,
+) -> Status {
+    let wg = parse_get(get);
+    let peers = map
+        .map(|m| {
+            m.peers
+                .iter()
+                .map(|n| {
+                    let w = crate::control::proto::unb64_key(&n.node_key)
+                        .and_then(|k| wg.get(&hex(&k)).cloned())
+                        .unwrap_or_default();
+                    PeerStatus {
+                        node: n.clone(),
+                        endpoint: w.endpoint,
+                        last_handshake: w.last_handshake,
+                        rx_bytes: w.rx_bytes,
+                        tx_bytes: w.tx_bytes,
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Status {
+        tun: tun.into(),
+        control: control.into(),
+        connected,
+        self_node: map.map(|m| m.self_node.clone()),
+        listen_port,
+        peers,
+    }
+}
+
+/// Sends one request to the agent at `socket` (blocking; for the CLI).
+pub fn call(socket: &Path, req: &LocalRequest) -> Result<LocalResponse, String> {
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("cannot reach the node agent at {}: {e}", socket.display()))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(|e| e.to_string())?;
+    serde_json::from_str(&answer).map_err(|e| format!("bad answer from the node agent: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_answers_parse_into_peer_counters() {
+        let text = "private_key=00\nlisten_port=1\npublic_key=aa\nendpoint=192.0.2.1:5\nlast_handshake_time_sec=7\n\
+                    rx_bytes=10\ntx_bytes=20\nallowed_ip=100.64.0.2/32\npublic_key=bb\nrx_bytes=3\nerrno=0\n";
+        let p = parse_get(text);
+        assert_eq!(
+            p["aa"],
+            WgPeer { endpoint: Some("192.0.2.1:5".into()), last_handshake: 7, rx_bytes: 10, tx_bytes: 20 }
+        );
+        assert_eq!(p["bb"].rx_bytes, 3);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let r: LocalRequest = serde_json::from_str(r#"{"cmd":"resolve","name":"web"}"#).unwrap();
+        assert!(matches!(r, LocalRequest::Resolve { name } if name == "web"));
+        let r: LocalRequest = serde_json::from_str(r#"{"cmd":"whois","ip":"100.64.0.1"}"#).unwrap();
+        assert!(matches!(r, LocalRequest::Whois { .. }));
+        assert!(serde_json::from_str::<LocalRequest>(r#"{"cmd":"nope"}"#).is_err());
+    }
+}

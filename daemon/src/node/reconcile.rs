@@ -1,0 +1,154 @@
+//! Turning a network map into wg(8) `set` requests: only the peers that were
+//! added, changed or removed are named (`replace_peers` is never used), so
+//! the sessions of the others are left alone.
+
+use crate::control::proto::{self, NetworkMap};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+/// What the data plane was told about one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerState {
+    /// The endpoint set, if any.
+    pub endpoint: Option<SocketAddr>,
+    /// Allowed IPs in CIDR form.
+    pub allowed_ips: Vec<String>,
+}
+
+/// The peers as last applied, by node key.
+#[derive(Debug, Default, Clone)]
+pub struct Reconciler {
+    applied: BTreeMap<[u8; 32], PeerState>,
+}
+
+/// One reconciliation step.
+#[derive(Debug)]
+pub struct Plan {
+    /// The lines after `set=1` (empty when nothing changes).
+    pub body: String,
+    /// The peers once the body is applied.
+    pub next: BTreeMap<[u8; 32], PeerState>,
+    /// Peers added, changed and removed.
+    pub counts: (usize, usize, usize),
+}
+
+impl Reconciler {
+    /// The peers as last applied.
+    pub fn applied(&self) -> &BTreeMap<[u8; 32], PeerState> {
+        &self.applied
+    }
+
+    /// The `set` body that takes the data plane from what was applied to
+    /// `map` (or to no peers at all with `None`).
+    pub fn plan(&self, map: Option<&NetworkMap>) -> Plan {
+        let mut next = BTreeMap::new();
+        if let Some(map) = map {
+            for p in &map.peers {
+                let Some(key) = proto::unb64_key(&p.node_key) else { continue };
+                if p.node_key == map.self_node.node_key {
+                    continue;
+                }
+                let endpoint = p.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
+                next.insert(key, PeerState { endpoint, allowed_ips: p.allowed_ips.clone() });
+            }
+        }
+        let mut body = String::new();
+        let (mut added, mut changed, mut removed) = (0, 0, 0);
+        for key in self.applied.keys().filter(|k| !next.contains_key(*k)) {
+            let _ = write!(body, "public_key={}\nremove=true\n", proto::hex(key));
+            removed += 1;
+        }
+        for (key, want) in &next {
+            let old = self.applied.get(key);
+            if old == Some(want) {
+                continue;
+            }
+            if old.is_some() {
+                changed += 1;
+            } else {
+                added += 1;
+            }
+            let _ = writeln!(body, "public_key={}", proto::hex(key));
+            // An unchanged endpoint is not re-sent: the data plane may have
+            // learned a better one from the peer's packets (roaming).
+            if let Some(ep) = want.endpoint.filter(|ep| old.and_then(|o| o.endpoint) != Some(*ep)) {
+                let _ = writeln!(body, "endpoint={ep}");
+            }
+            body.push_str("replace_allowed_ips=true\n");
+            for ip in &want.allowed_ips {
+                let _ = writeln!(body, "allowed_ip={ip}");
+            }
+        }
+        Plan { body, next, counts: (added, changed, removed) }
+    }
+
+    /// Records that a plan was applied.
+    pub fn commit(&mut self, plan: Plan) {
+        self.applied = plan.next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::proto::{FilterRule, NodeInfo};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn node(id: u8, endpoint: &str) -> NodeInfo {
+        let ipv4 = Ipv4Addr::new(100, 64, 0, id);
+        let ipv6: Ipv6Addr = format!("fd01:2:3::{id}").parse().unwrap();
+        NodeInfo {
+            id: id.into(),
+            name: format!("n{id}"),
+            fqdn: format!("n{id}.wiremesh.internal"),
+            node_key: proto::b64_key(&[id; 32]),
+            machine_key: proto::hex(&[id; 32]),
+            ipv4,
+            ipv6,
+            endpoints: vec![endpoint.into()],
+            allowed_ips: vec![format!("{ipv4}/32"), format!("{ipv6}/128")],
+            tags: vec![],
+            ephemeral: false,
+            online: true,
+            owner: "admin".into(),
+            created_at: 0,
+        }
+    }
+
+    fn map(peers: Vec<NodeInfo>) -> NetworkMap {
+        NetworkMap {
+            version: 1,
+            domain: "wiremesh.internal".into(),
+            self_node: node(1, "192.0.2.1:1"),
+            peers,
+            filter: FilterRule::allow_all(),
+        }
+    }
+
+    #[test]
+    fn adds_changes_and_removes_only_what_differs() {
+        let mut r = Reconciler::default();
+        let m = map(vec![node(2, "192.0.2.2:2"), node(3, "192.0.2.3:3")]);
+        let p = r.plan(Some(&m));
+        assert_eq!(p.counts, (2, 0, 0));
+        assert!(p.body.contains(&format!("public_key={}\nendpoint=192.0.2.2:2\nreplace_allowed_ips=true\nallowed_ip=100.64.0.2/32\nallowed_ip=fd01:2:3::2/128\n", proto::hex(&[2; 32]))));
+        wiremesh_dataplane::uapi::parse_set(&p.body).expect("a valid set body");
+        r.commit(p);
+        assert!(r.plan(Some(&m)).body.is_empty(), "nothing changed, nothing sent");
+        // Peer 3 moves, peer 2 goes, peer 4 comes.
+        let m2 = map(vec![node(3, "192.0.2.33:3"), node(4, "[2001:db8::4]:4")]);
+        let p = r.plan(Some(&m2));
+        assert_eq!(p.counts, (1, 1, 1));
+        assert!(p.body.starts_with(&format!("public_key={}\nremove=true\n", proto::hex(&[2; 32]))));
+        assert!(p.body.contains("endpoint=192.0.2.33:3\n"));
+        assert!(p.body.contains("endpoint=[2001:db8::4]:4\n"));
+        assert!(!p.body.contains("replace_peers"));
+        wiremesh_dataplane::uapi::parse_set(&p.body).expect("a valid set body");
+        r.commit(p);
+        let p = r.plan(None);
+        assert_eq!(p.counts, (0, 0, 2));
+        r.commit(p);
+        assert!(r.applied().is_empty());
+    }
+}
