@@ -1,0 +1,325 @@
+//! The control server's HTTPS API against a real `wiremeshd control` on
+//! loopback (no root needed): registration with machine-key proof, map
+//! streams and how fast a change reaches them, and bad input refused with
+//! the right status and nothing stored.
+
+use http_body_util::BodyExt;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use wiremesh_daemon::control::client::{Client, ClientError, ControlUrl};
+use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, RegisterRequest, StreamMessage};
+use wiremesh_daemon::node::keys::MachineKey;
+
+struct Server {
+    child: Child,
+    url: ControlUrl,
+    token: Option<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn state_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wiremesh-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn start(state: &std::path::Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
+        .args(["control", "--listen", "127.0.0.1:0", "--state"])
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start wiremeshd control");
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut token = None;
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("control server did not start");
+        if let Some(t) = line.strip_prefix("admin token (shown once, stored hashed): ") {
+            token = Some(t.to_string());
+        }
+        if let Some(u) = line.strip_prefix("control URL: ") {
+            return Server { child, url: u.parse().unwrap(), token };
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+struct TestNode {
+    machine: MachineKey,
+    node_key: String,
+}
+
+impl TestNode {
+    fn new(n: u8) -> Self {
+        TestNode { machine: MachineKey::generate().unwrap().0, node_key: proto::b64_key(&[n; 32]) }
+    }
+
+    async fn register_req(&self, c: &Client, auth_key: &str, hostname: &str) -> RegisterRequest {
+        let challenge = c.challenge().await.unwrap();
+        let mut req = RegisterRequest {
+            auth_key: auth_key.into(),
+            machine_key: self.machine.public_hex(),
+            node_key: self.node_key.clone(),
+            hostname: hostname.into(),
+            endpoints: vec!["192.0.2.1:41641".into()],
+            challenge: proto::hex(&challenge),
+            signature: String::new(),
+        };
+        req.signature = self.machine.sign_hex(&proto::register_message(&challenge, &c.url().fingerprint, &req));
+        req
+    }
+
+    async fn register(&self, c: &Client, auth_key: &str, hostname: &str) -> Result<NodeInfo, ClientError> {
+        let req = self.register_req(c, auth_key, hostname).await;
+        c.json(hyper::Method::POST, "/api/v1/register", Some(&req), None).await
+    }
+
+    async fn map_req(&self, c: &Client) -> MapRequest {
+        let challenge = c.challenge().await.unwrap();
+        let mut req = MapRequest {
+            machine_key: self.machine.public_hex(),
+            node_key: self.node_key.clone(),
+            endpoints: vec!["192.0.2.1:41641".into()],
+            challenge: proto::hex(&challenge),
+            signature: String::new(),
+        };
+        req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &c.url().fingerprint, &req));
+        req
+    }
+}
+
+async fn admin_nodes(c: &Client, token: &str) -> Vec<NodeInfo> {
+    c.json(hyper::Method::GET, "/api/v1/admin/nodes", None::<&()>, Some(token)).await.unwrap()
+}
+
+async fn new_key(c: &Client, token: &str, reusable: bool) -> String {
+    let req = proto::CreateKeyRequest { reusable, ..Default::default() };
+    let k: proto::CreatedKey = c.json(hyper::Method::POST, "/api/v1/admin/keys", Some(&req), Some(token)).await.unwrap();
+    k.key
+}
+
+fn assert_json_error(status: u16, body: &[u8], want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "body: {}", String::from_utf8_lossy(body));
+    let e: proto::ErrorBody = serde_json::from_slice(body).expect("a JSON error body");
+    assert_eq!(e.code, want_code, "{e:?}");
+    assert!(!e.error.is_empty());
+}
+
+/// Reads map-stream lines into a channel.
+fn stream_lines(mut body: hyper::body::Incoming) -> tokio::sync::mpsc::UnboundedReceiver<StreamMessage> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(d) = frame.into_data() {
+                buf.extend_from_slice(&d);
+            }
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if tx.send(serde_json::from_slice(&line).unwrap()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+async fn next_map(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StreamMessage>) -> proto::NetworkMap {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a map within 5s") {
+            Some(StreamMessage::Map(m)) => return m,
+            Some(StreamMessage::Keepalive) => continue,
+            other => panic!("unexpected stream message {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn tailnet_api_maps_stream_changes_within_a_second_and_survive_restart() {
+    let dir = state_dir("api-stream");
+    let server = start(&dir);
+    let token = server.token.clone().expect("first start prints the admin token");
+    let c = Client::new(server.url.clone());
+    let rt = rt();
+    rt.block_on(async {
+        let key = new_key(&c, &token, true).await;
+        let a = TestNode::new(1);
+        let na = a.register(&c, &key, "Alpha Host").await.unwrap();
+        assert_eq!(na.name, "alpha-host");
+        assert_eq!(na.ipv4.octets()[..2], [100, 64]);
+        let resp = c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&a.map_req(&c).await).unwrap(), None);
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut rx = stream_lines(resp.into_body());
+        let m = next_map(&mut rx).await;
+        assert_eq!(m.self_node.id, na.id);
+        assert!(m.peers.is_empty());
+        assert_eq!(m.filter, proto::FilterRule::allow_all());
+        // Online state of self arrives with the stream.
+        let m = if m.self_node.online { m } else { next_map(&mut rx).await };
+        assert!(m.self_node.online);
+
+        let b = TestNode::new(2);
+        let t0 = Instant::now();
+        let nb = b.register(&c, &key, "alpha-host").await.unwrap();
+        assert_eq!(nb.name, "alpha-host-2", "names are suffixed on collision");
+        let m = next_map(&mut rx).await;
+        let took = t0.elapsed();
+        assert_eq!(m.peers.len(), 1);
+        let p = &m.peers[0];
+        assert_eq!((p.id, p.node_key.as_str(), p.online), (nb.id, nb.node_key.as_str(), false));
+        assert_eq!(p.allowed_ips, vec![format!("{}/32", nb.ipv4), format!("{}/128", nb.ipv6)]);
+        assert_eq!(p.endpoints, vec!["192.0.2.1:41641".to_string()]);
+        assert!(took < Duration::from_secs(1), "change took {took:?}");
+        eprintln!("registration to map update: {took:?}");
+
+        // Removal reaches the stream too.
+        let t0 = Instant::now();
+        let _: serde_json::Value = c
+            .json(hyper::Method::DELETE, &format!("/api/v1/admin/nodes/{}", nb.name), None::<&()>, Some(&token))
+            .await
+            .unwrap();
+        let m = next_map(&mut rx).await;
+        assert!(m.peers.is_empty());
+        assert!(t0.elapsed() < Duration::from_secs(1));
+    });
+    drop(server);
+    // Everything acknowledged is there after a restart; no new admin token.
+    let server = start(&dir);
+    assert!(server.token.is_none());
+    let c = Client::new(server.url.clone());
+    rt.block_on(async {
+        let nodes = admin_nodes(&c, &token).await;
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].name, "alpha-host");
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tailnet_api_bad_input_is_refused_and_nothing_stored() {
+    let dir = state_dir("api-bad");
+    let server = start(&dir);
+    let token = server.token.clone().unwrap();
+    let c = Client::new(server.url.clone());
+    rt().block_on(async {
+        let post = |path: &'static str, body: &'static [u8], bearer: Option<String>| {
+            let c = c.clone();
+            async move { c.raw(hyper::Method::POST, path, body.to_vec(), bearer.as_deref()).await.unwrap() }
+        };
+        // Malformed JSON, wrong shapes.
+        let (s, b) = post("/api/v1/register", b"{not json", None).await;
+        assert_json_error(s, &b, 400, "bad_request");
+        let (s, b) = post("/api/v1/register", br#"{"auth_key": 5}"#, None).await;
+        assert_json_error(s, &b, 400, "bad_request");
+        let (s, b) = post("/api/v1/map", b"[]", None).await;
+        assert_json_error(s, &b, 400, "bad_request");
+        let big: &'static [u8] = Box::leak(vec![b' '; 100 * 1024].into_boxed_slice());
+        let (s, b) = post("/api/v1/register", big, None).await;
+        assert_json_error(s, &b, 413, "too_large");
+        let (s, b) = c.raw(hyper::Method::GET, "/api/v1/nope", vec![], None).await.unwrap();
+        assert_json_error(s, &b, 404, "not_found");
+        let (s, b) = c.raw(hyper::Method::GET, "/api/v1/register", vec![], None).await.unwrap();
+        assert_json_error(s, &b, 405, "method_not_allowed");
+
+        // Admin calls without or with a wrong token.
+        let (s, b) = post("/api/v1/admin/keys", b"{}", None).await;
+        assert_json_error(s, &b, 401, "unauthorized");
+        let (s, b) = post("/api/v1/admin/keys", b"{}", Some("wmadmin-wrong".into())).await;
+        assert_json_error(s, &b, 401, "unauthorized");
+        let (s, b) = post("/api/v1/admin/keys", b"{\"reusable\": \"yes\"}", Some(token.clone())).await;
+        assert_json_error(s, &b, 400, "bad_request");
+        let (s, b) = post("/api/v1/admin/keys", b"{\"tags\": [\"web\"]}", Some(token.clone())).await;
+        assert_json_error(s, &b, 400, "bad_request");
+        let keys: Vec<proto::AuthKeyInfo> =
+            c.json(hyper::Method::GET, "/api/v1/admin/keys", None::<&()>, Some(&token)).await.unwrap();
+        assert!(keys.is_empty(), "refused key requests stored nothing");
+
+        // A one-off key registers once.
+        let key = new_key(&c, &token, false).await;
+        let a = TestNode::new(1);
+        a.register(&c, &key, "a").await.unwrap();
+        let b = TestNode::new(2);
+        match b.register(&c, &key, "b").await {
+            Err(ClientError::Api { status: 401, body }) => assert_eq!(body.code, "key_spent"),
+            other => panic!("spent key accepted: {other:?}"),
+        }
+        // Unknown key.
+        match b.register(&c, "wmkey-00", "b").await {
+            Err(ClientError::Api { status: 401, body }) => assert_eq!(body.code, "invalid_auth_key"),
+            other => panic!("unknown key accepted: {other:?}"),
+        }
+
+        let key = new_key(&c, &token, true).await;
+        // A forged registration: signed by another machine key.
+        let mut req = b.register_req(&c, &key, "b").await;
+        req.machine_key = TestNode::new(3).machine.public_hex();
+        let (s, body) = c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+        assert_json_error(s, &body, 401, "bad_signature");
+        // A replayed one: the challenge is good once.
+        let req = b.register_req(&c, &key, "b").await;
+        let bytes = serde_json::to_vec(&req).unwrap();
+        let (s, _) = c.raw(hyper::Method::POST, "/api/v1/register", bytes.clone(), None).await.unwrap();
+        assert_eq!(s, 200);
+        let _: serde_json::Value =
+            c.json(hyper::Method::DELETE, "/api/v1/admin/nodes/b", None::<&()>, Some(&token)).await.unwrap();
+        let (s, body) = c.raw(hyper::Method::POST, "/api/v1/register", bytes, None).await.unwrap();
+        assert_json_error(s, &body, 401, "bad_challenge");
+        // A challenge someone made up.
+        let mut req = b.register_req(&c, &key, "b").await;
+        req.challenge = proto::hex(&[0u8; 32]);
+        let (s, body) = c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+        assert_json_error(s, &body, 401, "bad_challenge");
+        // A map stream for a machine the server does not know.
+        let req = TestNode::new(4).map_req(&c).await;
+        let (s, body) = c.raw(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+        assert_json_error(s, &body, 401, "unknown_machine");
+
+        let nodes = admin_nodes(&c, &token).await;
+        assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["a"], "only the good registration");
+        // The server still serves after all that.
+        let (s, _) = c.raw(hyper::Method::GET, "/api/v1/health", vec![], None).await.unwrap();
+        assert_eq!(s, 200);
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tailnet_api_client_refuses_a_server_with_another_certificate() {
+    let dir = state_dir("api-pin");
+    let server = start(&dir);
+    let mut wrong = server.url.clone();
+    wrong.fingerprint[0] ^= 1;
+    let c = Client::new(wrong);
+    rt().block_on(async {
+        match c.challenge().await {
+            Err(ClientError::Transport(e)) => assert!(e.contains("certificate") || e.contains("Certificate"), "{e}"),
+            other => panic!("connected to an unpinned server: {other:?}"),
+        }
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
