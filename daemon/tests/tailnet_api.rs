@@ -41,21 +41,24 @@ fn start(state: &std::path::Path) -> Server {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start wiremeshd control");
-    let (tx, rx) = mpsc::channel();
     let out = child.stdout.take().unwrap();
+    // Owned by the guard from here on, so the child is reaped on every path.
+    let mut server =
+        Server { child, url: ControlUrl { host: String::new(), port: 0, fingerprint: [0; 32] }, token: None };
+    let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let mut token = None;
     loop {
         let line = rx.recv_timeout(Duration::from_secs(30)).expect("control server did not start");
         if let Some(t) = line.strip_prefix("admin token (shown once, stored hashed): ") {
-            token = Some(t.to_string());
+            server.token = Some(t.to_string());
         }
         if let Some(u) = line.strip_prefix("control URL: ") {
-            return Server { child, url: u.parse().unwrap(), token };
+            server.url = u.parse().unwrap();
+            return server;
         }
     }
 }
@@ -114,7 +117,8 @@ async fn admin_nodes(c: &Client, token: &str) -> Vec<NodeInfo> {
 
 async fn new_key(c: &Client, token: &str, reusable: bool) -> String {
     let req = proto::CreateKeyRequest { reusable, ..Default::default() };
-    let k: proto::CreatedKey = c.json(hyper::Method::POST, "/api/v1/admin/keys", Some(&req), Some(token)).await.unwrap();
+    let k: proto::CreatedKey =
+        c.json(hyper::Method::POST, "/api/v1/admin/keys", Some(&req), Some(token)).await.unwrap();
     k.key
 }
 
@@ -148,7 +152,7 @@ fn stream_lines(mut body: hyper::body::Incoming) -> tokio::sync::mpsc::Unbounded
 async fn next_map(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StreamMessage>) -> proto::NetworkMap {
     loop {
         match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a map within 5s") {
-            Some(StreamMessage::Map(m)) => return m,
+            Some(StreamMessage::Map(m)) => return *m,
             Some(StreamMessage::Keepalive) => continue,
             other => panic!("unexpected stream message {other:?}"),
         }
@@ -276,7 +280,8 @@ fn tailnet_api_bad_input_is_refused_and_nothing_stored() {
         // A forged registration: signed by another machine key.
         let mut req = b.register_req(&c, &key, "b").await;
         req.machine_key = TestNode::new(3).machine.public_hex();
-        let (s, body) = c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+        let (s, body) =
+            c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
         assert_json_error(s, &body, 401, "bad_signature");
         // A replayed one: the challenge is good once.
         let req = b.register_req(&c, &key, "b").await;
@@ -290,11 +295,13 @@ fn tailnet_api_bad_input_is_refused_and_nothing_stored() {
         // A challenge someone made up.
         let mut req = b.register_req(&c, &key, "b").await;
         req.challenge = proto::hex(&[0u8; 32]);
-        let (s, body) = c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+        let (s, body) =
+            c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
         assert_json_error(s, &body, 401, "bad_challenge");
         // A map stream for a machine the server does not know.
         let req = TestNode::new(4).map_req(&c).await;
-        let (s, body) = c.raw(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+        let (s, body) =
+            c.raw(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
         assert_json_error(s, &body, 401, "unknown_machine");
 
         let nodes = admin_nodes(&c, &token).await;

@@ -313,7 +313,10 @@ fn tailnet_three_nodes_reach_each_other_and_lose_a_removed_node() {
     assert!(human.contains("beta.wiremesh.internal") && human.contains("online"), "{human}");
     let out = nodes[1].cli(&["whois", &nodes[2].ipv4()]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.starts_with("gamma.wiremesh.internal") && text.contains("owner admin"), "{text}");
+    assert!(
+        out.status.success() && text.starts_with("gamma.wiremesh.internal") && text.contains("owner admin"),
+        "{text}"
+    );
 
     // A one-off key cannot register twice.
     let once = lab.new_key(false);
@@ -345,7 +348,12 @@ fn tailnet_three_nodes_reach_each_other_and_lose_a_removed_node() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let t0 = Instant::now();
     for n in &nodes {
-        wait_until(Duration::from_secs(2), "delta gone from wg show", || !n.wg_peers().contains(&delta_key), || n.log());
+        wait_until(
+            Duration::from_secs(2),
+            "delta gone from wg show",
+            || !n.wg_peers().contains(&delta_key),
+            || n.log(),
+        );
     }
     eprintln!("removed node gone from every wg show after {:?}", t0.elapsed());
     let out = delta.proc.as_ref().unwrap().out.clone();

@@ -116,12 +116,15 @@ impl Client {
         bearer: Option<&str>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
         let connect = async {
-            let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port)).await.map_err(transport)?;
+            let tcp =
+                tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port)).await.map_err(transport)?;
             let _ = tcp.set_nodelay(true);
             self.tls.connect(tls::server_name(), tcp).await.map_err(transport)
         };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect).await.map_err(|_| transport("connect timed out"))??;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
+        let stream =
+            tokio::time::timeout(CONNECT_TIMEOUT, connect).await.map_err(|_| transport("connect timed out"))??;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });

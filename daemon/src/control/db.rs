@@ -12,10 +12,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 /// The schema, one step per version. Never edit a released step; add one.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (
-        1,
-        "CREATE TABLE tailnet (
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE tailnet (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             domain TEXT NOT NULL,
             ula_prefix BLOB NOT NULL,
@@ -53,8 +52,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
             created_at INTEGER NOT NULL,
             last_seen INTEGER NOT NULL
         );",
-    ),
-];
+)];
 
 /// The IPv4 range nodes get addresses from (RFC 6598 shared address space).
 pub const IPV4_BASE: u32 = u32::from_be_bytes([100, 64, 0, 0]);
@@ -196,8 +194,10 @@ pub fn pick_ipv4(next: u32, mut used: impl FnMut(u32) -> bool) -> Option<u32> {
 }
 
 fn check_tag(tag: &str) -> Result<(), ApiError> {
-    let name = tag.strip_prefix("tag:").ok_or_else(|| ApiError::bad_request(format!("tag {tag:?} must start with tag:")))?;
-    if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    let name =
+        tag.strip_prefix("tag:").ok_or_else(|| ApiError::bad_request(format!("tag {tag:?} must start with tag:")))?;
+    if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         return Err(ApiError::bad_request(format!("tag {tag:?} must be tag: and 1-63 letters, digits, - or _")));
     }
     Ok(())
@@ -242,7 +242,9 @@ impl Db {
                 // RFC 4193 §3.2: fd00::/8 and a random 40-bit global ID.
                 let mut ula_prefix = [0u8; 6];
                 ula_prefix[0] = 0xfd;
-                SystemRandom::new().fill(&mut ula_prefix[1..]).map_err(|_| ApiError::internal("no randomness".into()))?;
+                SystemRandom::new()
+                    .fill(&mut ula_prefix[1..])
+                    .map_err(|_| ApiError::internal("no randomness".into()))?;
                 let tailnet = Tailnet { domain: "wiremesh.internal".into(), ula_prefix };
                 tx.execute(
                     "INSERT INTO tailnet (id, domain, ula_prefix, next_ipv4, created_at) VALUES (1, ?1, ?2, ?3, ?4)",
@@ -313,10 +315,7 @@ impl Db {
     }
 
     fn auth_key(&self, id: i64) -> Result<Option<AuthKeyInfo>, ApiError> {
-        self.conn
-            .query_row(&format!("{KEY_SELECT} WHERE id = ?1"), [id], key_row)
-            .optional()
-            .map_err(internal)
+        self.conn.query_row(&format!("{KEY_SELECT} WHERE id = ?1"), [id], key_row).optional().map_err(internal)
     }
 
     /// Every auth key, by id.
@@ -330,7 +329,10 @@ impl Db {
     pub fn revoke_auth_key(&mut self, id: i64) -> Result<bool, ApiError> {
         let n = self
             .conn
-            .execute("UPDATE auth_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL", params![id, unix_now()])
+            .execute(
+                "UPDATE auth_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, unix_now()],
+            )
             .map_err(internal)?;
         Ok(n > 0 || self.auth_key(id)?.is_some())
     }
@@ -642,14 +644,21 @@ mod tests {
         assert_ne!(hash_secret("abc"), hash_secret("abd"));
         // Neither secret appears anywhere in the store; their hashes do.
         let dump: Vec<Vec<u8>> = {
-            let mut st = db.conn.prepare("SELECT key_hash FROM auth_keys UNION ALL SELECT token_hash FROM admin_tokens").unwrap();
+            let mut st = db
+                .conn
+                .prepare("SELECT key_hash FROM auth_keys UNION ALL SELECT token_hash FROM admin_tokens")
+                .unwrap();
             st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
         };
         assert!(dump.contains(&hash_secret(&key).to_vec()));
         assert!(dump.contains(&hash_secret(&admin).to_vec()));
         let text: i64 = db
             .conn
-            .query_row("SELECT COUNT(*) FROM auth_keys WHERE prefix = ?1 OR prefix LIKE ?2", params![key, format!("{}%", &key[..20])], |r| r.get(0))
+            .query_row(
+                "SELECT COUNT(*) FROM auth_keys WHERE prefix = ?1 OR prefix LIKE ?2",
+                params![key, format!("{}%", &key[..20])],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(text, 0, "the prefix column holds only the first 14 characters");
     }

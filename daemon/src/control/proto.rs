@@ -123,7 +123,7 @@ pub struct NetworkMap {
 #[serde(rename_all = "snake_case")]
 pub enum StreamMessage {
     /// The full map.
-    Map(NetworkMap),
+    Map(Box<NetworkMap>),
     /// Nothing changed; the connection is alive.
     Keepalive,
     /// The stream ends for this reason (for example the node was removed).

@@ -154,7 +154,8 @@ impl App {
 
     /// Takes a challenge out (each is good once) and checks it is current.
     fn consume_challenge(&self, hex: &str) -> Result<[u8; 32], ApiError> {
-        let c = proto::unhex::<32>(hex).ok_or_else(|| ApiError::bad_request("challenge must be 64 hex digits".into()))?;
+        let c =
+            proto::unhex::<32>(hex).ok_or_else(|| ApiError::bad_request("challenge must be 64 hex digits".into()))?;
         match lock(&self.challenges).remove(&c) {
             Some(expiry) if expiry > Instant::now() => Ok(c),
             _ => Err(ApiError::new(401, "bad_challenge", "unknown, used or expired challenge")),
@@ -194,8 +195,9 @@ async fn serve(opts: &Options) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", opts.state.display()))?;
     let identity = tls::load_or_create(&opts.state)?;
     let (db, token) = Db::open(&opts.state).map_err(|e| e.to_string())?;
-    let listener =
-        tokio::net::TcpListener::bind(opts.listen).await.map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let fp = proto::hex(&identity.fingerprint);
     std::fs::write(opts.state.join("cert.sha256"), format!("{fp}\n")).map_err(|e| e.to_string())?;
@@ -394,7 +396,8 @@ async fn register(app: Arc<App>, r: proto::RegisterRequest) -> Result<Response<B
     check_endpoints(&r.endpoints)?;
     let challenge = app.consume_challenge(&r.challenge)?;
     verify(&machine_key, &proto::register_message(&challenge, &app.fingerprint, &r), &r.signature)?;
-    let reg = Registration { auth_key: r.auth_key, machine_key, node_key, hostname: r.hostname, endpoints: r.endpoints };
+    let reg =
+        Registration { auth_key: r.auth_key, machine_key, node_key, hostname: r.hostname, endpoints: r.endpoints };
     let node = app.with_db(move |db| db.register(&reg)).await?;
     app.publish();
     Ok(json_response(200, &node))
@@ -482,7 +485,7 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body
                         l.self_node == map.self_node && l.peers == map.peers && l.filter == map.filter
                     });
                     if !unchanged {
-                        if tx.send(line(&StreamMessage::Map(map.clone()))).await.is_err() {
+                        if tx.send(line(&StreamMessage::Map(Box::new(map.clone())))).await.is_err() {
                             break;
                         }
                         last = Some(map);
@@ -500,10 +503,10 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body
             }
         }
     });
-    Ok(Response::builder()
+    Response::builder()
         .status(200)
         .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
         .header(hyper::header::CACHE_CONTROL, "no-store")
         .body(BodyExt::boxed(ChannelBody(rx)))
-        .map_err(|e| ApiError::internal(e.to_string()))?)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }

@@ -114,10 +114,8 @@ pub fn run(opts: Options) -> Result<(), String> {
         .name("uapi".into())
         .spawn(move || serve_uapi(listener, Limits::default(), move |req| uapi_control.uapi(req)))
         .map_err(|e| e.to_string())?;
-    let worker = std::thread::Builder::new()
-        .name("dataplane".into())
-        .spawn(move || worker.run())
-        .map_err(|e| e.to_string())?;
+    let worker =
+        std::thread::Builder::new().name("dataplane".into()).spawn(move || worker.run()).map_err(|e| e.to_string())?;
 
     let agent = Arc::new(Agent {
         client: Client::new(opts.control.clone()),
@@ -162,7 +160,12 @@ impl Agent {
                 tokio::spawn(async move { me.serve_local(stream).await });
             }
         });
-        println!("node agent on {} (port {}), local API {}", self.opts.tun, self.listen_port, self.opts.socket.display());
+        println!(
+            "node agent on {} (port {}), local API {}",
+            self.opts.tun,
+            self.listen_port,
+            self.opts.socket.display()
+        );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
         tokio::select! {
@@ -235,7 +238,7 @@ impl Agent {
                 match serde_json::from_slice::<StreamMessage>(&line) {
                     Ok(StreamMessage::Map(map)) => {
                         *got_map = true;
-                        if let Err(e) = self.apply(map) {
+                        if let Err(e) = self.apply(*map) {
                             eprintln!("wiremeshd node: cannot apply the map: {e}");
                         }
                     }
@@ -442,9 +445,7 @@ pub fn local_endpoints(port: u16, tun: &str) -> Vec<String> {
             IpAddr::V4(a) if !a.is_loopback() && !a.is_unspecified() && (u32::from(a) >> 22) != (100 << 2 | 1) => {
                 v4.push(SocketAddr::new(ip, port).to_string())
             }
-            IpAddr::V6(a)
-                if !a.is_loopback() && !a.is_unspecified() && (a.segments()[0] & 0xffc0) != 0xfe80 =>
-            {
+            IpAddr::V6(a) if !a.is_loopback() && !a.is_unspecified() && (a.segments()[0] & 0xffc0) != 0xfe80 => {
                 v6.push(SocketAddr::new(ip, port).to_string())
             }
             _ => {}
