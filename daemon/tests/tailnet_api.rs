@@ -33,9 +33,14 @@ fn state_dir(tag: &str) -> PathBuf {
 }
 
 fn start(state: &std::path::Path) -> Server {
+    start_with(state, &[])
+}
+
+fn start_with(state: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
         .args(["control", "--listen", "127.0.0.1:0", "--state"])
         .arg(state)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -326,6 +331,49 @@ fn tailnet_api_client_refuses_a_server_with_another_certificate() {
             Err(ClientError::Transport(e)) => assert!(e.contains("certificate") || e.contains("Certificate"), "{e}"),
             other => panic!("connected to an unpinned server: {other:?}"),
         }
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tailnet_api_ephemeral_nodes_go_soon_after_they_go_offline() {
+    let dir = state_dir("api-ephemeral");
+    let server = start_with(&dir, &["--ephemeral-grace-secs", "1"]);
+    let token = server.token.clone().unwrap();
+    let c = Client::new(server.url.clone());
+    rt().block_on(async {
+        let req = proto::CreateKeyRequest { ephemeral: true, ..Default::default() };
+        let k: proto::CreatedKey =
+            c.json(hyper::Method::POST, "/api/v1/admin/keys", Some(&req), Some(&token)).await.unwrap();
+        assert!(k.info.ephemeral);
+        let e = TestNode::new(1);
+        let ne = e.register(&c, &k.key, "eph").await.unwrap();
+        assert!(ne.ephemeral);
+        let keep = TestNode::new(2);
+        keep.register(&c, &new_key(&c, &token, false).await, "keep").await.unwrap();
+        let req = serde_json::to_vec(&e.map_req(&c).await).unwrap();
+        let resp = c.send(hyper::Method::POST, "/api/v1/map", req, None).await.unwrap();
+        let mut body = resp.into_body();
+        assert!(body.frame().await.is_some());
+        // Online for longer than the grace period: kept.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let nodes = admin_nodes(&c, &token).await;
+        assert_eq!(nodes.len(), 2);
+        assert!(nodes.iter().any(|n| n.id == ne.id && n.online));
+        // Offline: removed after the grace period; the other node stays.
+        drop(body);
+        let t0 = Instant::now();
+        loop {
+            let nodes = admin_nodes(&c, &token).await;
+            if nodes.len() == 1 {
+                assert_eq!(nodes[0].name, "keep");
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "ephemeral node still there: {nodes:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("ephemeral node removed {:?} after its stream closed (grace 1s)", t0.elapsed());
     });
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);

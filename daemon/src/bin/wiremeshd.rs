@@ -38,6 +38,9 @@ enum Command {
         /// State directory (SQLite database, TLS certificate).
         #[arg(long)]
         state: PathBuf,
+        /// Seconds an ephemeral node may stay offline before it is removed.
+        #[arg(long, default_value_t = 30)]
+        ephemeral_grace_secs: u64,
     },
     /// The node agent: joins the tailnet and keeps the data plane on its map.
     Node {
@@ -74,8 +77,9 @@ const READY_FD_ENV: &str = "WIREMESHD_READY_FD";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Control { listen, state } => {
-            let opts = wiremesh_daemon::control::server::Options { listen, state };
+        Command::Control { listen, state, ephemeral_grace_secs } => {
+            let ephemeral_grace = std::time::Duration::from_secs(ephemeral_grace_secs);
+            let opts = wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace };
             exit(wiremesh_daemon::control::server::run(&opts))
         }
         Command::Node { control, auth_key, hostname, state, tun, listen_port, mtu, socket } => {

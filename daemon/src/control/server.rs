@@ -48,6 +48,8 @@ pub struct Options {
     pub listen: SocketAddr,
     /// State directory (database, certificate).
     pub state: PathBuf,
+    /// How long an ephemeral node may stay offline before it is removed.
+    pub ephemeral_grace: Duration,
 }
 
 /// The tailnet as of one change.
@@ -69,6 +71,7 @@ pub struct App {
     publish_lock: Mutex<()>,
     version: AtomicU64,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    ephemeral_grace: Duration,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -80,7 +83,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl App {
     /// Wraps an open store.
-    pub fn new(db: Db, fingerprint: [u8; 32]) -> Arc<App> {
+    pub fn new(db: Db, fingerprint: [u8; 32], ephemeral_grace: Duration) -> Arc<App> {
         let tailnet = db.tailnet().clone();
         // Versions start at the clock so they keep growing across restarts.
         let start = std::time::SystemTime::now()
@@ -97,9 +100,33 @@ impl App {
             publish_lock: Mutex::new(()),
             version: AtomicU64::new(start),
             snapshot,
+            ephemeral_grace,
         });
         app.publish();
         app
+    }
+
+    /// Removes ephemeral node `id` if it is still offline after the grace period.
+    /// Needs a Tokio runtime.
+    fn expire_if_offline(self: &Arc<Self>, id: i64) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(app.ephemeral_grace).await;
+            if lock(&app.presence).contains_key(&id) {
+                return;
+            }
+            let removed = app
+                .with_db(move |db| match db.node(id)? {
+                    Some(n) if n.ephemeral => db.remove_node(&id.to_string()),
+                    _ => Ok(None),
+                })
+                .await;
+            match removed {
+                Ok(Some(_)) => app.publish(),
+                Ok(None) => {}
+                Err(e) => eprintln!("wiremeshd control: cannot remove ephemeral node {id}: {e}"),
+            }
+        });
     }
 
     /// Rebuilds the snapshot from the store and wakes every map stream.
@@ -201,7 +228,11 @@ async fn serve(opts: &Options) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let fp = proto::hex(&identity.fingerprint);
     std::fs::write(opts.state.join("cert.sha256"), format!("{fp}\n")).map_err(|e| e.to_string())?;
-    let app = App::new(db, identity.fingerprint);
+    let app = App::new(db, identity.fingerprint, opts.ephemeral_grace);
+    // Ephemeral nodes left from before a restart go unless they come back.
+    for n in app.snapshot().nodes.iter().filter(|n| n.ephemeral) {
+        app.expire_if_offline(n.id);
+    }
     {
         let mut out = std::io::stdout().lock();
         if let Some(token) = token {
@@ -419,16 +450,24 @@ impl Presence {
 
 impl Drop for Presence {
     fn drop(&mut self) {
-        {
+        let offline = {
             let mut p = lock(&self.app.presence);
-            if let Some(c) = p.get_mut(&self.id) {
-                *c -= 1;
-                if *c == 0 {
+            match p.get_mut(&self.id) {
+                Some(c) if *c > 1 => {
+                    *c -= 1;
+                    false
+                }
+                _ => {
                     p.remove(&self.id);
+                    true
                 }
             }
-        }
+        };
         self.app.publish();
+        let ephemeral = self.app.snapshot().nodes.iter().any(|n| n.id == self.id && n.ephemeral);
+        if offline && ephemeral {
+            self.app.expire_if_offline(self.id);
+        }
     }
 }
 
