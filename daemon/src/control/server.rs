@@ -7,7 +7,7 @@
 //! differs from the last one sent.
 
 use super::db::{self, Db, Registration, Tailnet};
-use super::proto::{self, NetworkMap, NodeInfo, StreamMessage};
+use super::proto::{self, NodeInfo, StreamMessage};
 use super::{tls, ApiError};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -59,6 +59,9 @@ pub struct Snapshot {
     pub version: u64,
     /// Every node, with presence filled in.
     pub nodes: Vec<NodeInfo>,
+    /// Each node serialized once, so a map is built by copying bytes
+    /// rather than serializing every peer again for every node.
+    pub json: Vec<String>,
 }
 
 /// The server's shared state.
@@ -145,8 +148,9 @@ impl App {
                 n.online = presence.get(&n.id).is_some_and(|c| *c > 0);
             }
         }
+        let json = nodes.iter().map(|n| serde_json::to_string(n).unwrap_or_default()).collect();
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
-        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes }));
+        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json }));
     }
 
     /// The current snapshot.
@@ -189,17 +193,38 @@ impl App {
         }
     }
 
-    fn map_for(&self, snap: &Snapshot, id: i64) -> Option<NetworkMap> {
-        let self_node = snap.nodes.iter().find(|n| n.id == id)?.clone();
-        let peers = snap.nodes.iter().filter(|n| n.id != id).cloned().collect();
-        Some(NetworkMap {
-            version: snap.version,
-            domain: self.tailnet.domain.clone(),
-            self_node,
-            peers,
-            filter: proto::FilterRule::allow_all(),
-        })
+    /// The JSON of node `id`'s map without its version (what decides whether
+    /// it changed), or `None` if the node is gone.
+    pub fn map_body(&self, snap: &Snapshot, id: i64) -> Option<String> {
+        let me = snap.nodes.iter().position(|n| n.id == id)?;
+        let domain = serde_json::to_string(&self.tailnet.domain).unwrap_or_default();
+        let filter = serde_json::to_string(&proto::FilterRule::allow_all()).unwrap_or_default();
+        let size: usize = snap.json.iter().map(|j| j.len() + 1).sum();
+        let mut s = String::with_capacity(size + domain.len() + filter.len() + 64);
+        s.push_str("\"domain\":");
+        s.push_str(&domain);
+        s.push_str(",\"self\":");
+        s.push_str(&snap.json[me]);
+        s.push_str(",\"peers\":[");
+        let mut first = true;
+        for (i, j) in snap.json.iter().enumerate() {
+            if i != me {
+                if !first {
+                    s.push(',');
+                }
+                first = false;
+                s.push_str(j);
+            }
+        }
+        s.push_str("],\"filter\":");
+        s.push_str(&filter);
+        Some(s)
     }
+}
+
+/// One stream line carrying a map: `{"map":{"version":V,<body>}}`.
+fn map_line(version: u64, body: &str) -> Bytes {
+    Bytes::from(format!("{{\"map\":{{\"version\":{version},{body}}}}}\n"))
 }
 
 /// Runs the server until SIGTERM or SIGINT.
@@ -510,24 +535,21 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body
     let mut changes = app.snapshot.subscribe();
     tokio::spawn(async move {
         let _presence = presence;
-        let mut last: Option<NetworkMap> = None;
+        let mut last: Option<String> = None;
         loop {
             let snap = changes.borrow_and_update().clone();
-            match app.map_for(&snap, id) {
+            match app.map_body(&snap, id) {
                 None => {
                     let err = ApiError::new(410, "node_removed", "this node was removed from the tailnet");
                     let _ = tx.send(line(&StreamMessage::Error(err.body()))).await;
                     break;
                 }
-                Some(map) => {
-                    let unchanged = last.as_ref().is_some_and(|l| {
-                        l.self_node == map.self_node && l.peers == map.peers && l.filter == map.filter
-                    });
-                    if !unchanged {
-                        if tx.send(line(&StreamMessage::Map(Box::new(map.clone())))).await.is_err() {
+                Some(body) => {
+                    if last.as_deref() != Some(body.as_str()) {
+                        if tx.send(map_line(snap.version, &body)).await.is_err() {
                             break;
                         }
-                        last = Some(map);
+                        last = Some(body);
                     }
                 }
             }
@@ -548,4 +570,41 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body
         .header(hyper::header::CACHE_CONTROL, "no-store")
         .body(BodyExt::boxed(ChannelBody(rx)))
         .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::proto::NetworkMap;
+
+    #[test]
+    fn hand_built_map_lines_decode_to_the_maps() {
+        let (mut db, _) = Db::open_in_memory().unwrap();
+        let (key, _) = db.create_auth_key(true, false, &["tag:x".into()], None).unwrap();
+        for n in 1..=3u8 {
+            let reg = Registration {
+                auth_key: key.clone(),
+                machine_key: [n; 32],
+                node_key: [n + 10; 32],
+                hostname: format!("h\"{n}"),
+                endpoints: vec![format!("192.0.2.{n}:1")],
+            };
+            db.register(&reg).unwrap();
+        }
+        let app = App::new(db, [0; 32], Duration::from_secs(1));
+        let snap = app.snapshot();
+        for node in &snap.nodes {
+            let line = map_line(snap.version, &app.map_body(&snap, node.id).unwrap());
+            let StreamMessage::Map(map) = serde_json::from_slice(&line).unwrap() else { panic!("not a map") };
+            let want = NetworkMap {
+                version: snap.version,
+                domain: "wiremesh.internal".into(),
+                self_node: node.clone(),
+                peers: snap.nodes.iter().filter(|n| n.id != node.id).cloned().collect(),
+                filter: proto::FilterRule::allow_all(),
+            };
+            assert_eq!(*map, want);
+        }
+        assert!(app.map_body(&snap, 99).is_none());
+    }
 }
