@@ -1,11 +1,11 @@
-//! Load benchmark (not a timed test; `#[ignore]`d): N simulated nodes
+//! Load benchmark (a bench target, not a test): N simulated nodes
 //! register with a real `wiremeshd control` on loopback and all hold map
 //! streams; then one more node registers and we measure how long until every
 //! stream has it, the bytes of one full map, and the server's memory per
 //! streaming node. Run with
 //!
 //! ```sh
-//! WIREMESH_LOAD_NODES=100,1000 cargo test -p wiremesh-daemon --release --test tailnet_load -- --ignored --nocapture
+//! WIREMESH_LOAD_NODES=100,1000 cargo bench -p wiremesh-daemon --bench tailnet_load
 //! ```
 
 use http_body_util::BodyExt;
@@ -101,9 +101,7 @@ async fn follow(
     }
 }
 
-#[test]
-#[ignore = "benchmark; run by hand with --ignored --nocapture"]
-fn tailnet_load_streaming_nodes() {
+fn main() {
     let sizes: Vec<usize> = std::env::var("WIREMESH_LOAD_NODES")
         .unwrap_or_else(|_| "100".into())
         .split(',')
