@@ -52,10 +52,8 @@ pub fn run(opts: &Options, ready: impl FnOnce()) -> Result<(), String> {
             }
         })
         .map_err(|e| e.to_string())?;
-    let worker = std::thread::Builder::new()
-        .name("dataplane".into())
-        .spawn(move || worker.run())
-        .map_err(|e| e.to_string())?;
+    let worker =
+        std::thread::Builder::new().name("dataplane".into()).spawn(move || worker.run()).map_err(|e| e.to_string())?;
     ready();
     let result = worker.join().map_err(|_| "data plane thread panicked".to_string())?;
     // Dropping the socket removes its file; the TUN device goes with the worker.

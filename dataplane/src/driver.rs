@@ -430,9 +430,11 @@ impl Worker {
         }
         let fd = self.tun.as_raw_fd();
         let slot = &mut self.tun_slots[i];
-        let e = opcode::Read::new(types::Fd(fd), slot.read.as_mut_ptr(), TUN_BUF as u32)
-            .build()
-            .user_data(user_data(KIND_TUN_READ, i, 0));
+        let e = opcode::Read::new(types::Fd(fd), slot.read.as_mut_ptr(), TUN_BUF as u32).build().user_data(user_data(
+            KIND_TUN_READ,
+            i,
+            0,
+        ));
         // SAFETY: slot i's read buffer is not touched until this read completes
         // (the slot has no other operation in flight: pending == 0).
         unsafe { self.push(e) };
@@ -444,7 +446,8 @@ impl Worker {
         }
         self.tun_poll_armed = true;
         let fd = self.tun.as_raw_fd();
-        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(user_data(KIND_TUN_POLL, 0, 0));
+        let e =
+            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(user_data(KIND_TUN_POLL, 0, 0));
         // SAFETY: a poll points to no memory.
         unsafe { self.push(e) };
     }
@@ -483,9 +486,8 @@ impl Worker {
         let ptr = slot.buf.as_mut_ptr();
         slot.msg.prepare_recv(ptr, RECV_BUF);
         slot.armed = true;
-        let e = opcode::RecvMsg::new(types::Fd(fd), &mut slot.msg.hdr)
-            .build()
-            .user_data(user_data(KIND_UDP_RECV, i, 0));
+        let e =
+            opcode::RecvMsg::new(types::Fd(fd), &mut slot.msg.hdr).build().user_data(user_data(KIND_UDP_RECV, i, 0));
         // SAFETY: the slot's buffer and msghdr live in a boxed slice that never
         // moves and are not touched until the completion.
         unsafe { self.push(e) };
@@ -648,9 +650,11 @@ impl Worker {
             let ptr = slot.tx[off..].as_mut_ptr();
             slot.msgs[g].prepare_send(&self.udp, ptr, total, dest, seg);
             slot.groups.push((off, total, stride, dest));
-            let e = opcode::SendMsg::new(types::Fd(fd), &slot.msgs[g].hdr)
-                .build()
-                .user_data(user_data(KIND_UDP_SEND, i, g));
+            let e = opcode::SendMsg::new(types::Fd(fd), &slot.msgs[g].hdr).build().user_data(user_data(
+                KIND_UDP_SEND,
+                i,
+                g,
+            ));
             slot.pending += 1;
             self.stats.udp_sends.fetch_add(1, Ordering::Relaxed);
             // SAFETY: tx and msgs of slot i stay untouched until every send of
@@ -738,7 +742,11 @@ impl Worker {
                     slot.packets.push(packet);
                 } else {
                     // Beyond what one receive can hold in practice: write it now.
-                    let (ws, wl) = if vnet { (packet.start - VirtioNetHdr::LEN, packet.len + VirtioNetHdr::LEN) } else { (packet.start, packet.len) };
+                    let (ws, wl) = if vnet {
+                        (packet.start - VirtioNetHdr::LEN, packet.len + VirtioNetHdr::LEN)
+                    } else {
+                        (packet.start, packet.len)
+                    };
                     if vnet {
                         slot.buf[ws..packet.start].copy_from_slice(&VirtioNetHdr::NONE.to_bytes());
                     }
@@ -753,7 +761,12 @@ impl Worker {
             coalesce(&mut slot.buf, &slot.packets, &mut slot.groups);
         } else {
             slot.groups.clear();
-            slot.groups.extend((0..slot.packets.len()).map(|k| Group { first: k, count: 1, hdr: VirtioNetHdr::NONE, headers: 0 }));
+            slot.groups.extend((0..slot.packets.len()).map(|k| Group {
+                first: k,
+                count: 1,
+                hdr: VirtioNetHdr::NONE,
+                headers: 0,
+            }));
         }
         let nw = slot.groups.len();
         slot.pending = nw;
@@ -789,9 +802,8 @@ impl Worker {
                     iov_next += 1;
                 }
                 let iov_ptr = slot.iovs[iov0..].as_ptr();
-                entries[g] = Some(
-                    opcode::Writev::new(types::Fd(tun_fd), iov_ptr, group.count as u32).build().user_data(ud),
-                );
+                entries[g] =
+                    Some(opcode::Writev::new(types::Fd(tun_fd), iov_ptr, group.count as u32).build().user_data(ud));
             }
         }
         if self.tun_io == TunIo::Sync {
@@ -856,9 +868,8 @@ impl Worker {
             let ptr = slot.buf.as_mut_ptr();
             slot.msg.prepare_send(&self.udp, ptr, t.len, t.destination, None);
             slot.busy = true;
-            let e = opcode::SendMsg::new(types::Fd(fd), &slot.msg.hdr)
-                .build()
-                .user_data(user_data(KIND_CTRL_SEND, i, 0));
+            let e =
+                opcode::SendMsg::new(types::Fd(fd), &slot.msg.hdr).build().user_data(user_data(KIND_CTRL_SEND, i, 0));
             // SAFETY: the slot is busy (untouched) until this send completes.
             unsafe { self.push(e) };
         }
@@ -929,9 +940,11 @@ impl Worker {
             // Cancel receives on the old socket; their completions re-arm on the new one.
             for i in 0..RECV_SLOTS {
                 if self.recv_slots[i].armed {
-                    let e = opcode::AsyncCancel::new(user_data(KIND_UDP_RECV, i, 0))
-                        .build()
-                        .user_data(user_data(KIND_CANCEL, i, 0));
+                    let e = opcode::AsyncCancel::new(user_data(KIND_UDP_RECV, i, 0)).build().user_data(user_data(
+                        KIND_CANCEL,
+                        i,
+                        0,
+                    ));
                     // SAFETY: a cancel request points to no memory.
                     unsafe { self.push(e) };
                 }
@@ -945,8 +958,8 @@ impl Worker {
         if next.fwmark != self.config.fwmark {
             self.udp.set_fwmark(next.fwmark).map_err(UapiError::PortInUse)?;
         }
-        let key_changed = next.private_key.as_ref().map(|k| k.to_bytes())
-            != self.config.private_key.as_ref().map(|k| k.to_bytes());
+        let key_changed =
+            next.private_key.as_ref().map(|k| k.to_bytes()) != self.config.private_key.as_ref().map(|k| k.to_bytes());
         if key_changed {
             match (&next.private_key, self.device.as_mut()) {
                 (None, _) => self.device = None,
@@ -1063,4 +1076,3 @@ fn transport_padded_len(len: usize, mtu: usize) -> usize {
         padded
     }
 }
-
