@@ -60,6 +60,8 @@ const CTRL_SLOTS: usize = 32;
 const CTRL_BUF: usize = 65536 + 64;
 /// The largest UDP payload one GSO send may carry in total.
 const GSO_MAX_BYTES: usize = 65000;
+/// How often the TUN MTU is re-read.
+const MTU_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Completions handled per wakeup before timers and control get a turn.
 const CQE_BATCH: usize = 256;
 
@@ -261,6 +263,11 @@ pub struct Worker {
     free_tun: Vec<usize>,
     tun_poll_armed: bool,
     reading_tun: bool,
+    /// When the TUN device's MTU was last read (it may be changed at any time
+    /// with `ip link set mtu`, and padding must never exceed it).
+    mtu_checked: std::time::Instant,
+    /// Why the worker stopped by itself (the interface was deleted).
+    exit_reason: Option<String>,
 }
 
 impl Worker {
@@ -333,6 +340,8 @@ impl Worker {
             free_tun: Vec::with_capacity(TUN_SLOTS),
             tun_poll_armed: false,
             reading_tun: false,
+            mtu_checked: std::time::Instant::now(),
+            exit_reason: None,
         };
         w.config.listen_port = config.listen_port;
         w.config.fwmark = config.fwmark;
@@ -364,6 +373,9 @@ impl Worker {
         self.arm_eventfd();
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(CQE_BATCH);
         while !self.stop.load(Ordering::Relaxed) {
+            if self.mtu_checked.elapsed() >= MTU_CHECK_INTERVAL {
+                self.refresh_mtu();
+            }
             let now = self.now();
             if let Some(dev) = self.device.as_mut() {
                 if dev.poll_timeout().is_some_and(|t| t <= now) {
@@ -386,7 +398,7 @@ impl Worker {
                 Err(e) => return Err(e),
             }
             self.queued = 0;
-            loop {
+            while !self.stop.load(Ordering::Relaxed) {
                 cqes.clear();
                 cqes.extend(self.ring.completion().take(CQE_BATCH).map(|c| (c.user_data(), c.result(), c.flags())));
                 if cqes.is_empty() {
@@ -402,7 +414,36 @@ impl Worker {
                 }
             }
         }
+        if let Some(reason) = &self.exit_reason {
+            eprintln!("wiremeshd: {reason}; exiting");
+        }
         Ok(())
+    }
+
+    /// Re-reads the TUN MTU; a vanished device stops the worker.
+    fn refresh_mtu(&mut self) {
+        self.mtu_checked = std::time::Instant::now();
+        match self.tun.mtu() {
+            Ok(m) => {
+                let m = m as usize;
+                if m != self.mtu {
+                    self.mtu = m;
+                    if let Some(dev) = self.device.as_mut() {
+                        dev.set_mtu(Some(m));
+                    }
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => self.interface_gone(),
+            Err(_) => {}
+        }
+    }
+
+    /// The TUN device was deleted under us: stop, as wireguard-go does.
+    fn interface_gone(&mut self) {
+        if self.exit_reason.is_none() {
+            self.exit_reason = Some(format!("interface {} was deleted", self.tun.name()));
+        }
+        self.stop.store(true, Ordering::SeqCst);
     }
 
     /// Pushes one entry, submitting first if the queue is full.
@@ -469,6 +510,13 @@ impl Worker {
                 let err = io::Error::last_os_error().raw_os_error().unwrap_or(0);
                 if err != libc::EAGAIN && err != libc::EINTR {
                     self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                    if err == libc::EBADFD || err == libc::EBADF {
+                        self.interface_gone();
+                    } else {
+                        self.refresh_mtu();
+                    }
+                    self.reading_tun = false;
+                    return;
                 }
                 break;
             }
@@ -541,8 +589,17 @@ impl Worker {
             if res != -libc::EAGAIN && res != -libc::EINTR {
                 self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
             }
-            if res == -libc::EBADF {
+            // A detached TUN file answers EBADFD: the link was deleted.
+            if res == -libc::EBADFD || res == -libc::EBADF {
+                self.interface_gone();
                 return;
+            }
+            if res != -libc::EAGAIN && res != -libc::EINTR {
+                // Find out whether the device is still there before re-arming.
+                self.refresh_mtu();
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
             }
             self.arm_tun_read(i);
             return;
