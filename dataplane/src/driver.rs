@@ -198,6 +198,29 @@ pub struct DataplaneStats {
     pub bad_tun_packets: AtomicU64,
 }
 
+impl DataplaneStats {
+    /// One line with every counter and the batching they imply.
+    pub fn summary(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let per = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        format!(
+            "tun_reads={} segments={} ({:.1}/read) udp_sends={} ({:.1} segments/send) udp_recvs={} udp_datagrams={} ({:.1}/recv) tun_writes={} ({:.1} datagrams/write) io_errors={} bad_tun_packets={}",
+            g(&self.tun_reads),
+            g(&self.segments),
+            per(g(&self.segments), g(&self.tun_reads)),
+            g(&self.udp_sends),
+            per(g(&self.segments), g(&self.udp_sends)),
+            g(&self.udp_recvs),
+            g(&self.udp_datagrams),
+            per(g(&self.udp_datagrams), g(&self.udp_recvs)),
+            g(&self.tun_writes),
+            per(g(&self.udp_datagrams), g(&self.tun_writes)),
+            g(&self.io_errors),
+            g(&self.bad_tun_packets),
+        )
+    }
+}
+
 enum ControlMsg {
     Uapi(Request, mpsc::SyncSender<Response>),
 }
@@ -416,6 +439,9 @@ impl Worker {
         }
         if let Some(reason) = &self.exit_reason {
             eprintln!("wiremeshd: {reason}; exiting");
+        }
+        if std::env::var_os("WIREMESH_STATS").is_some() {
+            eprintln!("wiremeshd: data plane counters: {}", self.stats.summary());
         }
         Ok(())
     }
