@@ -47,9 +47,10 @@ pub fn cookie_key(public: &PublicKey) -> [u8; KEY_LEN] {
     hash(&[LABEL_COOKIE, &public.0])
 }
 
-/// The offset of MAC1 in a handshake message: the last 32 bytes are the MACs.
-fn mac1_offset(msg: &[u8]) -> usize {
-    msg.len() - 2 * MAC_LEN
+/// The offset of MAC1 in a handshake message (the last 32 bytes are the
+/// MACs), or `None` for a message too short to carry them.
+fn mac1_offset(msg: &[u8]) -> Option<usize> {
+    msg.len().checked_sub(2 * MAC_LEN)
 }
 
 /// The sending side, one per peer: stamps MAC1 and MAC2 on the handshake
@@ -84,9 +85,10 @@ impl CookieSender {
     }
 
     /// Writes MAC1, and MAC2 if we hold a fresh cookie (zeros otherwise), into
-    /// the last 32 bytes of a complete handshake message.
+    /// the last 32 bytes of a complete handshake message. A message shorter
+    /// than 32 bytes has no room for them and is left as it is.
     pub fn stamp(&mut self, msg: &mut [u8], now: Instant) {
-        let at = mac1_offset(msg);
+        let Some(at) = mac1_offset(msg) else { return };
         let mac1 = mac(&self.mac1_key, &[&msg[..at]]);
         msg[at..at + MAC_LEN].copy_from_slice(&mac1);
         self.last_mac1 = Some(mac1);
@@ -158,7 +160,7 @@ impl CookieChecker {
 
     /// Whether MAC1 of a complete handshake message is valid for our key.
     pub fn check_mac1(&self, msg: &[u8]) -> bool {
-        let at = mac1_offset(msg);
+        let Some(at) = mac1_offset(msg) else { return false };
         let expected = mac(&self.mac1_key, &[&msg[..at]]);
         ct_eq(&expected, &msg[at..at + MAC_LEN])
     }
@@ -177,18 +179,18 @@ impl CookieChecker {
     /// Whether MAC2 of a complete handshake message is valid: made with the
     /// cookie we would give `src` now.
     pub fn check_mac2(&self, msg: &[u8], src: SocketAddr, now: Instant) -> bool {
-        let Some(mut cookie) = self.cookie_for(src, now) else {
+        let (Some(mut cookie), Some(at)) = (self.cookie_for(src, now), mac1_offset(msg)) else {
             return false;
         };
-        let at = mac1_offset(msg) + MAC_LEN;
+        let at = at + MAC_LEN;
         let expected = mac(&cookie, &[&msg[..at]]);
         cookie.zeroize();
         ct_eq(&expected, &msg[at..at + MAC_LEN])
     }
 
     /// A cookie reply to the handshake message `msg` (whose sender index is
-    /// `receiver_index`) received from `src`. Rotates the secret when it is
-    /// older than two minutes.
+    /// `receiver_index`) received from `src`, or `None` if `msg` is too short
+    /// to carry MACs. Rotates the secret when it is older than two minutes.
     pub fn create_reply(
         &mut self,
         msg: &[u8],
@@ -196,7 +198,8 @@ impl CookieChecker {
         src: SocketAddr,
         now: Instant,
         rng: &mut impl rand_core::CryptoRngCore,
-    ) -> CookieReply {
+    ) -> Option<CookieReply> {
+        let at = mac1_offset(msg)?;
         let stale = match self.secret_born {
             None => true,
             Some(born) => now.saturating_duration_since(born) >= COOKIE_SECRET_MAX_AGE,
@@ -208,12 +211,11 @@ impl CookieChecker {
         let mut cookie = self.cookie_for(src, now).expect("secret was just refreshed");
         let mut nonce = [0u8; XNONCE_LEN];
         rng.fill_bytes(&mut nonce);
-        let at = mac1_offset(msg);
         let tag = xaead_seal(&self.cookie_key, &nonce, &msg[at..at + MAC_LEN], &mut cookie);
         let mut encrypted_cookie = [0u8; MAC_LEN + TAG_LEN];
         encrypted_cookie[..MAC_LEN].copy_from_slice(&cookie);
         encrypted_cookie[MAC_LEN..].copy_from_slice(&tag);
-        CookieReply { receiver: receiver_index, nonce, encrypted_cookie }
+        Some(CookieReply { receiver: receiver_index, nonce, encrypted_cookie })
     }
 }
 
@@ -360,6 +362,31 @@ mod rate_limit {
                 self.buckets.retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(1));
                 self.last_sweep = Some(now);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    #[test]
+    fn short_messages_are_refused_not_a_panic() {
+        let pk = PrivateKey::from_bytes([7; 32]).public_key();
+        let mut checker = CookieChecker::new(&pk);
+        let mut sender = CookieSender::new(&pk);
+        let now = Instant::from_nanos(1);
+        for len in 0..32 {
+            let mut msg = [1u8; 32];
+            let msg = &mut msg[..len];
+            assert!(!checker.check_mac1(msg));
+            assert!(!checker.check_mac2(msg, "127.0.0.1:1".parse().unwrap(), now));
+            let mut rng = rand::rngs::OsRng;
+            assert!(checker.create_reply(msg, 0, "127.0.0.1:1".parse().unwrap(), now, &mut rng).is_none());
+            let before = msg.to_vec();
+            sender.stamp(msg, now);
+            assert_eq!(msg, &before[..]);
         }
     }
 }

@@ -681,8 +681,9 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
     /// `buf[HEADROOM..HEADROOM + len]`; `buf` must extend at least
     /// [`TAILROOM`] bytes beyond it. On `Ready` the datagram is `buf[..len]`.
     pub fn encapsulate(&mut self, buf: &mut [u8], len: usize, now: Instant) -> Result<Encapsulated, SendError> {
+        let end = HEADROOM.checked_add(len).ok_or(SendError::BufferTooSmall { needed: usize::MAX })?;
         let packet =
-            buf.get(HEADROOM..HEADROOM + len).ok_or(SendError::BufferTooSmall { needed: HEADROOM + len + TAILROOM })?;
+            buf.get(HEADROOM..end).ok_or(SendError::BufferTooSmall { needed: end.saturating_add(TAILROOM) })?;
         let Some(header) = parse_header(packet) else {
             return Err(self.drop_send(None, DropReason::NotIp));
         };
@@ -738,10 +739,12 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
                 if self.load.on_handshake(now) {
                     if !self.checker.check_mac2(buf, from, now) {
                         let sender = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-                        let reply = self.checker.create_reply(buf, sender, from, now, &mut self.rng);
-                        let mut bytes = [0u8; COOKIE_REPLY_LEN];
-                        reply.emit(&mut bytes);
-                        self.push_control(from, None, &bytes);
+                        // A classified handshake message always has room for its MACs.
+                        if let Some(reply) = self.checker.create_reply(buf, sender, from, now, &mut self.rng) {
+                            let mut bytes = [0u8; COOKIE_REPLY_LEN];
+                            reply.emit(&mut bytes);
+                            self.push_control(from, None, &bytes);
+                        }
                         return Err(self.count_drop(None, DropReason::CookieRequired));
                     }
                     if !self.limiter.allow(from.ip(), now) {

@@ -165,6 +165,9 @@ impl<K: TransportKey> Keypair<K> {
     /// once the tag authenticated.
     #[inline]
     pub fn open(&mut self, datagram: &mut [u8], counter: u64, now: Instant) -> Result<Range<usize>, OpenError> {
+        if datagram.len() < crate::messages::TRANSPORT_MIN_LEN {
+            return Err(OpenError::Decrypt);
+        }
         if self.is_expired(now) {
             return Err(OpenError::Expired);
         }
@@ -275,5 +278,26 @@ impl<K: TransportKey> Keypairs<K> {
             self.previous.take().map(|k| k.local_index),
             self.next.take().map(|k| k.local_index),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Portable;
+
+    #[test]
+    fn short_datagrams_are_refused_not_a_panic() {
+        let keys = SessionKeys { send: [1; 32], receive: [2; 32], local_index: 1, remote_index: 2, initiator: true };
+        let mut kp = Keypair::new::<Portable>(&keys, Instant::ZERO);
+        for len in 0..crate::messages::TRANSPORT_MIN_LEN {
+            let mut d = [0u8; 64];
+            assert_eq!(kp.open(&mut d[..len], 0, Instant::ZERO), Err(OpenError::Decrypt));
+        }
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            kp.seal(&mut buf, 100, None, Instant::ZERO),
+            Err(SealError::BufferTooSmall { needed: 16 + 112 + 16 })
+        );
     }
 }

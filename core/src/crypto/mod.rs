@@ -18,9 +18,9 @@ mod portable;
 #[cfg(feature = "ring")]
 mod ring_provider;
 
-pub use portable::Portable;
+pub use portable::{Portable, PortableKey};
 #[cfg(feature = "ring")]
-pub use ring_provider::Ring;
+pub use ring_provider::{Ring, RingKey};
 
 /// The provider the data plane gets unless it asks for another.
 #[cfg(feature = "ring")]
