@@ -1003,9 +1003,10 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
                 for b in dropped {
                     self.recycle(b);
                 }
-                let identity_clear = self.peer_mut(id);
-                if let Some(i) = identity_clear.handshake.pending_local_index() {
-                    identity_clear.handshake.clear();
+                // The attempt is over: forget the initiation and free its index.
+                let peer = self.peer_mut(id);
+                if let Some(i) = peer.handshake.pending_local_index() {
+                    peer.handshake.clear();
                     self.by_index.remove(&i);
                 }
                 self.push_event(Event::HandshakeGaveUp { peer: id });
