@@ -378,3 +378,138 @@ fn tailnet_api_ephemeral_nodes_go_soon_after_they_go_offline() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+async fn open_map(c: &Client, n: &TestNode) -> tokio::sync::mpsc::UnboundedReceiver<StreamMessage> {
+    let resp = c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&n.map_req(c).await).unwrap(), None);
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    stream_lines(resp.into_body())
+}
+
+/// Reads maps until one satisfies `want`.
+async fn map_until(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<StreamMessage>,
+    want: impl Fn(&proto::NetworkMap) -> bool,
+) -> proto::NetworkMap {
+    loop {
+        let m = next_map(rx).await;
+        if want(&m) {
+            return m;
+        }
+    }
+}
+
+async fn set_expiry(c: &Client, token: &str, node: &str, body: &[u8]) -> (u16, bytes::Bytes) {
+    let path = format!("/api/v1/admin/nodes/{node}/expiry");
+    c.raw(hyper::Method::POST, &path, body.to_vec(), Some(token)).await.unwrap()
+}
+
+#[test]
+fn tailnet_api_expired_node_key_leaves_every_map_until_it_re_authenticates() {
+    let dir = state_dir("api-expiry");
+    let server = start(&dir);
+    let token = server.token.clone().unwrap();
+    let c = Client::new(server.url.clone());
+    rt().block_on(async {
+        let key = new_key(&c, &token, true).await;
+        let (a, b) = (TestNode::new(1), TestNode::new(2));
+        let na = a.register(&c, &key, "a").await.unwrap();
+        let nb = b.register(&c, &key, "b").await.unwrap();
+        let mut ra = open_map(&c, &a).await;
+        let mut rb = open_map(&c, &b).await;
+        map_until(&mut ra, |m| m.peers.iter().any(|p| p.id == nb.id && p.online)).await;
+        map_until(&mut rb, |m| m.peers.iter().any(|p| p.id == na.id)).await;
+
+        // Bad expiry calls are refused.
+        let (s, body) = set_expiry(&c, &token, "nope", b"{\"expiry_secs\": 1}").await;
+        assert_json_error(s, &body, 404, "not_found");
+        let (s, body) = set_expiry(&c, &token, "b", b"{\"expiry_secs\": -1}").await;
+        assert_json_error(s, &body, 400, "bad_request");
+        let (s, body) = set_expiry(&c, "wmadmin-wrong", "b", b"{}").await;
+        assert_json_error(s, &body, 401, "unauthorized");
+
+        // b's key expires in a second: the server's timer drops it from a's
+        // map and ends b's stream asking for re-authentication.
+        let (s, body) = set_expiry(&c, &token, "b", b"{\"expiry_secs\": 1}").await;
+        assert_eq!(s, 200);
+        let info: proto::AdminNode = serde_json::from_slice(&body).unwrap();
+        assert_eq!(info.node.id, nb.id);
+        assert!(!info.expired && info.key_expires_at.is_some());
+        let t0 = Instant::now();
+        let m = map_until(&mut ra, |m| m.peers.is_empty()).await;
+        let took = t0.elapsed();
+        assert_eq!(m.self_node.id, na.id);
+        assert!(took < Duration::from_millis(2500), "expiry took {took:?} to reach the peer");
+        eprintln!("expiry (set to 1 s ahead) left the peer's map after {took:?}");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), rb.recv()).await.expect("b's stream ends") {
+                Some(StreamMessage::Error(e)) => {
+                    assert_eq!(e.code, "node_expired");
+                    assert!(e.error.contains("re-authenticate"), "{}", e.error);
+                    break;
+                }
+                Some(StreamMessage::Map(m)) => assert!(t0.elapsed() < Duration::from_secs(3), "{m:?}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(rb.recv().await.is_none(), "the stream ends after the error");
+        let nodes: Vec<proto::AdminNode> =
+            c.json(hyper::Method::GET, "/api/v1/admin/nodes", None::<&()>, Some(&token)).await.unwrap();
+        let eb = nodes.iter().find(|n| n.node.id == nb.id).expect("an expired node stays listed");
+        assert!(eb.expired);
+        assert!(nodes.iter().any(|n| n.node.id == na.id && !n.expired && n.key_expires_at.is_none()));
+
+        // An expired node cannot open a stream or refresh itself without a key.
+        let req = b.map_req(&c).await;
+        let (s, body) =
+            c.raw(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+        assert_json_error(s, &body, 401, "node_expired");
+        match b.register(&c, "", "b").await {
+            Err(ClientError::Api { status: 401, body }) => assert_eq!(body.code, "invalid_auth_key"),
+            other => panic!("expired node refreshed without a key: {other:?}"),
+        }
+        let revoked = new_key(&c, &token, false).await;
+        let keys: Vec<proto::AuthKeyInfo> =
+            c.json(hyper::Method::GET, "/api/v1/admin/keys", None::<&()>, Some(&token)).await.unwrap();
+        let id = keys.last().unwrap().id;
+        let _: serde_json::Value = c
+            .json(hyper::Method::DELETE, &format!("/api/v1/admin/keys/{id}"), None::<&()>, Some(&token))
+            .await
+            .unwrap();
+        match b.register(&c, &revoked, "b").await {
+            Err(ClientError::Api { status: 401, body }) => assert_eq!(body.code, "key_revoked"),
+            other => panic!("expired node refreshed with a revoked key: {other:?}"),
+        }
+
+        // Re-authentication with a valid (one-off) key: same node, same
+        // addresses and name, back in a's map; the key is spent.
+        let fresh = new_key(&c, &token, false).await;
+        let again = b.register(&c, &fresh, "b").await.unwrap();
+        assert_eq!(
+            (again.id, again.ipv4, again.ipv6, again.name.as_str()),
+            (nb.id, nb.ipv4, nb.ipv6, nb.name.as_str())
+        );
+        let mut rb = open_map(&c, &b).await;
+        let m = map_until(&mut rb, |m| m.peers.iter().any(|p| p.id == na.id)).await;
+        assert_eq!(m.self_node.ipv4, nb.ipv4);
+        map_until(&mut ra, |m| m.peers.iter().any(|p| p.id == nb.id && p.online)).await;
+        let keys: Vec<proto::AuthKeyInfo> =
+            c.json(hyper::Method::GET, "/api/v1/admin/keys", None::<&()>, Some(&token)).await.unwrap();
+        assert!(keys.last().unwrap().spent);
+
+        // Expiry 0 is immediate; `null` clears a pending one.
+        let (s, _) = set_expiry(&c, &token, &nb.id.to_string(), b"{\"expiry_secs\": 3600}").await;
+        assert_eq!(s, 200);
+        let (s, body) = set_expiry(&c, &token, "b", b"{\"expiry_secs\": null}").await;
+        assert_eq!(s, 200);
+        let info: proto::AdminNode = serde_json::from_slice(&body).unwrap();
+        assert_eq!((info.key_expires_at, info.expired), (None, false));
+        let (s, body) = set_expiry(&c, &token, "a", b"{\"expiry_secs\": 0}").await;
+        assert_eq!(s, 200);
+        let info: proto::AdminNode = serde_json::from_slice(&body).unwrap();
+        assert!(info.expired);
+        map_until(&mut rb, |m| m.peers.is_empty()).await;
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,13 +8,15 @@ use super::proto::{hex, AuthKeyInfo, NodeInfo};
 use super::ApiError;
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 /// The schema, one step per version. Never edit a released step; add one.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE tailnet (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE tailnet (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             domain TEXT NOT NULL,
             ula_prefix BLOB NOT NULL,
@@ -52,7 +54,10 @@ const MIGRATIONS: &[(i64, &str)] = &[(
             created_at INTEGER NOT NULL,
             last_seen INTEGER NOT NULL
         );",
-)];
+    ),
+    // Node key expiry: after this Unix second the node must re-authenticate.
+    (2, "ALTER TABLE nodes ADD COLUMN key_expires_at INTEGER;"),
+];
 
 /// The IPv4 range nodes get addresses from (RFC 6598 shared address space).
 pub const IPV4_BASE: u32 = u32::from_be_bytes([100, 64, 0, 0]);
@@ -345,12 +350,21 @@ impl Db {
         let now = unix_now();
         let endpoints = serde_json::to_string(&reg.endpoints).map_err(internal)?;
         let tx = self.conn.transaction().map_err(internal)?;
-        let known: Option<i64> = tx
-            .query_row("SELECT id FROM nodes WHERE machine_key = ?1", [&reg.machine_key[..]], |r| r.get(0))
+        let known: Option<(i64, Option<i64>)> = tx
+            .query_row("SELECT id, key_expires_at FROM nodes WHERE machine_key = ?1", [&reg.machine_key[..]], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()
             .map_err(internal)?;
         let id = match known {
-            Some(id) => {
+            Some((id, expires_at)) => {
+                if expires_at.is_some_and(|e| e <= now) {
+                    // Re-authentication: a valid auth key is spent, the
+                    // expiry cleared; addresses, name and tags stay.
+                    let key = check_auth_key(&tx, &reg.auth_key, now)?;
+                    tx.execute("UPDATE nodes SET key_expires_at = NULL WHERE id = ?1", [id]).map_err(internal)?;
+                    tx.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = ?1", [key.id]).map_err(internal)?;
+                }
                 update_node_key(&tx, id, &reg.node_key)?;
                 tx.execute(
                     "UPDATE nodes SET endpoints = ?2, last_seen = ?3 WHERE id = ?1",
@@ -408,17 +422,50 @@ impl Db {
         rows.collect::<Result<_, _>>().map_err(internal)
     }
 
-    /// Removes a node by id or name; returns its id, or `None` if there was none.
-    pub fn remove_node(&mut self, id_or_name: &str) -> Result<Option<i64>, ApiError> {
-        let id: Option<i64> = match id_or_name.parse::<i64>() {
-            Ok(id) => Some(id),
+    fn node_id(&self, id_or_name: &str) -> Result<Option<i64>, ApiError> {
+        match id_or_name.parse::<i64>() {
+            Ok(id) => Ok(Some(id)),
             Err(_) => self
                 .conn
                 .query_row("SELECT id FROM nodes WHERE name = ?1", [id_or_name], |r| r.get(0))
                 .optional()
-                .map_err(internal)?,
-        };
-        let Some(id) = id else { return Ok(None) };
+                .map_err(internal),
+        }
+    }
+
+    /// Sets when a node's key expires (Unix seconds; `None`: never). Returns
+    /// its id, or `None` if there is no such node.
+    pub fn set_node_key_expiry(&mut self, id_or_name: &str, expires_at: Option<i64>) -> Result<Option<i64>, ApiError> {
+        let Some(id) = self.node_id(id_or_name)? else { return Ok(None) };
+        let n = self
+            .conn
+            .execute("UPDATE nodes SET key_expires_at = ?2 WHERE id = ?1", params![id, expires_at])
+            .map_err(internal)?;
+        Ok((n > 0).then_some(id))
+    }
+
+    /// When node `id`'s key expires, if it does.
+    pub fn node_key_expiry(&self, id: i64) -> Result<Option<i64>, ApiError> {
+        self.conn
+            .query_row("SELECT key_expires_at FROM nodes WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map(Option::flatten)
+            .map_err(internal)
+    }
+
+    /// Every node's key expiry, for the nodes that have one.
+    pub fn node_key_expiries(&self) -> Result<HashMap<i64, i64>, ApiError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, key_expires_at FROM nodes WHERE key_expires_at IS NOT NULL")
+            .map_err(internal)?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(internal)?;
+        rows.collect::<Result<_, _>>().map_err(internal)
+    }
+
+    /// Removes a node by id or name; returns its id, or `None` if there was none.
+    pub fn remove_node(&mut self, id_or_name: &str) -> Result<Option<i64>, ApiError> {
+        let Some(id) = self.node_id(id_or_name)? else { return Ok(None) };
         let n = self.conn.execute("DELETE FROM nodes WHERE id = ?1", [id]).map_err(internal)?;
         Ok((n > 0).then_some(id))
     }
@@ -487,8 +534,16 @@ fn update_node_key(tx: &Transaction<'_>, id: i64, node_key: &[u8; 32]) -> Result
     Ok(())
 }
 
-fn insert_node(tx: &Transaction<'_>, reg: &Registration, endpoints: &str, now: i64) -> Result<i64, ApiError> {
-    let hash = hash_secret(&reg.auth_key);
+/// An auth key that may be used now.
+struct UsableKey {
+    id: i64,
+    ephemeral: bool,
+    tags: String,
+}
+
+/// Checks an auth key inside the registration's transaction (the caller spends it).
+fn check_auth_key(tx: &Transaction<'_>, auth_key: &str, now: i64) -> Result<UsableKey, ApiError> {
+    let hash = hash_secret(auth_key);
     type KeyRow = (i64, bool, bool, String, Option<i64>, i64, Option<i64>);
     let key: Option<KeyRow> = tx
         .query_row(
@@ -510,6 +565,11 @@ fn insert_node(tx: &Transaction<'_>, reg: &Registration, endpoints: &str, now: i
     if !reusable && uses > 0 {
         return Err(ApiError::new(401, "key_spent", "one-off auth key was already used"));
     }
+    Ok(UsableKey { id: key_id, ephemeral, tags })
+}
+
+fn insert_node(tx: &Transaction<'_>, reg: &Registration, endpoints: &str, now: i64) -> Result<i64, ApiError> {
+    let UsableKey { id: key_id, ephemeral, tags } = check_auth_key(tx, &reg.auth_key, now)?;
     let node_key_taken: bool = tx
         .query_row("SELECT COUNT(*) FROM nodes WHERE node_key = ?1", [&reg.node_key[..]], |r| r.get::<_, i64>(0))
         .map_err(internal)?
@@ -691,6 +751,28 @@ mod tests {
         assert_eq!(db.nodes().unwrap().len(), 3);
         let keys = db.auth_keys().unwrap();
         assert!(keys[0].spent && keys[1].uses == 3 && !keys[1].spent);
+    }
+
+    #[test]
+    fn an_expired_node_re_authenticates_with_a_valid_key_and_keeps_its_addresses() {
+        let (mut db, _) = Db::open_in_memory().unwrap();
+        let (one_off, _) = db.create_auth_key(false, false, &[], None).unwrap();
+        let a = db.register(&reg(&one_off, 1, "a")).unwrap();
+        // Not expired: the machine key is its credential, no auth key needed.
+        assert_eq!(db.register(&reg("", 1, "a")).unwrap(), a);
+        assert_eq!(db.set_node_key_expiry("a", Some(unix_now() + 3600)).unwrap(), Some(a.id));
+        assert_eq!(db.register(&reg("", 1, "a")).unwrap(), a);
+        assert_eq!(db.set_node_key_expiry("nope", Some(1)).unwrap(), None);
+        db.set_node_key_expiry("a", Some(1)).unwrap();
+        assert_eq!(db.node_key_expiries().unwrap(), HashMap::from([(a.id, 1)]));
+        // Expired: an auth key is needed, and a spent one does not do.
+        assert_eq!(db.register(&reg("", 1, "a")).unwrap_err().code, "invalid_auth_key");
+        assert_eq!(db.register(&reg(&one_off, 1, "a")).unwrap_err().code, "key_spent");
+        assert_eq!(db.node_key_expiry(a.id).unwrap(), Some(1));
+        let (fresh, _) = db.create_auth_key(false, false, &[], None).unwrap();
+        assert_eq!(db.register(&reg(&fresh, 1, "a")).unwrap(), a, "same id, name and addresses");
+        assert_eq!(db.node_key_expiry(a.id).unwrap(), None);
+        assert!(db.auth_keys().unwrap().iter().all(|k| k.spent), "the re-authentication spent the key");
     }
 
     #[test]

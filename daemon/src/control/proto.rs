@@ -84,6 +84,29 @@ pub struct NodeInfo {
     pub created_at: i64,
 }
 
+/// A node as the admin API lists it: the map's view plus its key expiry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminNode {
+    /// What maps show.
+    #[serde(flatten)]
+    pub node: NodeInfo,
+    /// Unix seconds after which the node must re-authenticate (none: never).
+    #[serde(default)]
+    pub key_expires_at: Option<i64>,
+    /// Whether that time has passed: the node is in no map and its stream is refused.
+    #[serde(default)]
+    pub expired: bool,
+}
+
+/// `POST /api/v1/admin/nodes/<id or name>/expiry`: when the node's key expires.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeExpiryRequest {
+    /// Seconds from now; 0 expires it at once; none (or absent) means never.
+    #[serde(default)]
+    pub expiry_secs: Option<u64>,
+}
+
 /// One packet-filter rule; the placeholder filter is a single allow-all rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilterRule {

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,6 +62,22 @@ pub struct Snapshot {
     /// Each node serialized once, so a map is built by copying bytes
     /// rather than serializing every peer again for every node.
     pub json: Vec<String>,
+    /// Key expiry (Unix seconds) of the nodes that have one.
+    pub key_expiries: HashMap<i64, i64>,
+    /// The nodes whose key had expired when the snapshot was taken: in no
+    /// peer list, and their own streams end with `node_expired`.
+    pub expired: HashSet<i64>,
+}
+
+impl Snapshot {
+    /// The admin API's view of node `n`.
+    fn admin_node(&self, n: &NodeInfo) -> proto::AdminNode {
+        proto::AdminNode {
+            node: n.clone(),
+            key_expires_at: self.key_expiries.get(&n.id).copied(),
+            expired: self.expired.contains(&n.id),
+        }
+    }
 }
 
 /// The server's shared state.
@@ -135,7 +151,11 @@ impl App {
     /// Rebuilds the snapshot from the store and wakes every map stream.
     pub fn publish(&self) {
         let _order = lock(&self.publish_lock);
-        let mut nodes = match lock(&self.db).nodes() {
+        let read = {
+            let db = lock(&self.db);
+            db.nodes().and_then(|n| Ok((n, db.node_key_expiries()?)))
+        };
+        let (mut nodes, key_expiries) = match read {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("wiremeshd control: cannot read nodes: {e}");
@@ -149,8 +169,10 @@ impl App {
             }
         }
         let json = nodes.iter().map(|n| serde_json::to_string(n).unwrap_or_default()).collect();
+        let now = db::unix_now();
+        let expired = key_expiries.iter().filter(|(_, &at)| at <= now).map(|(&id, _)| id).collect();
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
-        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json }));
+        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json, key_expiries, expired }));
     }
 
     /// The current snapshot.
@@ -208,7 +230,7 @@ impl App {
         s.push_str(",\"peers\":[");
         let mut first = true;
         for (i, j) in snap.json.iter().enumerate() {
-            if i != me {
+            if i != me && !snap.expired.contains(&snap.nodes[i].id) {
                 if !first {
                     s.push(',');
                 }
@@ -219,6 +241,35 @@ impl App {
         s.push_str("],\"filter\":");
         s.push_str(&filter);
         Some(s)
+    }
+}
+
+/// Publishes a new snapshot whenever a node's key expiry passes, so its
+/// peers drop it and its own stream ends within a second of that time.
+async fn expiry_timer(app: Arc<App>) {
+    let mut changes = app.snapshot.subscribe();
+    loop {
+        let snap = changes.borrow_and_update().clone();
+        let pending = snap.key_expiries.iter().filter(|(id, _)| !snap.expired.contains(id)).map(|(_, &at)| at).min();
+        let wait = match pending {
+            Some(at) => {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                // Expired means `at <= unix_now()`, true from the start of second `at`.
+                Duration::from_millis(at.saturating_mul(1000).saturating_sub(now_ms).clamp(0, 60_000) as u64)
+            }
+            None => Duration::from_secs(60),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {
+                if pending.is_some_and(|at| at <= db::unix_now()) {
+                    app.publish();
+                }
+            }
+            r = changes.changed() => if r.is_err() { return },
+        }
     }
 }
 
@@ -267,6 +318,7 @@ async fn serve(opts: &Options) -> Result<(), String> {
         let _ = writeln!(out, "control URL: https://{addr}#sha256={fp}");
         let _ = out.flush();
     }
+    tokio::spawn(expiry_timer(app.clone()));
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.config);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
@@ -401,7 +453,26 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
                 Err(ApiError::not_found("no such key"))
             }
         }
-        (["nodes"], &Method::GET) => Ok(json_response(200, &app.snapshot().nodes)),
+        (["nodes"], &Method::GET) => {
+            let snap = app.snapshot();
+            let nodes: Vec<proto::AdminNode> = snap.nodes.iter().map(|n| snap.admin_node(n)).collect();
+            Ok(json_response(200, &nodes))
+        }
+        (["nodes", which, "expiry"], &Method::POST) => {
+            let which = which.to_string();
+            let r: proto::NodeExpiryRequest = read_json(req).await?;
+            if r.expiry_secs.is_some_and(|s| s > 10 * 365 * 86400) {
+                return Err(ApiError::bad_request("expiry_secs must be at most 10 years".into()));
+            }
+            let at = r.expiry_secs.map(|s| db::unix_now() + s as i64);
+            let Some(id) = app.with_db(move |db| db.set_node_key_expiry(&which, at)).await? else {
+                return Err(ApiError::not_found("no such node"));
+            };
+            app.publish();
+            let snap = app.snapshot();
+            let node = snap.nodes.iter().find(|n| n.id == id).ok_or_else(|| ApiError::not_found("no such node"))?;
+            Ok(json_response(200, &snap.admin_node(node)))
+        }
         (["nodes", which], &Method::DELETE) => {
             let which = which.to_string();
             match app.with_db(move |db| db.remove_node(&which)).await? {
@@ -514,6 +585,15 @@ fn line(msg: &StreamMessage) -> Bytes {
     Bytes::from(v)
 }
 
+/// The answer to an expired node: register again with an auth key.
+fn node_expired() -> ApiError {
+    ApiError::new(
+        401,
+        "node_expired",
+        "this node's key has expired: re-authenticate by registering again with a valid auth key",
+    )
+}
+
 async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body>, ApiError> {
     let machine_key = parse_machine_key(&r.machine_key)?;
     let node_key = parse_node_key(&r.node_key)?;
@@ -526,6 +606,9 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body
             let node = db
                 .node_by_machine_key(&machine_key)?
                 .ok_or_else(|| ApiError::new(401, "unknown_machine", "this machine is not registered"))?;
+            if db.node_key_expiry(node.id)?.is_some_and(|at| at <= db::unix_now()) {
+                return Err(node_expired());
+            }
             db.update_node(node.id, &node_key, &endpoints)?;
             Ok(node.id)
         })
@@ -538,6 +621,10 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body
         let mut last: Option<String> = None;
         loop {
             let snap = changes.borrow_and_update().clone();
+            if snap.expired.contains(&id) {
+                let _ = tx.send(line(&StreamMessage::Error(node_expired().body()))).await;
+                break;
+            }
             match app.map_body(&snap, id) {
                 None => {
                     let err = ApiError::new(410, "node_removed", "this node was removed from the tailnet");
