@@ -4,6 +4,7 @@
 //! path `wg set` takes. When the control server is away it keeps the data
 //! plane as the last map left it and reconnects with backoff.
 
+pub mod dns;
 pub mod keys;
 pub mod local;
 pub mod reconcile;
@@ -65,6 +66,7 @@ struct Agent {
     shared: Mutex<Shared>,
     reconciler: Mutex<Reconciler>,
     addresses: Mutex<Option<(IpAddr, IpAddr)>>,
+    dns: Arc<dns::Resolver>,
 }
 
 /// Why following the map stopped.
@@ -127,6 +129,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         shared: Mutex::new(Shared { map: None, connected: false }),
         reconciler: Mutex::new(Reconciler::default()),
         addresses: Mutex::new(None),
+        dns: Arc::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -306,7 +309,17 @@ impl Agent {
         if *lock(&self.addresses) != Some(addrs) {
             self.set_addresses(addrs)?;
             *lock(&self.addresses) = Some(addrs);
+            // The resolver's /32 goes on the TUN (set_addresses flushed it).
+            let resolver = format!("{}/32", dns::RESOLVER_V4);
+            if let Err(e) = run_ip(&["addr", "add", &resolver, "dev", &self.opts.tun]).and_then(|()| self.dns.serve()) {
+                eprintln!("wiremeshd node: no DNS resolver: {e}");
+            }
         }
+        let hosts = std::iter::once(&map.self_node).chain(&map.peers);
+        self.dns.set_zone(dns::Zone::new(
+            &map.domain,
+            hosts.map(|n| dns::Host { name: n.name.clone(), ipv4: n.ipv4, ipv6: n.ipv6 }),
+        ));
         {
             let mut rec = lock(&self.reconciler);
             let plan = rec.plan(Some(&map));
@@ -328,6 +341,7 @@ impl Agent {
             self.uapi_set(&plan.body)?;
         }
         rec.commit(plan);
+        self.dns.set_zone(dns::Zone::default());
         lock(&self.shared).map = None;
         Ok(())
     }

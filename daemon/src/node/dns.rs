@@ -1,0 +1,538 @@
+//! The node agent's MagicDNS-style resolver: a small authoritative DNS
+//! server on the tailnet address 100.100.100.100, UDP port 53, that answers
+//! from the node's current map and nothing else (there is no forwarding).
+//!
+//! * `A`, `AAAA` (and `ANY`: both) for `<name>.<domain>` and for the short
+//!   `<name>` of every node in the map, self included; other types for a
+//!   known name: no records (NOERROR, "no data").
+//! * Unknown names in the tailnet domain (and the domain itself for
+//!   anything but no data): NXDOMAIN. Names outside it: REFUSED.
+//! * One question per query (else FORMERR), opcode QUERY only (else
+//!   NOTIMP), class IN or ANY (else REFUSED). An EDNS0 OPT record is
+//!   accepted and answered with one (version 0 only, else BADVERS).
+//! * Malformed messages (shorter than a header, a response, a question
+//!   that runs past the end, a compression pointer or reserved label type
+//!   in the question, a label over 63 or a name over 255 bytes, a broken
+//!   OPT record) get no answer and are counted.
+//!
+//! Answers are at most a header, the question, two records and an OPT
+//! record, well under 512 bytes, so the TC bit is never needed.
+//!
+//! The parser and builder ([`answer`]) are a pure function of the query and
+//! a [`Zone`], with no dependency beyond `std`, so the fuzz target
+//! (`fuzz/fuzz_targets/dns.rs`) includes this file as it is.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// The resolver's address on the tailnet (reserved by the control server).
+pub const RESOLVER_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
+/// The port it serves.
+pub const PORT: u16 = 53;
+/// TTL of every answer, in seconds: short, since nodes come and go.
+pub const TTL: u32 = 60;
+/// The UDP payload size advertised in our OPT records.
+const EDNS_SIZE: u16 = 1232;
+
+const HEADER: usize = 12;
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+const TYPE_OPT: u16 = 41;
+const TYPE_ANY: u16 = 255;
+const CLASS_IN: u16 = 1;
+const CLASS_ANY: u16 = 255;
+
+/// Response codes.
+pub const NOERROR: u8 = 0;
+/// The query was malformed in a way we can still answer (several questions).
+pub const FORMERR: u8 = 1;
+/// The name does not exist in the tailnet domain.
+pub const NXDOMAIN: u8 = 3;
+/// Not a standard query.
+pub const NOTIMP: u8 = 4;
+/// Not a name we answer for.
+pub const REFUSED: u8 = 5;
+
+/// One node's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// The node's DNS label (lowercase).
+    pub name: String,
+    /// Its tailnet IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Its tailnet IPv6 address.
+    pub ipv6: Ipv6Addr,
+}
+
+/// What the resolver answers from: the tailnet domain and its nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Zone {
+    /// Domain labels, lowercase, e.g. `["wiremesh", "internal"]`.
+    domain: Vec<Vec<u8>>,
+    hosts: Vec<Host>,
+}
+
+impl Zone {
+    /// A zone for `domain` (with or without a trailing dot) and `hosts`.
+    pub fn new(domain: &str, hosts: impl IntoIterator<Item = Host>) -> Zone {
+        let domain = domain.split('.').filter(|l| !l.is_empty()).map(|l| l.to_ascii_lowercase().into_bytes()).collect();
+        let hosts = hosts.into_iter().map(|h| Host { name: h.name.to_ascii_lowercase(), ..h }).collect();
+        Zone { domain, hosts }
+    }
+
+    fn host(&self, label: &[u8]) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name.as_bytes() == label)
+    }
+}
+
+/// The parts of a query we need.
+struct Query<'a> {
+    /// The question as it came, name included (echoed in the answer).
+    question: &'a [u8],
+    /// The labels, lowercased.
+    labels: Vec<Vec<u8>>,
+    qtype: u16,
+    qclass: u16,
+    /// An OPT record was present, with this EDNS version.
+    edns: Option<u8>,
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+/// Reads the question name at `at`: returns the lowercased labels and the
+/// offset after it. Compression pointers are refused (a query's only name
+/// has nothing earlier to point to), as are the reserved label types.
+fn read_name(msg: &[u8], mut at: usize) -> Option<(Vec<Vec<u8>>, usize)> {
+    let mut labels = Vec::new();
+    let mut wire_len = 0usize;
+    loop {
+        let len = *msg.get(at)? as usize;
+        wire_len += 1 + len;
+        if len & 0xc0 != 0 || wire_len > 255 {
+            return None;
+        }
+        at += 1;
+        if len == 0 {
+            return Some((labels, at));
+        }
+        let label = msg.get(at..at + len)?;
+        labels.push(label.to_ascii_lowercase());
+        at += len;
+    }
+}
+
+/// Parses the question and an optional OPT record after it.
+fn parse(msg: &[u8]) -> Option<Query<'_>> {
+    let (labels, end) = read_name(msg, HEADER)?;
+    let qtype = be16(msg, end)?;
+    let qclass = be16(msg, end + 2)?;
+    let qend = end + 4;
+    let (ancount, nscount, arcount) = (be16(msg, 6)?, be16(msg, 8)?, be16(msg, 10)?);
+    let mut edns = None;
+    if ancount == 0 && nscount == 0 && arcount > 0 {
+        // The first additional record: an OPT has the root name, type 41,
+        // the payload size as class, extended rcode, version and flags as
+        // TTL, and options we ignore (but whose length must fit).
+        let (_, at) = read_name(msg, qend)?;
+        let rtype = be16(msg, at)?;
+        let rdlen = be16(msg, at + 8)? as usize;
+        let version = *msg.get(at + 5)?;
+        msg.get(at + 10..at + 10 + rdlen)?;
+        if rtype == TYPE_OPT {
+            edns = Some(version);
+        }
+    }
+    Some(Query { question: &msg[HEADER..qend], labels, qtype, qclass, edns })
+}
+
+/// A header-only answer (FORMERR, NOTIMP) to the query whose header is `q`.
+fn bare(q: &[u8], rcode: u8) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER];
+    out[..2].copy_from_slice(&q[..2]);
+    out[2] = 0x80 | (q[2] & 0x79); // QR, the opcode and RD as asked
+    out[3] = rcode;
+    out
+}
+
+/// Answers one DNS query from `zone`: the response to send, or `None` when
+/// the message is malformed (or is itself a response) and must be dropped.
+pub fn answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
+    if query.len() < HEADER || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let opcode = (query[2] >> 3) & 0x0f;
+    if opcode != 0 {
+        return Some(bare(query, NOTIMP));
+    }
+    if be16(query, 4)? != 1 {
+        return Some(bare(query, FORMERR));
+    }
+    let q = parse(query)?;
+
+    // Which records, and with what code and authority.
+    let mut records: Vec<(u16, Vec<u8>)> = Vec::new();
+    let mut rcode = NOERROR;
+    let mut authoritative = true;
+    let in_domain =
+        q.labels.len() >= zone.domain.len() && q.labels[q.labels.len() - zone.domain.len()..] == zone.domain[..];
+    let host = if q.labels.len() == 1 {
+        // A short name: ours only if a node has it.
+        zone.host(&q.labels[0])
+    } else if in_domain && q.labels.len() == zone.domain.len() + 1 {
+        zone.host(&q.labels[0])
+    } else {
+        None
+    };
+    if q.edns.is_some_and(|v| v != 0) {
+        // BADVERS (16): 0 here, 1 in the OPT record's extended rcode.
+    } else if q.qclass != CLASS_IN && q.qclass != CLASS_ANY {
+        rcode = REFUSED;
+        authoritative = false;
+    } else if let Some(h) = host {
+        if matches!(q.qtype, TYPE_A | TYPE_ANY) {
+            records.push((TYPE_A, h.ipv4.octets().to_vec()));
+        }
+        if matches!(q.qtype, TYPE_AAAA | TYPE_ANY) {
+            records.push((TYPE_AAAA, h.ipv6.octets().to_vec()));
+        }
+    } else if in_domain && !zone.domain.is_empty() {
+        if q.labels.len() != zone.domain.len() {
+            rcode = NXDOMAIN;
+        }
+    } else {
+        rcode = REFUSED;
+        authoritative = false;
+    }
+
+    let mut out = Vec::with_capacity(HEADER + q.question.len() + 2 * 28 + 11);
+    out.extend_from_slice(&query[..2]);
+    out.push(0x80 | if authoritative { 0x04 } else { 0 } | (query[2] & 0x01));
+    out.push(rcode);
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&u16::from(q.edns.is_some()).to_be_bytes());
+    out.extend_from_slice(q.question);
+    for (rtype, data) in &records {
+        out.extend_from_slice(&[0xc0, HEADER as u8]); // the question's name
+        out.extend_from_slice(&rtype.to_be_bytes());
+        out.extend_from_slice(&CLASS_IN.to_be_bytes());
+        out.extend_from_slice(&TTL.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+    if let Some(version) = q.edns {
+        let ext_rcode = u8::from(version != 0);
+        out.push(0);
+        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        out.extend_from_slice(&EDNS_SIZE.to_be_bytes());
+        out.extend_from_slice(&[ext_rcode, 0, 0, 0, 0, 0]);
+    }
+    Some(out)
+}
+
+/// Counters of the running resolver.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Queries answered.
+    pub answered: AtomicU64,
+    /// Messages dropped as malformed.
+    pub malformed: AtomicU64,
+}
+
+/// The resolver: the zone it answers from (replaced on every map) and, once
+/// [`Resolver::serve`] was called, a thread serving it.
+#[derive(Debug, Default)]
+pub struct Resolver {
+    zone: RwLock<Arc<Zone>>,
+    serving: Mutex<bool>,
+    /// What it did so far.
+    pub stats: Stats,
+}
+
+impl Resolver {
+    /// Answers from `zone` from now on.
+    pub fn set_zone(&self, zone: Zone) {
+        *self.zone.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(zone);
+    }
+
+    /// The zone answered from now.
+    pub fn zone(&self) -> Arc<Zone> {
+        self.zone.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Binds `RESOLVER_V4:53` (the address must be on an interface) and
+    /// serves it on a thread; does nothing if already serving.
+    pub fn serve(self: &Arc<Self>) -> Result<(), String> {
+        let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        if *serving {
+            return Ok(());
+        }
+        let addr = SocketAddr::from((RESOLVER_V4, PORT));
+        let socket = UdpSocket::bind(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+        let me = self.clone();
+        std::thread::Builder::new().name("dns".into()).spawn(move || me.run(socket)).map_err(|e| e.to_string())?;
+        *serving = true;
+        Ok(())
+    }
+
+    fn run(&self, socket: UdpSocket) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("wiremeshd node: dns: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+            };
+            match answer(&buf[..n], &self.zone()) {
+                Some(reply) => {
+                    self.stats.answered.fetch_add(1, Ordering::Relaxed);
+                    let _ = socket.send_to(&reply, from);
+                }
+                None => {
+                    let count = self.stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                    if count.is_power_of_two() {
+                        eprintln!("wiremeshd node: dns: dropped a malformed message from {from} ({count} so far)");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zone() -> Zone {
+        Zone::new(
+            "wiremesh.internal",
+            [
+                Host {
+                    name: "alpha".into(),
+                    ipv4: Ipv4Addr::new(100, 64, 0, 1),
+                    ipv6: "fd01:2:3::6440:1".parse().unwrap(),
+                },
+                Host {
+                    name: "Beta".into(),
+                    ipv4: Ipv4Addr::new(100, 64, 0, 2),
+                    ipv6: "fd01:2:3::6440:2".parse().unwrap(),
+                },
+            ],
+        )
+    }
+
+    fn encode_name(name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for l in name.split('.').filter(|l| !l.is_empty()) {
+            out.push(l.len() as u8);
+            out.extend_from_slice(l.as_bytes());
+        }
+        out.push(0);
+        out
+    }
+
+    fn query(name: &str, qtype: u16, edns: bool) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)];
+        q.extend(encode_name(name));
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&CLASS_IN.to_be_bytes());
+        if edns {
+            // Root name, OPT, payload 4096, extended rcode, version, flags, no options.
+            q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        q
+    }
+
+    /// (rcode, aa, answers as (type, rdata), has OPT)
+    fn decode(q: &[u8], r: &[u8]) -> (u8, bool, Vec<(u16, Vec<u8>)>, bool) {
+        assert_eq!(&r[..2], &q[..2], "id");
+        assert!(r[2] & 0x80 != 0, "QR");
+        assert_eq!(r[2] & 0x02, 0, "TC never set");
+        assert_eq!(r[2] & 0x01, q[2] & 0x01, "RD copied");
+        assert_eq!(be16(r, 4).unwrap(), 1);
+        let an = be16(r, 6).unwrap();
+        let ar = be16(r, 10).unwrap();
+        let (_, end) = read_name(r, HEADER).unwrap();
+        assert_eq!(&r[HEADER..end + 4], &q[HEADER..end + 4], "question echoed");
+        let mut at = end + 4;
+        let mut answers = Vec::new();
+        for _ in 0..an {
+            assert_eq!(&r[at..at + 2], &[0xc0, 12]);
+            let t = be16(r, at + 2).unwrap();
+            assert_eq!(be16(r, at + 4).unwrap(), CLASS_IN);
+            assert_eq!(u32::from_be_bytes(r[at + 6..at + 10].try_into().unwrap()), TTL);
+            let len = be16(r, at + 10).unwrap() as usize;
+            answers.push((t, r[at + 12..at + 12 + len].to_vec()));
+            at += 12 + len;
+        }
+        if ar == 1 {
+            assert_eq!(&r[at..at + 3], &[0, 0, 41]);
+            at += 11;
+        }
+        assert_eq!(at, r.len(), "nothing after the records");
+        (r[3] & 0x0f, r[2] & 0x04 != 0, answers, ar == 1)
+    }
+
+    #[test]
+    fn answers_a_and_aaaa_for_full_and_short_names_in_any_case() {
+        let z = zone();
+        for name in ["alpha.wiremesh.internal", "alpha", "ALPHA.WireMesh.Internal.", "Alpha"] {
+            let q = query(name, TYPE_A, false);
+            let (rcode, aa, ans, opt) = decode(&q, &answer(&q, &z).unwrap());
+            assert_eq!((rcode, aa, opt), (NOERROR, true, false), "{name}");
+            assert_eq!(ans, vec![(TYPE_A, vec![100, 64, 0, 1])]);
+        }
+        let q = query("beta.wiremesh.internal", TYPE_AAAA, false);
+        let (rcode, _, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+        assert_eq!(rcode, NOERROR);
+        let v6: Ipv6Addr = "fd01:2:3::6440:2".parse().unwrap();
+        assert_eq!(ans, vec![(TYPE_AAAA, v6.octets().to_vec())]);
+        let q = query("beta", TYPE_ANY, false);
+        let (_, _, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+        assert_eq!(ans.len(), 2);
+        // Another type for a known name: no data.
+        let q = query("beta", 16, false);
+        assert_eq!(decode(&q, &answer(&q, &z).unwrap()).0, NOERROR);
+        assert!(decode(&q, &answer(&q, &z).unwrap()).2.is_empty());
+    }
+
+    #[test]
+    fn unknown_names_in_the_domain_are_nxdomain_and_others_refused() {
+        let z = zone();
+        for name in ["gamma.wiremesh.internal", "x.alpha.wiremesh.internal"] {
+            let q = query(name, TYPE_A, false);
+            let (rcode, aa, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+            assert_eq!((rcode, aa, ans.len()), (NXDOMAIN, true, 0), "{name}");
+        }
+        // The apex exists, with no address.
+        let q = query("wiremesh.internal", TYPE_A, false);
+        assert_eq!(decode(&q, &answer(&q, &z).unwrap()).0, NOERROR);
+        for name in ["example.com", "gamma", "alpha.example.com", "internal", ""] {
+            let q = query(name, TYPE_A, false);
+            let (rcode, aa, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+            assert_eq!((rcode, aa, ans.len()), (REFUSED, false, 0), "{name:?}");
+        }
+        // Class CH: refused.
+        let mut q = query("alpha", TYPE_A, false);
+        let n = q.len();
+        q[n - 1] = 3;
+        assert_eq!(decode(&q, &answer(&q, &z).unwrap()).0, REFUSED);
+    }
+
+    #[test]
+    fn edns_is_answered_with_an_opt_record() {
+        let z = zone();
+        let q = query("alpha", TYPE_A, true);
+        let (rcode, _, ans, opt) = decode(&q, &answer(&q, &z).unwrap());
+        assert_eq!((rcode, ans.len(), opt), (NOERROR, 1, true));
+        // Version 1: BADVERS (extended rcode 1), no answers.
+        let mut q = query("alpha", TYPE_A, true);
+        let n = q.len();
+        q[n - 5] = 1;
+        let r = answer(&q, &z).unwrap();
+        let (rcode, _, ans, opt) = decode(&q, &r);
+        assert_eq!((rcode, ans.len(), opt), (NOERROR, 0, true));
+        assert_eq!(r[r.len() - 6], 1);
+    }
+
+    #[test]
+    fn odd_headers_get_formerr_or_notimp() {
+        let z = zone();
+        let mut q = query("alpha", TYPE_A, false);
+        q[5] = 2;
+        let r = answer(&q, &z).unwrap();
+        assert_eq!((r.len(), r[3], r[2] & 0x80), (HEADER, FORMERR, 0x80));
+        q[5] = 0;
+        assert_eq!(answer(&q, &z).unwrap()[3], FORMERR);
+        let mut q = query("alpha", TYPE_A, false);
+        q[2] |= 2 << 3; // STATUS
+        let r = answer(&q, &z).unwrap();
+        assert_eq!((r.len(), r[3], (r[2] >> 3) & 0xf), (HEADER, NOTIMP, 2));
+    }
+
+    #[test]
+    fn malformed_messages_are_dropped() {
+        let z = zone();
+        let good = query("alpha.wiremesh.internal", TYPE_A, true);
+        // Every truncation of a good query is dropped (never a panic).
+        for n in 0..good.len() {
+            assert_eq!(answer(&good[..n], &z), None, "truncated to {n}");
+        }
+        // A response.
+        let mut r = good.clone();
+        r[2] |= 0x80;
+        assert_eq!(answer(&r, &z), None);
+        // A compression pointer in the question, even to itself.
+        let mut p = vec![0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1];
+        assert_eq!(answer(&p, &z), None);
+        p[12] = 0x40; // reserved label type
+        assert_eq!(answer(&p, &z), None);
+        p[12] = 0x80;
+        assert_eq!(answer(&p, &z), None);
+        // A name over 255 bytes, made of valid labels.
+        let long = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63)].join(".");
+        assert_eq!(answer(&query(&long, TYPE_A, false), &z), None);
+        let ok = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(61)].join(".");
+        assert!(answer(&query(&ok, TYPE_A, false), &z).is_some());
+        // An OPT record whose options run past the end.
+        let mut q = query("alpha", TYPE_A, true);
+        let n = q.len();
+        q[n - 1] = 8;
+        assert_eq!(answer(&q, &z), None);
+        // Trailing garbage after a well-formed query is ignored.
+        let mut q = query("alpha", TYPE_A, false);
+        q.extend_from_slice(&[1, 2, 3]);
+        assert!(answer(&q, &z).is_some());
+    }
+
+    #[test]
+    fn a_pseudo_random_flood_never_panics() {
+        let z = zone();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let seed = query("beta.wiremesh.internal", TYPE_AAAA, true);
+        for i in 0..20_000 {
+            let mut m = seed.clone();
+            for _ in 0..(i % 5) + 1 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x as usize) % m.len();
+                m[at] = (x >> 32) as u8;
+            }
+            m.truncate((x >> 40) as usize % (m.len() + 1));
+            if let Some(r) = answer(&m, &z) {
+                assert!(r.len() <= 512 && r[2] & 0x80 != 0);
+            }
+        }
+    }
+
+    #[test]
+    fn serves_over_udp() {
+        // Not on 100.100.100.100 (that needs the TUN and root): the same
+        // loop on a loopback socket.
+        let r = Arc::new(Resolver::default());
+        r.set_zone(zone());
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let me = r.clone();
+        std::thread::spawn(move || me.run(server));
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        c.send_to(&[1, 2, 3], addr).unwrap();
+        let q = query("alpha", TYPE_A, false);
+        c.send_to(&q, addr).unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.recv(&mut buf).unwrap();
+        assert_eq!(decode(&q, &buf[..n]).2, vec![(TYPE_A, vec![100, 64, 0, 1])]);
+        assert_eq!(r.stats.malformed.load(Ordering::Relaxed), 1);
+        assert_eq!(r.stats.answered.load(Ordering::Relaxed), 1);
+    }
+}
