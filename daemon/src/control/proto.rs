@@ -153,6 +153,62 @@ pub enum StreamMessage {
     Error(ErrorBody),
 }
 
+/// The map-stream protocol a node asks for with `POST /api/v1/map?version=N`.
+/// Version 1 (no query, what older nodes send): every change is a full map
+/// ([`StreamMessage`]). Version 2: a full map first, then only what changed
+/// ([`StreamMessageV2::Delta`]). The server answers with the version it speaks
+/// in the [`MAP_VERSION_HEADER`] response header (the lower of the two).
+pub const MAP_VERSION: u32 = 2;
+/// The response header naming the map-stream version in use.
+pub const MAP_VERSION_HEADER: &str = "wiremesh-map-version";
+
+/// What changed in a node's map since the last line (map-stream version 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapDelta {
+    /// The tailnet's version this delta brings the map to.
+    pub version: u64,
+    /// The node itself, when it changed.
+    #[serde(rename = "self", default, skip_serializing_if = "Option::is_none")]
+    pub self_node: Option<NodeInfo>,
+    /// Peers new or changed, whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upsert: Vec<NodeInfo>,
+    /// Ids of peers gone (removed, or key expired).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<i64>,
+}
+
+/// One line of a version 2 map stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamMessageV2 {
+    /// The full map (always the first line).
+    Map(Box<NetworkMap>),
+    /// Changes to apply to the last map.
+    Delta(Box<MapDelta>),
+    /// Nothing changed; the connection is alive.
+    Keepalive,
+    /// The stream ends for this reason.
+    Error(ErrorBody),
+}
+
+impl NetworkMap {
+    /// Applies a delta: peers stay ordered by id, as in a full map.
+    pub fn apply(&mut self, d: MapDelta) {
+        self.version = d.version;
+        if let Some(me) = d.self_node {
+            self.self_node = me;
+        }
+        self.peers.retain(|p| !d.remove.contains(&p.id));
+        for n in d.upsert {
+            match self.peers.binary_search_by_key(&n.id, |p| p.id) {
+                Ok(i) => self.peers[i] = n,
+                Err(i) => self.peers.insert(i, n),
+            }
+        }
+    }
+}
+
 /// The body of every 4xx and 5xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

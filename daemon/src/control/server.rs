@@ -61,7 +61,7 @@ pub struct Snapshot {
     pub nodes: Vec<NodeInfo>,
     /// Each node serialized once, so a map is built by copying bytes
     /// rather than serializing every peer again for every node.
-    pub json: Vec<String>,
+    pub json: Vec<Arc<str>>,
     /// Key expiry (Unix seconds) of the nodes that have one.
     pub key_expiries: HashMap<i64, i64>,
     /// The nodes whose key had expired when the snapshot was taken: in no
@@ -168,7 +168,7 @@ impl App {
                 n.online = presence.get(&n.id).is_some_and(|c| *c > 0);
             }
         }
-        let json = nodes.iter().map(|n| serde_json::to_string(n).unwrap_or_default()).collect();
+        let json = nodes.iter().map(|n| Arc::from(serde_json::to_string(n).unwrap_or_default())).collect();
         let now = db::unix_now();
         let expired = key_expiries.iter().filter(|(_, &at)| at <= now).map(|(&id, _)| id).collect();
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
@@ -408,7 +408,10 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
             Ok(json_response(200, &proto::Challenge { challenge: proto::hex(&c) }))
         }
         (["register"], &Method::POST) => register(app, read_json(req).await?).await,
-        (["map"], &Method::POST) => map_stream(app, read_json(req).await?).await,
+        (["map"], &Method::POST) => {
+            let version = map_version(req.uri().query())?;
+            map_stream(app, read_json(req).await?, version).await
+        }
         (["admin", ..], _) => {
             require_admin(&app, &req).await?;
             admin(app, &segments[1..], req).await
@@ -594,7 +597,89 @@ fn node_expired() -> ApiError {
     )
 }
 
-async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body>, ApiError> {
+/// The map-stream version asked for with `?version=N` (1 without it), as
+/// far as this server speaks it.
+fn map_version(query: Option<&str>) -> Result<u32, ApiError> {
+    let asked = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("version="))
+        .map(|v| v.parse::<u32>().map_err(|_| ApiError::bad_request("version must be a number".into())))
+        .transpose()?
+        .unwrap_or(1);
+    Ok(asked.clamp(1, proto::MAP_VERSION))
+}
+
+/// What a version 2 stream last sent: each peer's JSON and its own.
+#[derive(Default)]
+struct Sent {
+    me: Arc<str>,
+    peers: HashMap<i64, Arc<str>>,
+}
+
+impl Sent {
+    /// Records the full map just sent for node index `me`.
+    fn full(snap: &Snapshot, me: usize) -> Sent {
+        let peers = snap
+            .nodes
+            .iter()
+            .zip(&snap.json)
+            .enumerate()
+            .filter(|(i, (n, _))| *i != me && !snap.expired.contains(&n.id))
+            .map(|(_, (n, j))| (n.id, j.clone()))
+            .collect();
+        Sent { me: snap.json[me].clone(), peers }
+    }
+
+    /// The delta line bringing the last map to `snap`'s, or `None` if nothing
+    /// changed; updates what was sent.
+    fn delta(&mut self, snap: &Snapshot, me: usize) -> Option<Bytes> {
+        let mut upsert = String::new();
+        let mut current = HashSet::with_capacity(self.peers.len() + 1);
+        for (i, (n, j)) in snap.nodes.iter().zip(&snap.json).enumerate() {
+            if i == me || snap.expired.contains(&n.id) {
+                continue;
+            }
+            current.insert(n.id);
+            if self.peers.get(&n.id).is_some_and(|old| old == j) {
+                continue;
+            }
+            if !upsert.is_empty() {
+                upsert.push(',');
+            }
+            upsert.push_str(j);
+            self.peers.insert(n.id, j.clone());
+        }
+        let mut remove: Vec<i64> = self.peers.keys().filter(|id| !current.contains(id)).copied().collect();
+        remove.sort_unstable();
+        for id in &remove {
+            self.peers.remove(id);
+        }
+        let self_changed = self.me != snap.json[me];
+        if !self_changed && upsert.is_empty() && remove.is_empty() {
+            return None;
+        }
+        let mut out = format!("{{\"delta\":{{\"version\":{}", snap.version);
+        if self_changed {
+            self.me = snap.json[me].clone();
+            out.push_str(",\"self\":");
+            out.push_str(&self.me);
+        }
+        if !upsert.is_empty() {
+            out.push_str(",\"upsert\":[");
+            out.push_str(&upsert);
+            out.push(']');
+        }
+        if !remove.is_empty() {
+            out.push_str(",\"remove\":");
+            out.push_str(&serde_json::to_string(&remove).unwrap_or_default());
+        }
+        out.push_str("}}\n");
+        Some(Bytes::from(out))
+    }
+}
+
+async fn map_stream(app: Arc<App>, r: proto::MapRequest, version: u32) -> Result<Response<Body>, ApiError> {
     let machine_key = parse_machine_key(&r.machine_key)?;
     let node_key = parse_node_key(&r.node_key)?;
     check_endpoints(&r.endpoints)?;
@@ -619,24 +704,46 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body
     tokio::spawn(async move {
         let _presence = presence;
         let mut last: Option<String> = None;
+        let mut sent: Option<Sent> = None;
         loop {
             let snap = changes.borrow_and_update().clone();
             if snap.expired.contains(&id) {
                 let _ = tx.send(line(&StreamMessage::Error(node_expired().body()))).await;
                 break;
             }
-            match app.map_body(&snap, id) {
-                None => {
+            if version >= 2 {
+                let Some(me) = snap.nodes.iter().position(|n| n.id == id) else {
                     let err = ApiError::new(410, "node_removed", "this node was removed from the tailnet");
                     let _ = tx.send(line(&StreamMessage::Error(err.body()))).await;
                     break;
+                };
+                let out = match sent.as_mut() {
+                    Some(s) => s.delta(&snap, me),
+                    None => {
+                        let body = app.map_body(&snap, id).unwrap_or_default();
+                        sent = Some(Sent::full(&snap, me));
+                        Some(map_line(snap.version, &body))
+                    }
+                };
+                if let Some(out) = out {
+                    if tx.send(out).await.is_err() {
+                        break;
+                    }
                 }
-                Some(body) => {
-                    if last.as_deref() != Some(body.as_str()) {
-                        if tx.send(map_line(snap.version, &body)).await.is_err() {
-                            break;
+            } else {
+                match app.map_body(&snap, id) {
+                    None => {
+                        let err = ApiError::new(410, "node_removed", "this node was removed from the tailnet");
+                        let _ = tx.send(line(&StreamMessage::Error(err.body()))).await;
+                        break;
+                    }
+                    Some(body) => {
+                        if last.as_deref() != Some(body.as_str()) {
+                            if tx.send(map_line(snap.version, &body)).await.is_err() {
+                                break;
+                            }
+                            last = Some(body);
                         }
-                        last = Some(body);
                     }
                 }
             }
@@ -655,6 +762,7 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest) -> Result<Response<Body
         .status(200)
         .header(hyper::header::CONTENT_TYPE, "application/x-ndjson")
         .header(hyper::header::CACHE_CONTROL, "no-store")
+        .header(proto::MAP_VERSION_HEADER, version.to_string())
         .body(BodyExt::boxed(ChannelBody(rx)))
         .map_err(|e| ApiError::internal(e.to_string()))
 }
@@ -693,5 +801,64 @@ mod tests {
             assert_eq!(*map, want);
         }
         assert!(app.map_body(&snap, 99).is_none());
+    }
+
+    fn full_map(app: &App, snap: &Snapshot, id: i64) -> NetworkMap {
+        let line = map_line(snap.version, &app.map_body(snap, id).unwrap());
+        let StreamMessage::Map(map) = serde_json::from_slice(&line).unwrap() else { panic!("not a map") };
+        *map
+    }
+
+    #[test]
+    fn deltas_rebuild_the_full_maps_and_are_small() {
+        let (mut db, _) = Db::open_in_memory().unwrap();
+        let (key, _) = db.create_auth_key(true, false, &[], None).unwrap();
+        let reg = |n: u8| Registration {
+            auth_key: key.clone(),
+            machine_key: [n; 32],
+            node_key: [n + 100; 32],
+            hostname: format!("h{n}"),
+            endpoints: vec![format!("192.0.2.{n}:1")],
+        };
+        for n in 1..=20u8 {
+            db.register(&reg(n)).unwrap();
+        }
+        let app = App::new(db, [0; 32], Duration::from_secs(1));
+        let me_id = app.snapshot().nodes[0].id;
+        let snap = app.snapshot();
+        let mut map = full_map(&app, &snap, me_id);
+        let full_len = map_line(snap.version, &app.map_body(&snap, me_id).unwrap()).len();
+        let mut sent = Sent::full(&snap, 0);
+        assert!(sent.delta(&snap, 0).is_none(), "no change, no line");
+        let step = |map: &mut NetworkMap, sent: &mut Sent| -> usize {
+            let snap = app.snapshot();
+            let me = snap.nodes.iter().position(|n| n.id == me_id).unwrap();
+            let line = sent.delta(&snap, me).expect("a delta");
+            let msg: proto::StreamMessageV2 = serde_json::from_slice(&line).unwrap();
+            let proto::StreamMessageV2::Delta(d) = msg else { panic!("not a delta") };
+            map.apply(*d);
+            assert_eq!(*map, full_map(&app, &snap, me_id));
+            line.len()
+        };
+        // A new node, an endpoint change, a removal, an expiry, and self changing.
+        lock(&app.db).register(&reg(30)).unwrap();
+        app.publish();
+        let added = step(&mut map, &mut sent);
+        let id5 = app.snapshot().nodes[5].id;
+        lock(&app.db).update_node(id5, &[200; 32], &["198.51.100.1:2".into()]).unwrap();
+        app.publish();
+        step(&mut map, &mut sent);
+        lock(&app.db).remove_node("h3").unwrap();
+        app.publish();
+        let removed = step(&mut map, &mut sent);
+        lock(&app.db).set_node_key_expiry("h4", Some(1)).unwrap();
+        app.publish();
+        step(&mut map, &mut sent);
+        lock(&app.db).update_node(me_id, &[201; 32], &["198.51.100.2:2".into()]).unwrap();
+        lock(&app.db).set_node_key_expiry("h4", None).unwrap();
+        app.publish();
+        step(&mut map, &mut sent);
+        assert_eq!(map.peers.len(), 19);
+        assert!(added * 5 < full_len && removed * 20 < full_len, "full {full_len}, delta {added}/{removed}");
     }
 }
