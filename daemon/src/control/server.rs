@@ -266,6 +266,10 @@ async fn expiry_timer(app: Arc<App>) {
             _ = tokio::time::sleep(wait) => {
                 if pending.is_some_and(|at| at <= db::unix_now()) {
                     app.publish();
+                    if app.snapshot().version == snap.version {
+                        // The store could not be read: no busy loop.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
             }
             r = changes.changed() => if r.is_err() { return },
