@@ -202,7 +202,11 @@ impl Agent {
     async fn follow(&self, got_map: &mut bool) -> Stop {
         let endpoints = local_endpoints(self.listen_port, &self.opts.tun);
         let resp = match self.open_map(&endpoints).await {
-            Err(ClientError::Api { status: 401, body }) if body.code == "unknown_machine" => {
+            // Unknown to the server, or its node key expired: (re-)register
+            // with the auth key, which keeps this machine's addresses.
+            Err(ClientError::Api { status: 401, body })
+                if body.code == "unknown_machine" || body.code == "node_expired" =>
+            {
                 let Some(auth_key) = self.opts.auth_key.clone() else {
                     return Stop::Fatal("this machine is not registered and no --auth-key was given".into());
                 };
