@@ -1,0 +1,269 @@
+//! What the tailnet tests share: a control server and node agents, each in
+//! its own network namespace, joined through a hub namespace; included by
+//! `tailnet_mesh.rs` and `tailnet_dns.rs` (each test crate declares `netns`).
+#![allow(dead_code)]
+
+use crate::netns::{veth_pair, Netns, Subnet, VethPair};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const WIREMESHD: &str = env!("CARGO_BIN_EXE_wiremeshd");
+pub const WIREMESH: &str = env!("CARGO_BIN_EXE_wiremesh");
+
+/// Collects a child's output lines (so pipes never fill) for later reading.
+#[derive(Clone, Default)]
+pub struct Output(pub Arc<Mutex<Vec<String>>>);
+
+impl Output {
+    pub fn attach(child: &mut Child) -> Output {
+        let out = Output::default();
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = out.0.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        out
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+
+    pub fn wait_for(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.0.lock().unwrap().iter().find(|l| l.starts_with(prefix)) {
+                return l[prefix.len()..].to_string();
+            }
+            assert!(Instant::now() < deadline, "no line starting {prefix:?} in:\n{}", self.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub out: Output,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so the agent removes its sockets, then make sure.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+}
+
+pub struct Node {
+    pub ns: Netns,
+    pub _link: VethPair,
+    pub tun: String,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl Node {
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let socket = self.socket.to_str().unwrap();
+        let mut full = vec![WIREMESH, "--socket", socket];
+        full.extend_from_slice(args);
+        self.ns.exec(&full)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        if !out.status.success() {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn ipv4(&self) -> String {
+        self.status()["self"]["ipv4"].as_str().expect("registered").to_string()
+    }
+
+    pub fn ipv6(&self) -> String {
+        self.status()["self"]["ipv6"].as_str().expect("registered").to_string()
+    }
+
+    pub fn wg_peers(&self) -> Vec<String> {
+        let out = self.ns.exec(&["wg", "show", &self.tun, "peers"]);
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
+    }
+
+    pub fn ping(&self, ip: &str) -> bool {
+        self.ns.exec(&["ping", "-c", "1", "-W", "1", ip]).status.success()
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(|p| p.out.text()).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.proc.take();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+pub struct Lab {
+    pub hub: Netns,
+    pub subnet: Subnet,
+    pub server_ns: Netns,
+    pub _server_link: VethPair,
+    pub server_state: PathBuf,
+    pub server: Option<Proc>,
+    pub url: String,
+    pub token: String,
+    pub next_host: u8,
+}
+
+pub fn tmpdir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("wiremesh-tailnet-{}-{tag}{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        let hub = Netns::new();
+        hub.run_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        hub.run_ok(&["ip", "link", "set", "br0", "up"]);
+        let subnet = Subnet::next();
+        let server_ns = Netns::new();
+        let server_link = Self::attach(&hub, &server_ns, &subnet.v4_cidr(1));
+        let mut lab = Lab {
+            hub,
+            subnet,
+            server_ns,
+            _server_link: server_link,
+            server_state: tmpdir("control"),
+            server: None,
+            url: String::new(),
+            token: String::new(),
+            next_host: 10,
+        };
+        lab.start_server();
+        lab
+    }
+
+    pub fn attach(hub: &Netns, ns: &Netns, cidr: &str) -> VethPair {
+        let link = veth_pair(ns, cidr, Some(hub), "");
+        hub.run_ok(&["ip", "link", "set", &link.b_if, "master", "br0"]);
+        link
+    }
+
+    pub fn start_server(&mut self) {
+        let listen = format!("{}:8443", self.subnet.v4(1));
+        let state = self.server_state.to_str().unwrap();
+        let mut child = self.server_ns.spawn(&[WIREMESHD, "control", "--listen", &listen, "--state", state]);
+        let out = Output::attach(&mut child);
+        self.url = out.wait_for("control URL: ", Duration::from_secs(30));
+        if self.token.is_empty() {
+            self.token = out.wait_for("admin token (shown once, stored hashed): ", Duration::from_secs(5));
+        }
+        self.server = Some(Proc { child, out });
+    }
+
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        let mut full = vec![WIREMESH];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--control", &self.url, "--admin-token", &self.token]);
+        self.server_ns.exec(&full)
+    }
+
+    pub fn new_key(&self, reusable: bool) -> String {
+        let mut args = vec!["keys", "create"];
+        if reusable {
+            args.push("--reusable");
+        }
+        let out = self.admin(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A namespace on the bridge with a node agent that was given `key`.
+    pub fn spawn_node(&mut self, name: &str, key: &str) -> Node {
+        let ns = Netns::new();
+        let host = self.next_host;
+        self.next_host += 1;
+        let link = Self::attach(&self.hub, &ns, &self.subnet.v4_cidr(host));
+        let tun = crate::netns::unique_ifname("wmn");
+        let state = tmpdir(name);
+        let socket = state.join("api.sock");
+        let mut node = Node { ns, _link: link, tun, state, socket, proc: None };
+        self.start_agent(&mut node, name, key);
+        node
+    }
+
+    pub fn start_agent(&self, node: &mut Node, name: &str, key: &str) {
+        let args = [
+            WIREMESHD,
+            "node",
+            "--control",
+            &self.url,
+            "--auth-key",
+            key,
+            "--hostname",
+            name,
+            "--state",
+            node.state.to_str().unwrap(),
+            "--tun",
+            &node.tun,
+            "--socket",
+            node.socket.to_str().unwrap(),
+        ];
+        let mut child = node.ns.spawn(&args);
+        let out = Output::attach(&mut child);
+        node.proc = Some(Proc { child, out });
+    }
+}
+
+/// Waits until `cond` holds, or panics with `what` and `log()` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool, log: impl Fn() -> String) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t0.elapsed()
+}
+
+pub fn peer_count(n: &Node) -> usize {
+    n.status()["peers"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+pub fn logs(nodes: &[&Node]) -> String {
+    nodes.iter().map(|n| format!("--- {} ---\n{}\n", n.tun, n.log())).collect()
+}
