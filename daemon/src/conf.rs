@@ -28,39 +28,8 @@ fn err(line: usize, message: impl Into<String>) -> ConfError {
 
 /// Decodes a base64 key of 32 bytes into lowercase hex.
 fn key_hex(line: usize, what: &str, value: &str) -> Result<String, ConfError> {
-    let bytes = decode_b64_32(value).ok_or_else(|| err(line, format!("{what} is not a base64 32-byte key")))?;
+    let bytes = crate::control::proto::unb64_key(value).ok_or_else(|| err(line, format!("{what} is not a base64 32-byte key")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn decode_b64_32(s: &str) -> Option<[u8; 32]> {
-    let s = s.as_bytes();
-    if s.len() != 44 || s[43] != b'=' {
-        return None;
-    }
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let mut out = [0u8; 32];
-    let mut o = 0;
-    for chunk in s[..40].chunks(4) {
-        let n = (val(chunk[0])? << 18) | (val(chunk[1])? << 12) | (val(chunk[2])? << 6) | val(chunk[3])?;
-        out[o..o + 3].copy_from_slice(&n.to_be_bytes()[1..]);
-        o += 3;
-    }
-    let n = (val(s[40])? << 18) | (val(s[41])? << 12) | (val(s[42])? << 6);
-    if n & 0xff != 0 {
-        return None;
-    }
-    out[30] = (n >> 16) as u8;
-    out[31] = (n >> 8) as u8;
-    Some(out)
 }
 
 /// Translates a `wg setconf` file into a `set=1` request body (without the
