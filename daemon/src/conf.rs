@@ -28,7 +28,8 @@ fn err(line: usize, message: impl Into<String>) -> ConfError {
 
 /// Decodes a base64 key of 32 bytes into lowercase hex.
 fn key_hex(line: usize, what: &str, value: &str) -> Result<String, ConfError> {
-    let bytes = crate::control::proto::unb64_key(value).ok_or_else(|| err(line, format!("{what} is not a base64 32-byte key")))?;
+    let bytes = crate::control::proto::unb64_key(value)
+        .ok_or_else(|| err(line, format!("{what} is not a base64 32-byte key")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
