@@ -377,25 +377,9 @@ impl Handshake {
         };
         let ephemeral = PrivateKey::generate(rng);
         let ephemeral_public = ephemeral.public_key();
-        // e
-        let [c] = kdf::<1>(&ck, &ephemeral_public.0);
-        ck = c;
-        h = hash(&[&h, &ephemeral_public.0]);
-        // ee
-        let mut ee = dh(&ephemeral.secret(), &remote_ephemeral).ok_or(HandshakeError::WeakKey)?;
-        let [c] = kdf::<1>(&ck, &ee);
-        ee.zeroize();
-        ck = c;
-        // se
-        let mut se = dh(&ephemeral.secret(), &self.remote_static.0).ok_or(HandshakeError::WeakKey)?;
-        let [c] = kdf::<1>(&ck, &se);
-        se.zeroize();
-        ck = c;
-        // psk
-        let [c, mut tau, mut k] = kdf::<3>(&ck, &self.preshared.0);
-        ck = c;
-        h = hash(&[&h, &tau]);
-        tau.zeroize();
+        let ee = dh(&ephemeral.secret(), &remote_ephemeral).ok_or(HandshakeError::WeakKey)?;
+        let se = dh(&ephemeral.secret(), &self.remote_static.0).ok_or(HandshakeError::WeakKey)?;
+        let mut k = response_chain(&mut ck, &mut h, &ephemeral_public.0, ee, se, &self.preshared);
         // empty
         let tag = aead_seal(&k, 0, &h, &mut []);
         k.zeroize();
@@ -425,25 +409,9 @@ impl Handshake {
             _ => return Err(HandshakeError::UnexpectedResponse),
         };
         let ephemeral = PrivateKey::from_bytes(ephemeral_private);
-        // e
-        let [c] = kdf::<1>(&ck, &msg.ephemeral);
-        ck = c;
-        h = hash(&[&h, &msg.ephemeral]);
-        // ee
-        let mut ee = dh(&ephemeral.secret(), &msg.ephemeral).ok_or(HandshakeError::WeakKey)?;
-        let [c] = kdf::<1>(&ck, &ee);
-        ee.zeroize();
-        ck = c;
-        // se
-        let mut se = dh(&me.private.secret(), &msg.ephemeral).ok_or(HandshakeError::WeakKey)?;
-        let [c] = kdf::<1>(&ck, &se);
-        se.zeroize();
-        ck = c;
-        // psk
-        let [c, mut tau, mut k] = kdf::<3>(&ck, &self.preshared.0);
-        ck = c;
-        h = hash(&[&h, &tau]);
-        tau.zeroize();
+        let ee = dh(&ephemeral.secret(), &msg.ephemeral).ok_or(HandshakeError::WeakKey)?;
+        let se = dh(&me.private.secret(), &msg.ephemeral).ok_or(HandshakeError::WeakKey)?;
+        let mut k = response_chain(&mut ck, &mut h, &msg.ephemeral, ee, se, &self.preshared);
         let opened = aead_open(&k, 0, &h, &mut [], &msg.encrypted_nothing);
         k.zeroize();
         h.zeroize();
@@ -453,4 +421,30 @@ impl Handshake {
         self.initiator = None;
         Ok(SessionKeys { send, receive, local_index, remote_index: msg.sender, initiator: true })
     }
+}
+
+/// The response's part of the chain, the same for both roles once each has
+/// computed the two Diffie-Hellman values its keys allow (paper 5.4.3):
+/// mixes in the responder's ephemeral key `e`, then `ee`, `se` and the
+/// preshared key, and returns the key sealing the empty payload. The DH
+/// values are wiped here.
+fn response_chain(
+    ck: &mut [u8; KEY_LEN],
+    h: &mut [u8; KEY_LEN],
+    responder_ephemeral: &[u8; KEY_LEN],
+    mut ee: [u8; KEY_LEN],
+    mut se: [u8; KEY_LEN],
+    psk: &PresharedKey,
+) -> [u8; KEY_LEN] {
+    let [c] = kdf::<1>(ck, responder_ephemeral);
+    *h = hash(&[h, responder_ephemeral]);
+    let [c] = kdf::<1>(&c, &ee);
+    ee.zeroize();
+    let [c] = kdf::<1>(&c, &se);
+    se.zeroize();
+    let [c, mut tau, k] = kdf::<3>(&c, &psk.0);
+    *ck = c;
+    *h = hash(&[h, &tau]);
+    tau.zeroize();
+    k
 }
