@@ -4,69 +4,15 @@
 //! the right status and nothing stored.
 
 use http_body_util::BodyExt;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use wiremesh_daemon::control::client::{Client, ClientError, ControlUrl};
+use wiremesh_daemon::control::client::{Client, ClientError};
 use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, RegisterRequest, StreamMessage};
 use wiremesh_daemon::node::keys::MachineKey;
 
-struct Server {
-    child: Child,
-    url: ControlUrl,
-    token: Option<String>,
-}
+#[path = "support/control.rs"]
+mod control_server;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn state_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wiremesh-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn start(state: &std::path::Path) -> Server {
-    start_with(state, &[])
-}
-
-fn start_with(state: &std::path::Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
-        .args(["control", "--listen", "127.0.0.1:0", "--state"])
-        .arg(state)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start wiremeshd control");
-    let out = child.stdout.take().unwrap();
-    // Owned by the guard from here on, so the child is reaped on every path.
-    let mut server =
-        Server { child, url: ControlUrl { host: String::new(), port: 0, fingerprint: [0; 32] }, token: None };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("control server did not start");
-        if let Some(t) = line.strip_prefix("admin token (shown once, stored hashed): ") {
-            server.token = Some(t.to_string());
-        }
-        if let Some(u) = line.strip_prefix("control URL: ") {
-            server.url = u.parse().unwrap();
-            return server;
-        }
-    }
-}
+use control_server::{start, start_with, state_dir};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()

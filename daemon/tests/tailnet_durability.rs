@@ -5,13 +5,9 @@
 //! No root needed.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use wiremesh_daemon::control::client::{Client, ClientError, ControlUrl};
+use wiremesh_daemon::control::client::{Client, ClientError};
 use wiremesh_daemon::control::proto::{self, NodeInfo, RegisterRequest};
 use wiremesh_daemon::node::keys::MachineKey;
 
@@ -22,54 +18,10 @@ const CONCURRENCY: usize = 16;
 /// The server is killed once this many have been acknowledged.
 const KILL_AFTER: usize = 60;
 
-struct Server {
-    child: Child,
-    url: ControlUrl,
-    token: Option<String>,
-}
+#[path = "support/control.rs"]
+mod control_server;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(state: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
-        .args(["control", "--listen", "127.0.0.1:0", "--state"])
-        .arg(state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start wiremeshd control");
-    let out = child.stdout.take().unwrap();
-    let mut server =
-        Server { child, url: ControlUrl { host: String::new(), port: 0, fingerprint: [0; 32] }, token: None };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("control server did not start");
-        if let Some(t) = line.strip_prefix("admin token (shown once, stored hashed): ") {
-            server.token = Some(t.to_string());
-        }
-        if let Some(u) = line.strip_prefix("control URL: ") {
-            server.url = u.parse().unwrap();
-            return server;
-        }
-    }
-}
-
-fn state_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wiremesh-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+use control_server::{start, state_dir};
 
 /// One registration the way the node agent makes it: a challenge, then a
 /// signed `POST /register`.

@@ -1,0 +1,67 @@
+//! A real `wiremeshd control` on loopback for the API tests: started on a
+//! state directory, its URL (with the certificate pin) and admin token read
+//! from what it prints, killed when dropped. Included by `tailnet_api.rs` and
+//! `tailnet_durability.rs`.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use wiremesh_daemon::control::client::ControlUrl;
+
+pub struct Server {
+    pub child: Child,
+    pub url: ControlUrl,
+    pub token: Option<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn state_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wiremesh-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+pub fn start(state: &std::path::Path) -> Server {
+    start_with(state, &[])
+}
+
+pub fn start_with(state: &std::path::Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
+        .args(["control", "--listen", "127.0.0.1:0", "--state"])
+        .arg(state)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start wiremeshd control");
+    let out = child.stdout.take().unwrap();
+    // Owned by the guard from here on, so the child is reaped on every path.
+    let mut server =
+        Server { child, url: ControlUrl { host: String::new(), port: 0, fingerprint: [0; 32] }, token: None };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("control server did not start");
+        if let Some(t) = line.strip_prefix("admin token (shown once, stored hashed): ") {
+            server.token = Some(t.to_string());
+        }
+        if let Some(u) = line.strip_prefix("control URL: ") {
+            server.url = u.parse().unwrap();
+            return server;
+        }
+    }
+}
