@@ -143,6 +143,14 @@ impl MsgState {
     }
 }
 
+/// One write of decrypted packets to the TUN device, pointing into a
+/// receive slot's buffer: a single packet, or a coalesced run as vectors.
+#[derive(Clone, Copy)]
+enum TunWrite {
+    One(*const u8, usize),
+    Vectored(*const libc::iovec, usize),
+}
+
 struct TunSlot {
     read: Box<[u8]>,
     tx: Box<[u8]>,
@@ -854,7 +862,7 @@ impl Worker {
         let nw = slot.groups.len();
         slot.pending = nw;
         let base = slot.buf.as_mut_ptr();
-        let mut entries: [Option<io_uring::squeue::Entry>; MAX_RECV_PACKETS] = [const { None }; MAX_RECV_PACKETS];
+        let mut writes = [TunWrite::One(std::ptr::null(), 0); MAX_RECV_PACKETS];
         let mut iov_next = 0;
         for (g, group) in slot.groups.iter().enumerate() {
             let first = slot.packets[group.first];
@@ -865,12 +873,10 @@ impl Worker {
             } else {
                 (first.start, first.len)
             };
-            let ud = user_data(KIND_TUN_WRITE, i, 0);
             if group.count == 1 {
                 // SAFETY: `base` points into slot i's boxed buffer, which is not
                 // re-armed for receiving until all its writes completed.
-                let ptr = unsafe { base.add(wstart) };
-                entries[g] = Some(opcode::Write::new(types::Fd(tun_fd), ptr, wlen as u32).build().user_data(ud));
+                writes[g] = TunWrite::One(unsafe { base.add(wstart) }, wlen);
             } else {
                 let iov0 = iov_next;
                 // SAFETY: as above, every vector points into slot i's buffer.
@@ -884,45 +890,39 @@ impl Worker {
                     };
                     iov_next += 1;
                 }
-                let iov_ptr = slot.iovs[iov0..].as_ptr();
-                entries[g] =
-                    Some(opcode::Writev::new(types::Fd(tun_fd), iov_ptr, group.count as u32).build().user_data(ud));
+                writes[g] = TunWrite::Vectored(slot.iovs[iov0..].as_ptr(), group.count);
             }
         }
+        let ud = user_data(KIND_TUN_WRITE, i, 0);
         if self.tun_io == TunIo::Sync {
             // The same writes as plain system calls, done now.
-            let slot = &mut self.recv_slots[i];
-            for group in &slot.groups {
-                let first = slot.packets[group.first];
-                let wstart = if vnet { first.start - VirtioNetHdr::LEN } else { first.start };
-                let r = if group.count == 1 {
-                    let wlen = first.len + if vnet { VirtioNetHdr::LEN } else { 0 };
-                    // SAFETY: writing initialized bytes of our own buffer.
-                    unsafe { libc::write(tun_fd, slot.buf[wstart..].as_ptr().cast(), wlen) }
-                } else {
-                    let iov0 = slot.iovs.iter().position(|v| v.iov_base == slot.buf[wstart..].as_mut_ptr().cast());
-                    match iov0 {
-                        // SAFETY: the vectors point into our own buffer.
-                        Some(k) => unsafe { libc::writev(tun_fd, slot.iovs[k..].as_ptr(), group.count as i32) },
-                        None => -1,
+            for w in &writes[..nw] {
+                // SAFETY: each write names initialized bytes (or vectors over
+                // them) of slot i's buffer, untouched during the call.
+                let r = unsafe {
+                    match *w {
+                        TunWrite::One(ptr, len) => libc::write(tun_fd, ptr.cast(), len),
+                        TunWrite::Vectored(iov, n) => libc::writev(tun_fd, iov, n as i32),
                     }
                 };
                 if r < 0 {
                     self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            slot.pending = 0;
+            self.recv_slots[i].pending = 0;
             self.stats.tun_writes.fetch_add(nw as u64, Ordering::Relaxed);
             self.arm_recv(i);
             self.flush_control_output();
             return;
         }
-        for e in entries.iter_mut().take(nw) {
-            if let Some(e) = e.take() {
-                // SAFETY: the buffer and vectors of slot i stay untouched until
-                // its writes complete (counted in `pending`).
-                unsafe { self.push(e) };
-            }
+        for w in &writes[..nw] {
+            let e = match *w {
+                TunWrite::One(ptr, len) => opcode::Write::new(types::Fd(tun_fd), ptr, len as u32).build(),
+                TunWrite::Vectored(iov, n) => opcode::Writev::new(types::Fd(tun_fd), iov, n as u32).build(),
+            };
+            // SAFETY: the buffer and vectors of slot i stay untouched until
+            // its writes complete (counted in `pending`).
+            unsafe { self.push(e.user_data(ud)) };
         }
         self.stats.tun_writes.fetch_add(nw as u64, Ordering::Relaxed);
         if nw == 0 {
