@@ -699,7 +699,9 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
             match kp.seal(buf, len, mtu, now) {
                 Ok(n) => {
                     let rekey = kp.wants_rekey(now);
-                    let jitter = self.jitter();
+                    // Jitter is drawn only when the timer it delays gets armed.
+                    let jitter =
+                        if self.peer(id).timers.new_handshake_armed() { Duration::ZERO } else { self.jitter() };
                     let peer = self.peer_mut(id);
                     peer.stats.tx_bytes += n as u64;
                     peer.stats.tx_packets += 1;
@@ -946,7 +948,8 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
                     let packet = peer.staged.pop_front().expect("front exists");
                     peer.stats.tx_bytes += n as u64;
                     peer.stats.tx_packets += 1;
-                    let jitter = random_jitter(&mut self.rng);
+                    let jitter =
+                        if peer.timers.new_handshake_armed() { Duration::ZERO } else { random_jitter(&mut self.rng) };
                     let peer = self.peer_mut(id);
                     if len > 0 {
                         peer.timers.on_data_sent(now, jitter);

@@ -79,6 +79,12 @@ impl Timers {
         self.handshake_attempts
     }
 
+    /// Whether the "sent data, heard nothing" handshake timer is armed (then
+    /// [`Timers::on_data_sent`] ignores its jitter).
+    pub fn new_handshake_armed(&self) -> bool {
+        self.new_handshake.is_some()
+    }
+
     /// A data packet (not a keepalive) was sent.
     pub fn on_data_sent(&mut self, now: Instant, jitter: Duration) {
         if self.new_handshake.is_none() {
