@@ -556,3 +556,87 @@ fn tailnet_api_version_2_streams_send_deltas_that_rebuild_the_full_maps() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tailnet_api_users_own_the_untagged_nodes_of_their_keys() {
+    let dir = state_dir("api-users");
+    let server = start(&dir);
+    let token = server.token.clone().unwrap();
+    let c = Client::new(server.url.clone());
+    rt().block_on(async {
+        let users = "/api/v1/admin/users";
+        let req = proto::CreateUserRequest { login: "Alice@Example.com".into(), display_name: Some("Alice".into()) };
+        let alice: proto::UserInfo = c.json(hyper::Method::POST, users, Some(&req), Some(&token)).await.unwrap();
+        assert_eq!((alice.login.as_str(), alice.display_name.as_str()), ("alice@example.com", "Alice"));
+        // Taken, malformed and reserved logins; bad shape; no credential.
+        for (body, status, code) in [
+            (&br#"{"login":"ALICE@example.com"}"#[..], 409, "conflict"),
+            (br#"{"login":"bad login"}"#, 400, "bad_request"),
+            (br#"{"login":"tagged-devices"}"#, 400, "bad_request"),
+            (br#"{"login":5}"#, 400, "bad_request"),
+        ] {
+            let (s, b) = c.raw(hyper::Method::POST, users, body.to_vec(), Some(&token)).await.unwrap();
+            assert_json_error(s, &b, status, code);
+        }
+        let (s, b) = c.raw(hyper::Method::GET, users, vec![], Some("wmadmin-wrong")).await.unwrap();
+        assert_json_error(s, &b, 401, "unauthorized");
+        let listed: Vec<proto::UserInfo> = c.json(hyper::Method::GET, users, None::<&()>, Some(&token)).await.unwrap();
+        assert_eq!(listed, vec![alice.clone()]);
+
+        // A key for alice makes nodes she owns; with tags, tagged nodes.
+        let key_for = |user: &str, tags: Vec<String>| proto::CreateKeyRequest {
+            reusable: true,
+            tags,
+            user: Some(user.into()),
+            ..Default::default()
+        };
+        let k: proto::CreatedKey = c
+            .json(hyper::Method::POST, "/api/v1/admin/keys", Some(&key_for("alice@example.com", vec![])), Some(&token))
+            .await
+            .unwrap();
+        assert_eq!(k.info.user.as_deref(), Some("alice@example.com"));
+        let body = serde_json::to_vec(&key_for("nobody", vec![])).unwrap();
+        let (s, b) = c.raw(hyper::Method::POST, "/api/v1/admin/keys", body, Some(&token)).await.unwrap();
+        assert_json_error(s, &b, 404, "not_found");
+        let tagged: proto::CreatedKey = c
+            .json(
+                hyper::Method::POST,
+                "/api/v1/admin/keys",
+                Some(&key_for("alice@example.com", vec!["tag:ci".into()])),
+                Some(&token),
+            )
+            .await
+            .unwrap();
+        let a = TestNode::new(1).register(&c, &k.key, "laptop").await.unwrap();
+        let t = TestNode::new(2).register(&c, &tagged.key, "runner").await.unwrap();
+        let plain = new_key(&c, &token, true).await;
+        let p = TestNode::new(3).register(&c, &plain, "server").await.unwrap();
+        assert_eq!((a.owner.as_str(), t.owner.as_str(), p.owner.as_str()), ("alice@example.com", "tagged-devices", "admin"));
+        let owners: Vec<(i64, String)> = admin_nodes(&c, &token).await.into_iter().map(|n| (n.id, n.owner)).collect();
+        assert!(owners.contains(&(a.id, "alice@example.com".into())), "{owners:?}");
+
+        // Removal: refused while she owns a node, then it revokes her keys.
+        let del = |login: &'static str| {
+            let c = c.clone();
+            let token = token.clone();
+            async move { c.raw(hyper::Method::DELETE, &format!("{users}/{login}"), vec![], Some(&token)).await.unwrap() }
+        };
+        let (s, b) = del("alice%40example.com").await;
+        assert_json_error(s, &b, 409, "conflict");
+        let (s, _) =
+            c.raw(hyper::Method::DELETE, &format!("/api/v1/admin/nodes/{}", a.id), vec![], Some(&token)).await.unwrap();
+        assert_eq!(s, 200);
+        let (s, b) = del("alice%40example.com").await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+        let (s, b) = del("alice@example.com").await;
+        assert_json_error(s, &b, 404, "not_found");
+        let (s, b) = del("bad%zz").await;
+        assert_json_error(s, &b, 400, "bad_request");
+        let e = TestNode::new(4).register(&c, &k.key, "late").await.unwrap_err();
+        assert!(e.to_string().contains("key_revoked"), "{e}");
+        let listed: Vec<proto::UserInfo> = c.json(hyper::Method::GET, users, None::<&()>, Some(&token)).await.unwrap();
+        assert!(listed.is_empty());
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -69,6 +69,40 @@ enum Command {
         #[command(subcommand)]
         command: NodesCommand,
     },
+    /// Users, who own the untagged nodes made with their keys (admin).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Creates a user.
+    Create {
+        #[command(flatten)]
+        admin: Admin,
+        /// Unique login (a name or an e-mail address).
+        login: String,
+        /// Name for people (default: the login).
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+    /// Lists users.
+    List {
+        #[command(flatten)]
+        admin: Admin,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a user (refused while it owns nodes; revokes its keys).
+    Remove {
+        #[command(flatten)]
+        admin: Admin,
+        /// The user's login.
+        login: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +123,9 @@ enum KeysCommand {
         /// Lifetime, e.g. 90s, 30m, 1h, 7d.
         #[arg(long)]
         expiry: Option<String>,
+        /// The user (login) its untagged nodes belong to.
+        #[arg(long)]
+        user: Option<String>,
         /// Print the key and its description as JSON.
         #[arg(long)]
         json: bool,
@@ -135,6 +172,7 @@ fn main() -> ExitCode {
         Command::Whois { ip, json } => whois(&socket, ip, json),
         Command::Keys { command } => keys(command),
         Command::Nodes { command } => nodes(command),
+        Command::Users { command } => users(command),
     };
     match result {
         Ok(code) => code,
@@ -260,10 +298,10 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
 fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
     let path = format!("{}/admin/keys", proto::API);
     match cmd {
-        KeysCommand::Create { admin, reusable, ephemeral, tags, expiry, json } => {
+        KeysCommand::Create { admin, reusable, ephemeral, tags, expiry, user, json } => {
             let (client, token) = admin_client(&admin)?;
             let expiry_secs = expiry.as_deref().map(parse_duration).transpose()?;
-            let req = CreateKeyRequest { reusable, ephemeral, tags, expiry_secs };
+            let req = CreateKeyRequest { reusable, ephemeral, tags, expiry_secs, user };
             let k: CreatedKey = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
                 .map_err(|e| e.to_string())?;
             if json {
@@ -296,6 +334,40 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                 block_on(client.json(hyper::Method::DELETE, &format!("{path}/{id}"), None::<&()>, Some(&token)))?
                     .map_err(|e| e.to_string())?;
             println!("revoked key {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn users(cmd: UsersCommand) -> Result<ExitCode, String> {
+    let path = format!("{}/admin/users", proto::API);
+    match cmd {
+        UsersCommand::Create { admin, login, display_name } => {
+            let (client, token) = admin_client(&admin)?;
+            let req = proto::CreateUserRequest { login, display_name };
+            let u: proto::UserInfo = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            println!("created user {} ({}), id {}", u.login, u.display_name, u.id);
+        }
+        UsersCommand::List { admin, json } => {
+            let (client, token) = admin_client(&admin)?;
+            let users: Vec<proto::UserInfo> =
+                block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
+                    .map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&users).map_err(|e| e.to_string())?);
+            } else {
+                for u in users {
+                    println!("{}  {}  {}", u.id, u.login, u.display_name);
+                }
+            }
+        }
+        UsersCommand::Remove { admin, login } => {
+            let (client, token) = admin_client(&admin)?;
+            let _: serde_json::Value =
+                block_on(client.json(hyper::Method::DELETE, &format!("{path}/{login}"), None::<&()>, Some(&token)))?
+                    .map_err(|e| e.to_string())?;
+            println!("removed user {login}");
         }
     }
     Ok(ExitCode::SUCCESS)

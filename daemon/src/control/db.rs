@@ -4,7 +4,7 @@
 //! SHA-256 hashes: they are 32 random bytes, so a plain hash cannot be
 //! brute-forced and a slow password hash would buy nothing.
 
-use super::proto::{hex, AuthKeyInfo, NodeInfo};
+use super::proto::{hex, AuthKeyInfo, NodeInfo, UserInfo};
 use super::ApiError;
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -57,6 +57,25 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     // Node key expiry: after this Unix second the node must re-authenticate.
     (2, "ALTER TABLE nodes ADD COLUMN key_expires_at INTEGER;"),
+    // Users own the untagged nodes registered with their keys; the policy
+    // (huJSON text) is one row whose version grows with every change.
+    (
+        3,
+        "CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            login TEXT NOT NULL UNIQUE,
+            display_name TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        );
+        ALTER TABLE auth_keys ADD COLUMN user_id INTEGER REFERENCES users(id) ON DELETE SET NULL;
+        ALTER TABLE nodes ADD COLUMN user_id INTEGER REFERENCES users(id) ON DELETE SET NULL;
+        CREATE TABLE policy (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            text TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );",
+    ),
 ];
 
 /// The IPv4 range nodes get addresses from (RFC 6598 shared address space).
@@ -198,6 +217,30 @@ pub fn pick_ipv4(next: u32, mut used: impl FnMut(u32) -> bool) -> Option<u32> {
     }
 }
 
+/// The owner of nodes that have tags.
+pub const OWNER_TAGGED: &str = "tagged-devices";
+/// The owner of untagged nodes whose key has no user.
+pub const OWNER_ADMIN: &str = "admin";
+
+/// A login as stored: lowercase; 1-64 letters, digits and `.` `_` `-` `+` `@`,
+/// starting with a letter or digit; not one of the reserved owner names.
+pub fn check_login(login: &str) -> Result<String, ApiError> {
+    let l = login.to_ascii_lowercase();
+    let ok = !l.is_empty()
+        && l.len() <= 64
+        && l.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+@".contains(&b));
+    if !ok {
+        return Err(ApiError::bad_request(format!(
+            "login {login:?} must be 1-64 letters, digits, '.', '_', '-', '+' or '@', starting with a letter or digit"
+        )));
+    }
+    if l == OWNER_ADMIN || l == OWNER_TAGGED {
+        return Err(ApiError::bad_request(format!("login {l:?} is reserved")));
+    }
+    Ok(l)
+}
+
 fn check_tag(tag: &str) -> Result<(), ApiError> {
     let name =
         tag.strip_prefix("tag:").ok_or_else(|| ApiError::bad_request(format!("tag {tag:?} must start with tag:")))?;
@@ -296,6 +339,7 @@ impl Db {
         ephemeral: bool,
         tags: &[String],
         expiry_secs: Option<u64>,
+        user: Option<i64>,
     ) -> Result<(String, AuthKeyInfo), ApiError> {
         for t in tags {
             check_tag(t)?;
@@ -307,11 +351,16 @@ impl Db {
         let now = unix_now();
         let expires_at = expiry_secs.map(|s| now + s as i64);
         let tags_json = serde_json::to_string(tags).map_err(internal)?;
+        if let Some(u) = user {
+            if self.user(u)?.is_none() {
+                return Err(ApiError::not_found("no such user"));
+            }
+        }
         self.conn
             .execute(
-                "INSERT INTO auth_keys (key_hash, prefix, reusable, ephemeral, tags, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![&hash_secret(&key)[..], &key[..14], reusable, ephemeral, tags_json, now, expires_at],
+                "INSERT INTO auth_keys (key_hash, prefix, reusable, ephemeral, tags, created_at, expires_at, user_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![&hash_secret(&key)[..], &key[..14], reusable, ephemeral, tags_json, now, expires_at, user],
             )
             .map_err(internal)?;
         let id = self.conn.last_insert_rowid();
@@ -320,12 +369,12 @@ impl Db {
     }
 
     fn auth_key(&self, id: i64) -> Result<Option<AuthKeyInfo>, ApiError> {
-        self.conn.query_row(&format!("{KEY_SELECT} WHERE id = ?1"), [id], key_row).optional().map_err(internal)
+        self.conn.query_row(&format!("{KEY_SELECT} WHERE k.id = ?1"), [id], key_row).optional().map_err(internal)
     }
 
     /// Every auth key, by id.
     pub fn auth_keys(&self) -> Result<Vec<AuthKeyInfo>, ApiError> {
-        let mut st = self.conn.prepare(&format!("{KEY_SELECT} ORDER BY id")).map_err(internal)?;
+        let mut st = self.conn.prepare(&format!("{KEY_SELECT} ORDER BY k.id")).map_err(internal)?;
         let rows = st.query_map([], key_row).map_err(internal)?;
         rows.collect::<Result<_, _>>().map_err(internal)
     }
@@ -400,7 +449,7 @@ impl Db {
     /// The node with this machine key.
     pub fn node_by_machine_key(&self, machine_key: &[u8; 32]) -> Result<Option<NodeInfo>, ApiError> {
         self.conn
-            .query_row(&format!("{NODE_SELECT} WHERE machine_key = ?1"), [&machine_key[..]], |r| {
+            .query_row(&format!("{NODE_SELECT} WHERE n.machine_key = ?1"), [&machine_key[..]], |r| {
                 node_row(r, &self.tailnet)
             })
             .optional()
@@ -410,14 +459,14 @@ impl Db {
     /// The node with this id.
     pub fn node(&self, id: i64) -> Result<Option<NodeInfo>, ApiError> {
         self.conn
-            .query_row(&format!("{NODE_SELECT} WHERE id = ?1"), [id], |r| node_row(r, &self.tailnet))
+            .query_row(&format!("{NODE_SELECT} WHERE n.id = ?1"), [id], |r| node_row(r, &self.tailnet))
             .optional()
             .map_err(internal)
     }
 
     /// Every node, by id (all `online: false`; the server adds presence).
     pub fn nodes(&self) -> Result<Vec<NodeInfo>, ApiError> {
-        let mut st = self.conn.prepare(&format!("{NODE_SELECT} ORDER BY id")).map_err(internal)?;
+        let mut st = self.conn.prepare(&format!("{NODE_SELECT} ORDER BY n.id")).map_err(internal)?;
         let rows = st.query_map([], |r| node_row(r, &self.tailnet)).map_err(internal)?;
         rows.collect::<Result<_, _>>().map_err(internal)
     }
@@ -469,10 +518,115 @@ impl Db {
         let n = self.conn.execute("DELETE FROM nodes WHERE id = ?1", [id]).map_err(internal)?;
         Ok((n > 0).then_some(id))
     }
+
+    /// Creates a user; 409 if the login is taken.
+    pub fn create_user(&mut self, login: &str, display_name: &str) -> Result<UserInfo, ApiError> {
+        let login = check_login(login)?;
+        let display_name = check_display_name(display_name, &login)?;
+        let tx = self.conn.transaction().map_err(internal)?;
+        let taken: i64 =
+            tx.query_row("SELECT COUNT(*) FROM users WHERE login = ?1", [&login], |r| r.get(0)).map_err(internal)?;
+        if taken > 0 {
+            return Err(ApiError::conflict(format!("user {login:?} exists")));
+        }
+        tx.execute(
+            "INSERT INTO users (login, display_name, created_at) VALUES (?1, ?2, ?3)",
+            params![login, display_name, unix_now()],
+        )
+        .map_err(internal)?;
+        let id = tx.last_insert_rowid();
+        tx.commit().map_err(internal)?;
+        self.user(id)?.ok_or_else(|| ApiError::internal("user vanished".into()))
+    }
+
+    /// The user with this id.
+    pub fn user(&self, id: i64) -> Result<Option<UserInfo>, ApiError> {
+        self.conn.query_row(&format!("{USER_SELECT} WHERE id = ?1"), [id], user_row).optional().map_err(internal)
+    }
+
+    /// The user with this login (compared in lowercase).
+    pub fn user_by_login(&self, login: &str) -> Result<Option<UserInfo>, ApiError> {
+        self.conn
+            .query_row(&format!("{USER_SELECT} WHERE login = ?1"), [login.to_ascii_lowercase()], user_row)
+            .optional()
+            .map_err(internal)
+    }
+
+    /// Every user, by id.
+    pub fn users(&self) -> Result<Vec<UserInfo>, ApiError> {
+        let mut st = self.conn.prepare(&format!("{USER_SELECT} ORDER BY id")).map_err(internal)?;
+        let rows = st.query_map([], user_row).map_err(internal)?;
+        rows.collect::<Result<_, _>>().map_err(internal)
+    }
+
+    /// Removes a user by login, revoking the keys that would make nodes for
+    /// it; returns its id, `None` if there is none, 409 while it owns nodes.
+    pub fn remove_user(&mut self, login: &str) -> Result<Option<i64>, ApiError> {
+        let tx = self.conn.transaction().map_err(internal)?;
+        let id: Option<i64> = tx
+            .query_row("SELECT id FROM users WHERE login = ?1", [login.to_ascii_lowercase()], |r| r.get(0))
+            .optional()
+            .map_err(internal)?;
+        let Some(id) = id else { return Ok(None) };
+        let owned: i64 =
+            tx.query_row("SELECT COUNT(*) FROM nodes WHERE user_id = ?1", [id], |r| r.get(0)).map_err(internal)?;
+        if owned > 0 {
+            return Err(ApiError::conflict(format!("the user owns {owned} node(s): remove them first")));
+        }
+        tx.execute(
+            "UPDATE auth_keys SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL",
+            params![id, unix_now()],
+        )
+        .map_err(internal)?;
+        tx.execute("DELETE FROM users WHERE id = ?1", [id]).map_err(internal)?;
+        tx.commit().map_err(internal)?;
+        Ok(Some(id))
+    }
+
+    /// The policy (huJSON text) and its version, if one was ever set.
+    pub fn policy(&self) -> Result<Option<(String, i64)>, ApiError> {
+        self.conn
+            .query_row("SELECT text, version FROM policy WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(internal)
+    }
+
+    /// Replaces the policy text (checked by the caller) in one transaction;
+    /// returns the new version (1 for the first, then one more each time).
+    pub fn set_policy(&mut self, text: &str) -> Result<i64, ApiError> {
+        let tx = self.conn.transaction().map_err(internal)?;
+        let version: i64 = tx
+            .query_row(
+                "INSERT INTO policy (id, text, version, updated_at) VALUES (1, ?1, 1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET text = excluded.text, version = policy.version + 1,
+                     updated_at = excluded.updated_at
+                 RETURNING version",
+                params![text, unix_now()],
+                |r| r.get(0),
+            )
+            .map_err(internal)?;
+        tx.commit().map_err(internal)?;
+        Ok(version)
+    }
 }
 
-const KEY_SELECT: &str =
-    "SELECT id, prefix, reusable, ephemeral, tags, created_at, expires_at, uses, revoked_at FROM auth_keys";
+/// A display name as stored: the login when empty; at most 128 characters, no control characters.
+fn check_display_name(name: &str, login: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.chars().count() > 128 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("display_name must be at most 128 characters, none a control".into()));
+    }
+    Ok(if name.is_empty() { login.to_string() } else { name.to_string() })
+}
+
+const USER_SELECT: &str = "SELECT id, login, display_name, created_at FROM users";
+
+fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserInfo> {
+    Ok(UserInfo { id: r.get(0)?, login: r.get(1)?, display_name: r.get(2)?, created_at: r.get(3)? })
+}
+
+const KEY_SELECT: &str = "SELECT k.id, k.prefix, k.reusable, k.ephemeral, k.tags, k.created_at, k.expires_at, k.uses,
+    k.revoked_at, u.login FROM auth_keys k LEFT JOIN users u ON u.id = k.user_id";
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuthKeyInfo> {
     let reusable: bool = r.get(2)?;
@@ -489,11 +643,12 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuthKeyInfo> {
         uses,
         spent: !reusable && uses > 0,
         revoked: r.get::<_, Option<i64>>(8)?.is_some(),
+        user: r.get(9)?,
     })
 }
 
-const NODE_SELECT: &str =
-    "SELECT id, name, node_key, machine_key, ipv4, endpoints, tags, ephemeral, created_at FROM nodes";
+const NODE_SELECT: &str = "SELECT n.id, n.name, n.node_key, n.machine_key, n.ipv4, n.endpoints, n.tags, n.ephemeral,
+    n.created_at, u.login FROM nodes n LEFT JOIN users u ON u.id = n.user_id";
 
 fn node_row(r: &rusqlite::Row<'_>, tailnet: &Tailnet) -> rusqlite::Result<NodeInfo> {
     let name: String = r.get(1)?;
@@ -514,7 +669,11 @@ fn node_row(r: &rusqlite::Row<'_>, tailnet: &Tailnet) -> rusqlite::Result<NodeIn
         ipv6,
         endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
         allowed_ips: vec![format!("{ipv4}/32"), format!("{ipv6}/128")],
-        owner: if tags.is_empty() { "admin".into() } else { "tagged-devices".into() },
+        owner: match r.get::<_, Option<String>>(9)? {
+            _ if !tags.is_empty() => OWNER_TAGGED.into(),
+            Some(login) => login,
+            None => OWNER_ADMIN.into(),
+        },
         tags,
         ephemeral: r.get(7)?,
         online: false,
@@ -539,21 +698,23 @@ struct UsableKey {
     id: i64,
     ephemeral: bool,
     tags: String,
+    user: Option<i64>,
 }
 
 /// Checks an auth key inside the registration's transaction (the caller spends it).
 fn check_auth_key(tx: &Transaction<'_>, auth_key: &str, now: i64) -> Result<UsableKey, ApiError> {
     let hash = hash_secret(auth_key);
-    type KeyRow = (i64, bool, bool, String, Option<i64>, i64, Option<i64>);
+    type KeyRow = (i64, bool, bool, String, Option<i64>, i64, Option<i64>, Option<i64>);
     let key: Option<KeyRow> = tx
         .query_row(
-            "SELECT id, reusable, ephemeral, tags, expires_at, uses, revoked_at FROM auth_keys WHERE key_hash = ?1",
+            "SELECT id, reusable, ephemeral, tags, expires_at, uses, revoked_at, user_id FROM auth_keys
+             WHERE key_hash = ?1",
             [&hash[..]],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
         )
         .optional()
         .map_err(internal)?;
-    let Some((key_id, reusable, ephemeral, tags, expires_at, uses, revoked_at)) = key else {
+    let Some((key_id, reusable, ephemeral, tags, expires_at, uses, revoked_at, user)) = key else {
         return Err(ApiError::new(401, "invalid_auth_key", "unknown auth key"));
     };
     if revoked_at.is_some() {
@@ -565,11 +726,13 @@ fn check_auth_key(tx: &Transaction<'_>, auth_key: &str, now: i64) -> Result<Usab
     if !reusable && uses > 0 {
         return Err(ApiError::new(401, "key_spent", "one-off auth key was already used"));
     }
-    Ok(UsableKey { id: key_id, ephemeral, tags })
+    Ok(UsableKey { id: key_id, ephemeral, tags, user })
 }
 
 fn insert_node(tx: &Transaction<'_>, reg: &Registration, endpoints: &str, now: i64) -> Result<i64, ApiError> {
-    let UsableKey { id: key_id, ephemeral, tags } = check_auth_key(tx, &reg.auth_key, now)?;
+    let UsableKey { id: key_id, ephemeral, tags, user } = check_auth_key(tx, &reg.auth_key, now)?;
+    // A key with tags makes tagged nodes, owned by no user.
+    let user = if tags == "[]" { user } else { None };
     let node_key_taken: bool = tx
         .query_row("SELECT COUNT(*) FROM nodes WHERE node_key = ?1", [&reg.node_key[..]], |r| r.get::<_, i64>(0))
         .map_err(internal)?
@@ -598,8 +761,8 @@ fn insert_node(tx: &Transaction<'_>, reg: &Registration, endpoints: &str, now: i
     drop(taken);
     tx.execute(
         "INSERT INTO nodes (machine_key, node_key, hostname, name, ipv4, endpoints, tags, ephemeral, auth_key_id,
-                            created_at, last_seen)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
+                            created_at, last_seen, user_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)",
         params![
             &reg.machine_key[..],
             &reg.node_key[..],
@@ -610,7 +773,8 @@ fn insert_node(tx: &Transaction<'_>, reg: &Registration, endpoints: &str, now: i
             tags,
             ephemeral,
             key_id,
-            now
+            now,
+            user
         ],
     )
     .map_err(internal)?;
@@ -699,7 +863,7 @@ mod tests {
         assert!(admin.starts_with("wmadmin-") && admin.len() == 8 + 64);
         assert!(db.check_admin(&admin).unwrap());
         assert!(!db.check_admin("wmadmin-00").unwrap());
-        let (key, _) = db.create_auth_key(false, false, &[], None).unwrap();
+        let (key, _) = db.create_auth_key(false, false, &[], None, None).unwrap();
         assert_eq!(hash_secret("abc"), hash_secret("abc"));
         assert_ne!(hash_secret("abc"), hash_secret("abd"));
         // Neither secret appears anywhere in the store; their hashes do.
@@ -726,8 +890,8 @@ mod tests {
     #[test]
     fn one_off_keys_are_spent_and_names_suffixed() {
         let (mut db, _) = Db::open_in_memory().unwrap();
-        let (one, _) = db.create_auth_key(false, false, &[], None).unwrap();
-        let (many, _) = db.create_auth_key(true, false, &["tag:web".into()], None).unwrap();
+        let (one, _) = db.create_auth_key(false, false, &[], None, None).unwrap();
+        let (many, _) = db.create_auth_key(true, false, &["tag:web".into()], None, None).unwrap();
         let a = db.register(&reg(&one, 1, "host")).unwrap();
         assert_eq!(a.name, "host");
         assert_eq!(a.ipv4, Ipv4Addr::new(100, 64, 0, 1));
@@ -756,7 +920,7 @@ mod tests {
     #[test]
     fn an_expired_node_re_authenticates_with_a_valid_key_and_keeps_its_addresses() {
         let (mut db, _) = Db::open_in_memory().unwrap();
-        let (one_off, _) = db.create_auth_key(false, false, &[], None).unwrap();
+        let (one_off, _) = db.create_auth_key(false, false, &[], None, None).unwrap();
         let a = db.register(&reg(&one_off, 1, "a")).unwrap();
         // Not expired: the machine key is its credential, no auth key needed.
         assert_eq!(db.register(&reg("", 1, "a")).unwrap(), a);
@@ -769,25 +933,65 @@ mod tests {
         assert_eq!(db.register(&reg("", 1, "a")).unwrap_err().code, "invalid_auth_key");
         assert_eq!(db.register(&reg(&one_off, 1, "a")).unwrap_err().code, "key_spent");
         assert_eq!(db.node_key_expiry(a.id).unwrap(), Some(1));
-        let (fresh, _) = db.create_auth_key(false, false, &[], None).unwrap();
+        let (fresh, _) = db.create_auth_key(false, false, &[], None, None).unwrap();
         assert_eq!(db.register(&reg(&fresh, 1, "a")).unwrap(), a, "same id, name and addresses");
         assert_eq!(db.node_key_expiry(a.id).unwrap(), None);
         assert!(db.auth_keys().unwrap().iter().all(|k| k.spent), "the re-authentication spent the key");
     }
 
     #[test]
+    fn users_own_their_keys_untagged_nodes_and_the_policy_versions_grow() {
+        let (mut db, _) = Db::open_in_memory().unwrap();
+        let alice = db.create_user("Alice@Example.com", "Alice A.").unwrap();
+        assert_eq!((alice.login.as_str(), alice.display_name.as_str()), ("alice@example.com", "Alice A."));
+        assert_eq!(db.create_user("ALICE@example.com", "").unwrap_err().status, 409);
+        assert_eq!(db.create_user("admin", "").unwrap_err().status, 400);
+        assert_eq!(db.create_user("-x", "").unwrap_err().status, 400);
+        assert_eq!(db.create_user("bob", "b\nb").unwrap_err().status, 400);
+        let bob = db.create_user("bob", "").unwrap();
+        assert_eq!(bob.display_name, "bob");
+        assert_eq!(db.users().unwrap(), vec![alice.clone(), bob.clone()]);
+        assert_eq!(db.user_by_login("ALICE@EXAMPLE.COM").unwrap(), Some(alice.clone()));
+        assert_eq!(db.create_auth_key(true, false, &[], None, Some(999)).unwrap_err().status, 404);
+        let (k, info) = db.create_auth_key(true, false, &[], None, Some(alice.id)).unwrap();
+        assert_eq!(info.user.as_deref(), Some("alice@example.com"));
+        let (tagged, _) = db.create_auth_key(true, false, &["tag:ci".into()], None, Some(alice.id)).unwrap();
+        let (plain, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
+        assert_eq!(db.register(&reg(&k, 1, "a")).unwrap().owner, "alice@example.com");
+        assert_eq!(db.register(&reg(&tagged, 2, "b")).unwrap().owner, OWNER_TAGGED);
+        assert_eq!(db.register(&reg(&plain, 3, "c")).unwrap().owner, OWNER_ADMIN);
+        // A user who owns nodes stays; once they are gone, removal revokes its keys.
+        assert_eq!(db.remove_user("alice@example.com").unwrap_err().status, 409);
+        db.remove_node("a").unwrap();
+        assert_eq!(db.remove_user("Alice@example.com").unwrap(), Some(alice.id));
+        assert_eq!(db.remove_user("alice@example.com").unwrap(), None);
+        assert_eq!(db.register(&reg(&k, 4, "d")).unwrap_err().code, "key_revoked");
+        assert_eq!(db.users().unwrap(), vec![bob]);
+        // The tagged node made with alice's key is unaffected.
+        assert_eq!(
+            db.nodes().unwrap().iter().map(|n| n.owner.as_str()).collect::<Vec<_>>(),
+            [OWNER_TAGGED, OWNER_ADMIN]
+        );
+
+        assert_eq!(db.policy().unwrap(), None);
+        assert_eq!(db.set_policy("{\"acls\": []}").unwrap(), 1);
+        assert_eq!(db.set_policy("// v2\n{}").unwrap(), 2);
+        assert_eq!(db.policy().unwrap(), Some(("// v2\n{}".to_string(), 2)));
+    }
+
+    #[test]
     fn expired_and_revoked_keys_are_refused() {
         let (mut db, _) = Db::open_in_memory().unwrap();
-        let (k, info) = db.create_auth_key(true, false, &[], Some(3600)).unwrap();
+        let (k, info) = db.create_auth_key(true, false, &[], Some(3600), None).unwrap();
         db.conn.execute("UPDATE auth_keys SET expires_at = 1 WHERE id = ?1", [info.id]).unwrap();
         assert_eq!(db.register(&reg(&k, 1, "a")).unwrap_err().code, "key_expired");
-        let (k, info) = db.create_auth_key(true, false, &[], None).unwrap();
+        let (k, info) = db.create_auth_key(true, false, &[], None, None).unwrap();
         assert!(db.revoke_auth_key(info.id).unwrap());
         assert_eq!(db.register(&reg(&k, 1, "a")).unwrap_err().code, "key_revoked");
         assert_eq!(db.register(&reg("wmkey-nope", 1, "a")).unwrap_err().code, "invalid_auth_key");
         assert!(db.nodes().unwrap().is_empty());
-        assert!(db.create_auth_key(false, false, &["web".into()], None).is_err());
-        assert!(db.create_auth_key(false, false, &[], Some(0)).is_err());
+        assert!(db.create_auth_key(false, false, &["web".into()], None, None).is_err());
+        assert!(db.create_auth_key(false, false, &[], Some(0), None).is_err());
     }
 
     #[test]
@@ -798,7 +1002,7 @@ mod tests {
         let (mut db, token) = Db::open(&dir).unwrap();
         let token = token.unwrap();
         assert_eq!(db.schema_version().unwrap(), MIGRATIONS.last().unwrap().0);
-        let (key, _) = db.create_auth_key(true, false, &[], None).unwrap();
+        let (key, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
         let node = db.register(&reg(&key, 9, "keep")).unwrap();
         let tailnet = db.tailnet().clone();
         let mode: String = db.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();

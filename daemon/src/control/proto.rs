@@ -78,7 +78,8 @@ pub struct NodeInfo {
     pub ephemeral: bool,
     /// Whether the node holds a map stream open now.
     pub online: bool,
-    /// Who the node belongs to: `tagged-devices` for tagged nodes, else `admin`.
+    /// Who the node belongs to: `tagged-devices` for tagged nodes, else its
+    /// auth key's user's login, or `admin` for a key without a user.
     pub owner: String,
     /// Unix seconds of registration.
     pub created_at: i64,
@@ -234,6 +235,9 @@ pub struct CreateKeyRequest {
     /// Seconds until the key expires (none: never).
     #[serde(default)]
     pub expiry_secs: Option<u64>,
+    /// The login of the user its (untagged) nodes belong to (none: `admin`).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// An auth key as the admin API lists it (never the key itself).
@@ -259,6 +263,32 @@ pub struct AuthKeyInfo {
     pub spent: bool,
     /// Whether an admin revoked it.
     pub revoked: bool,
+    /// The login of the user its untagged nodes belong to.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// A user of the tailnet: owns the untagged nodes registered with its keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// The server's stable identifier.
+    pub id: i64,
+    /// Unique login (a name or an e-mail address, lowercase).
+    pub login: String,
+    /// Name for people.
+    pub display_name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// `POST /api/v1/admin/users`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateUserRequest {
+    /// Unique login.
+    pub login: String,
+    /// Name for people (defaults to the login).
+    #[serde(default)]
+    pub display_name: Option<String>,
 }
 
 /// The answer to `POST /api/v1/admin/keys`: the only time the key is shown.

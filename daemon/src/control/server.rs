@@ -175,6 +175,14 @@ impl App {
         self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json, key_expiries, expired }));
     }
 
+    /// Stores a new policy text (already checked) and publishes a snapshot
+    /// built with it; returns the policy's new version.
+    pub async fn set_policy(self: &Arc<Self>, text: String) -> Result<i64, ApiError> {
+        let version = self.with_db(move |db| db.set_policy(&text)).await?;
+        self.publish();
+        Ok(version)
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
@@ -448,8 +456,19 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
         (["keys"], &Method::GET) => Ok(json_response(200, &app.with_db(|db| db.auth_keys()).await?)),
         (["keys"], &Method::POST) => {
             let r: proto::CreateKeyRequest = read_json(req).await?;
-            let (key, info) =
-                app.with_db(move |db| db.create_auth_key(r.reusable, r.ephemeral, &r.tags, r.expiry_secs)).await?;
+            let (key, info) = app
+                .with_db(move |db| {
+                    let user = match &r.user {
+                        Some(login) => Some(
+                            db.user_by_login(login)?
+                                .ok_or_else(|| ApiError::not_found(&format!("no user {login:?}")))?
+                                .id,
+                        ),
+                        None => None,
+                    };
+                    db.create_auth_key(r.reusable, r.ephemeral, &r.tags, r.expiry_secs, user)
+                })
+                .await?;
             Ok(json_response(200, &proto::CreatedKey { key, info }))
         }
         (["keys", id], &Method::DELETE) => {
@@ -490,9 +509,44 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
                 None => Err(ApiError::not_found("no such node")),
             }
         }
-        (["tailnet" | "keys" | "nodes", ..], _) => Err(ApiError::new(405, "method_not_allowed", "method not allowed")),
+        (["users"], &Method::GET) => Ok(json_response(200, &app.with_db(|db| db.users()).await?)),
+        (["users"], &Method::POST) => {
+            let r: proto::CreateUserRequest = read_json(req).await?;
+            let user = app.with_db(move |db| db.create_user(&r.login, r.display_name.as_deref().unwrap_or(""))).await?;
+            Ok(json_response(200, &user))
+        }
+        (["users", login], &Method::DELETE) => {
+            let login = percent_decode(login)?;
+            match app.with_db(move |db| db.remove_user(&login)).await? {
+                Some(id) => Ok(json_response(200, &serde_json::json!({ "removed": id }))),
+                None => Err(ApiError::not_found("no such user")),
+            }
+        }
+        (["tailnet" | "keys" | "nodes" | "users", ..], _) => {
+            Err(ApiError::new(405, "method_not_allowed", "method not allowed"))
+        }
         _ => Err(ApiError::not_found("no such endpoint")),
     }
+}
+
+/// A path segment with its `%XX` escapes decoded (a login may be an e-mail
+/// address, which clients may send as `alice%40example.com`).
+fn percent_decode(segment: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::bad_request("malformed percent-escape in the path".into());
+    let b = segment.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
 }
 
 fn parse_machine_key(s: &str) -> Result<[u8; 32], ApiError> {
@@ -779,7 +833,7 @@ mod tests {
     #[test]
     fn hand_built_map_lines_decode_to_the_maps() {
         let (mut db, _) = Db::open_in_memory().unwrap();
-        let (key, _) = db.create_auth_key(true, false, &["tag:x".into()], None).unwrap();
+        let (key, _) = db.create_auth_key(true, false, &["tag:x".into()], None, None).unwrap();
         for n in 1..=3u8 {
             let reg = Registration {
                 auth_key: key.clone(),
@@ -816,7 +870,7 @@ mod tests {
     #[test]
     fn deltas_rebuild_the_full_maps_and_are_small() {
         let (mut db, _) = Db::open_in_memory().unwrap();
-        let (key, _) = db.create_auth_key(true, false, &[], None).unwrap();
+        let (key, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
         let reg = |n: u8| Registration {
             auth_key: key.clone(),
             machine_key: [n; 32],
