@@ -12,6 +12,7 @@ use crate::consts::{
 };
 use crate::cookie::{CookieChecker, CookieError, CookieSender, LoadMonitor, RateLimiter};
 use crate::crypto::{CryptoProvider, DefaultProvider, TAG_LEN};
+use crate::filter::{Filter, Firewall};
 use crate::ip::parse_header;
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::messages::{
@@ -86,11 +87,13 @@ pub enum DropReason {
     /// A staged packet pushed out by newer ones, or dropped when the
     /// handshake gave up.
     QueueOverflow,
+    /// A decrypted packet the node's packet filter does not accept.
+    Filtered,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed,
         DropReason::BadMac1,
         DropReason::CookieRequired,
@@ -111,6 +114,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::QueueOverflow,
+        DropReason::Filtered,
     ];
 
     /// A short stable name for metrics and logs.
@@ -136,6 +140,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::QueueOverflow => "queue_overflow",
+            DropReason::Filtered => "filtered",
         }
     }
 }
@@ -407,6 +412,8 @@ pub struct Device<R, P: CryptoProvider = DefaultProvider> {
     events: VecDeque<Event>,
     spare_buffers: Vec<Vec<u8>>,
     drops: DropCounts,
+    /// The inbound packet filter (`None`: every packet passes).
+    firewall: Option<Firewall>,
     /// Wall-clock time minus monotonic time, for TAI64N timestamps.
     wall_at_zero: Duration,
 }
@@ -443,6 +450,7 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
             events: VecDeque::new(),
             spare_buffers: Vec::new(),
             drops: DropCounts::default(),
+            firewall: None,
             wall_at_zero: wall_offset(now, wall),
         }
     }
@@ -668,6 +676,24 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
         }
     }
 
+    /// Sets the inbound packet filter: from now on a decrypted packet reaches
+    /// the caller only if the filter accepts it or it answers a flow this
+    /// device sent (dropped ones are counted as [`DropReason::Filtered`]).
+    /// Replacing a filter keeps the flows already open; `None` (the default)
+    /// lets every packet through and forgets them.
+    pub fn set_filter(&mut self, filter: Option<Filter>) {
+        match (filter, self.firewall.as_mut()) {
+            (None, _) => self.firewall = None,
+            (Some(f), Some(fw)) => fw.set_filter(f),
+            (Some(f), None) => self.firewall = Some(Firewall::new(f, self.rng.next_u64())),
+        }
+    }
+
+    /// The inbound packet filter in force, if any.
+    pub fn filter(&self) -> Option<&Filter> {
+        self.firewall.as_ref().map(Firewall::filter)
+    }
+
     /// Starts a handshake with the peer now, unless one was sent within REKEY_TIMEOUT.
     pub fn initiate_handshake(&mut self, id: PeerId, now: Instant) -> Result<(), ConfigError> {
         self.peer_opt(id).ok_or(ConfigError::NoSuchPeer)?;
@@ -690,6 +716,10 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
         let Some(id) = self.routes.lookup(header.destination) else {
             return Err(self.drop_send(None, DropReason::NoRoute));
         };
+        if let Some(fw) = self.firewall.as_mut() {
+            // Its replies must pass the inbound filter.
+            fw.outbound(&packet[..header.total_len], now);
+        }
         let mtu = self.config.mtu;
         let peer = self.peer_mut(id);
         let Some(destination) = peer.endpoint else {
@@ -900,7 +930,11 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
         if self.routes.lookup(ip.source) != Some(id) {
             return Err(self.count_drop(Some(id), DropReason::NotAllowedSource));
         }
-        Ok(Received::Packet { peer: id, range: range.start..range.start + ip.total_len })
+        let packet = range.start..range.start + ip.total_len;
+        if self.firewall.as_ref().is_some_and(|fw| fw.inbound(&buf[packet.clone()], now).is_none()) {
+            return Err(self.count_drop(Some(id), DropReason::Filtered));
+        }
+        Ok(Received::Packet { peer: id, range: packet })
     }
 
     /// The next datagram to send that is not a direct answer to

@@ -37,7 +37,9 @@
 //!
 //! ## Features
 //!
-//! * `alloc`: the multi-peer [`device`] and the [`routing`] table.
+//! * `alloc`: the multi-peer [`device`], the [`routing`] table and the
+//!   inbound packet [`filter`] (set with [`device::Device::set_filter`]; a
+//!   device without one lets every decrypted packet through).
 //! * `std` (default): implies `alloc`.
 //! * `ring` (default): the fast transport AEAD provider [`crypto::Ring`].
 //!
@@ -60,6 +62,8 @@ pub mod cookie;
 pub mod crypto;
 #[cfg(feature = "alloc")]
 pub mod device;
+#[cfg(feature = "alloc")]
+pub mod filter;
 pub mod ip;
 pub mod keys;
 pub mod messages;
