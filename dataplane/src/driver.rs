@@ -37,7 +37,8 @@ use wiremesh_core::crypto::DefaultProvider;
 use wiremesh_core::device::{DeviceConfig as CoreConfig, Encapsulated, PeerConfig as CorePeer, Received, HEADROOM};
 use wiremesh_core::{Instant, WallTime};
 
-type Device = wiremesh_core::device::Device<StdRng, DefaultProvider>;
+/// The protocol core as both data planes (TUN and the userspace netstack) drive it.
+pub(crate) type Device = wiremesh_core::device::Device<StdRng, DefaultProvider>;
 
 /// TUN reads in flight.
 const TUN_SLOTS: usize = 8;
@@ -229,7 +230,7 @@ impl DataplaneStats {
     }
 }
 
-enum ControlMsg {
+pub(crate) enum ControlMsg {
     Uapi(Request, mpsc::SyncSender<Response>),
 }
 
@@ -243,7 +244,31 @@ pub struct Control {
     pub stats: Arc<DataplaneStats>,
 }
 
+/// The worker's end of a [`Control`]: requests, the eventfd that signals
+/// them, and the stop flag.
+pub(crate) struct ControlInbox {
+    pub(crate) rx: mpsc::Receiver<ControlMsg>,
+    pub(crate) eventfd: Arc<OwnedFd>,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
 impl Control {
+    /// A handle and the inbox a worker (TUN or userspace) serves it from.
+    pub(crate) fn pair() -> io::Result<(Control, ControlInbox)> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor we own.
+        let eventfd = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(DataplaneStats::default());
+        let inbox = ControlInbox { rx, eventfd: eventfd.clone(), stop: stop.clone() };
+        Ok((Control { tx, eventfd, stop, stats }, inbox))
+    }
+
     fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a live u64 to an eventfd.
@@ -306,16 +331,8 @@ impl Worker {
     pub fn new(tun: Tun, config: DeviceConfig) -> io::Result<(Worker, Control)> {
         let ring = IoUring::new(1024)?;
         let udp = UdpSock::bind(config.listen_port, config.fwmark)?;
-        // SAFETY: eventfd returns a new descriptor or -1.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `efd` is a fresh descriptor we own.
-        let eventfd = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(DataplaneStats::default());
+        let (control, ControlInbox { rx, eventfd, stop }) = Control::pair()?;
+        let stats = control.stats.clone();
         let mtu = tun.mtu().map(|m| m as usize).unwrap_or(1420);
         let vnet = tun.vnet_hdr();
         let tun_slots = (0..TUN_SLOTS)
@@ -377,7 +394,7 @@ impl Worker {
         w.config.listen_port = config.listen_port;
         w.config.fwmark = config.fwmark;
         w.reconcile(config).map_err(|e| io::Error::other(e.to_string()))?;
-        Ok((w, Control { tx, eventfd, stop, stats }))
+        Ok((w, control))
     }
 
     /// The UDP port bound.
@@ -389,7 +406,7 @@ impl Worker {
         Instant::from_duration(self.clock.elapsed())
     }
 
-    fn wall() -> WallTime {
+    pub(crate) fn wall() -> WallTime {
         WallTime::from_unix(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default())
     }
 
@@ -977,40 +994,17 @@ impl Worker {
             }
             Request::Set(ops) => {
                 self.sync_stats();
-                let mut next = self.config.clone();
-                if let Err(e) = next.apply(&ops) {
-                    return Response::error(&e);
+                match next_config(&self.config, &ops) {
+                    Ok(next) => Response::set(self.reconcile(next)),
+                    Err(e) => Response::error(&e),
                 }
-                // Endpoints the set did not name keep what roaming taught the device.
-                let named: Vec<_> = named_endpoints(&ops);
-                for p in &mut next.peers {
-                    if !named.contains(&p.public_key.0) {
-                        if let Some(old) = self.config.peer(&p.public_key) {
-                            p.endpoint = old.endpoint;
-                        }
-                    }
-                }
-                Response::set(self.reconcile(next))
             }
         }
     }
 
     /// Copies counters and roamed endpoints from the device into the config.
     fn sync_stats(&mut self) {
-        let Some(dev) = self.device.as_ref() else { return };
-        for p in &mut self.config.peers {
-            if let Some(id) = dev.peer_by_key(&p.public_key) {
-                if let Some(st) = dev.peer_stats(id) {
-                    p.stats.rx_bytes = st.rx_bytes;
-                    p.stats.tx_bytes = st.tx_bytes;
-                    p.stats.last_handshake =
-                        st.last_handshake.map(|w| Duration::new(w.secs, w.nanos)).unwrap_or_default();
-                }
-                if let Some(ep) = dev.peer_endpoint(id) {
-                    p.endpoint = Some(ep);
-                }
-            }
-        }
+        sync_stats(self.device.as_ref(), &mut self.config);
     }
 
     /// Makes the socket and the device match `next`; on failure nothing changes.
@@ -1041,76 +1035,122 @@ impl Worker {
         if next.fwmark != self.config.fwmark {
             self.udp.set_fwmark(next.fwmark).map_err(UapiError::PortInUse)?;
         }
-        let key_changed =
-            next.private_key.as_ref().map(|k| k.to_bytes()) != self.config.private_key.as_ref().map(|k| k.to_bytes());
-        if key_changed {
-            match (&next.private_key, self.device.as_mut()) {
-                (None, _) => self.device = None,
-                (Some(k), Some(dev)) => dev.set_private_key(k.clone()),
-                (Some(k), None) => {
-                    let cfg = CoreConfig { mtu: Some(self.mtu), ..CoreConfig::default() };
-                    self.device = Some(Device::new(k.clone(), StdRng::from_entropy(), cfg, now, Self::wall()));
-                    // Every configured peer is new to this device.
-                    self.config.peers.clear();
+        reconcile_device(&mut self.device, &mut self.config, &next, self.mtu, now);
+        self.config = next;
+        self.flush_control_output();
+        Ok(())
+    }
+}
+
+/// `current` with the `set` `ops` applied, keeping for each peer whose
+/// section named no endpoint what roaming taught the device.
+pub(crate) fn next_config(current: &DeviceConfig, ops: &[SetOp]) -> Result<DeviceConfig, UapiError> {
+    let mut next = current.clone();
+    next.apply(ops)?;
+    let named: Vec<_> = named_endpoints(ops);
+    for p in &mut next.peers {
+        if !named.contains(&p.public_key.0) {
+            if let Some(old) = current.peer(&p.public_key) {
+                p.endpoint = old.endpoint;
+            }
+        }
+    }
+    Ok(next)
+}
+
+/// Copies counters and roamed endpoints from the device into the config.
+pub(crate) fn sync_stats(device: Option<&Device>, config: &mut DeviceConfig) {
+    let Some(dev) = device else { return };
+    for p in &mut config.peers {
+        if let Some(id) = dev.peer_by_key(&p.public_key) {
+            if let Some(st) = dev.peer_stats(id) {
+                p.stats.rx_bytes = st.rx_bytes;
+                p.stats.tx_bytes = st.tx_bytes;
+                p.stats.last_handshake = st.last_handshake.map(|w| Duration::new(w.secs, w.nanos)).unwrap_or_default();
+            }
+            if let Some(ep) = dev.peer_endpoint(id) {
+                p.endpoint = Some(ep);
+            }
+        }
+    }
+}
+
+/// Makes the core device match `next` (key, peers, endpoints, keys, allowed
+/// IPs), touching only what changed since `current`; `current` must then be
+/// replaced by `next`. `mtu` is the tunnel MTU for a device created here.
+pub(crate) fn reconcile_device(
+    device: &mut Option<Device>,
+    current: &mut DeviceConfig,
+    next: &DeviceConfig,
+    mtu: usize,
+    now: Instant,
+) {
+    let key_changed =
+        next.private_key.as_ref().map(|k| k.to_bytes()) != current.private_key.as_ref().map(|k| k.to_bytes());
+    if key_changed {
+        match (&next.private_key, device.as_mut()) {
+            (None, _) => *device = None,
+            (Some(k), Some(dev)) => dev.set_private_key(k.clone()),
+            (Some(k), None) => {
+                let cfg = CoreConfig { mtu: Some(mtu), ..CoreConfig::default() };
+                *device = Some(Device::new(k.clone(), StdRng::from_entropy(), cfg, now, Worker::wall()));
+                // Every configured peer is new to this device.
+                current.peers.clear();
+            }
+        }
+    }
+    if let Some(dev) = device.as_mut() {
+        for old in &current.peers {
+            if next.peer(&old.public_key).is_none() {
+                if let Some(id) = dev.peer_by_key(&old.public_key) {
+                    let _ = dev.remove_peer(id);
                 }
             }
         }
-        if let Some(dev) = self.device.as_mut() {
-            for old in &self.config.peers {
-                if next.peer(&old.public_key).is_none() {
-                    if let Some(id) = dev.peer_by_key(&old.public_key) {
-                        let _ = dev.remove_peer(id);
+        for p in &next.peers {
+            let old = current.peer(&p.public_key);
+            let id = match dev.peer_by_key(&p.public_key) {
+                Some(id) => id,
+                None => {
+                    let mut c = CorePeer::new(p.public_key);
+                    c.preshared_key = Some(p.preshared_key.clone());
+                    c.endpoint = p.endpoint;
+                    c.persistent_keepalive = Some(p.persistent_keepalive_interval);
+                    c.allowed_ips = p.allowed_ips.iter().map(|a| (a.addr(), a.cidr())).collect();
+                    match dev.add_peer(c, now) {
+                        Ok(_) => {}
+                        Err(_) => continue, // our own key: ignored, as wireguard-go does
                     }
+                    continue;
+                }
+            };
+            let old_ep = old.and_then(|o| o.endpoint);
+            if p.endpoint != old_ep {
+                let _ = dev.set_peer_endpoint(id, p.endpoint);
+            }
+            if old.is_none_or(|o| o.preshared_key.to_bytes() != p.preshared_key.to_bytes()) {
+                let _ = dev.set_peer_preshared_key(id, Some(p.preshared_key.clone()));
+            }
+            if old.is_none_or(|o| o.persistent_keepalive_interval != p.persistent_keepalive_interval) {
+                let _ = dev.set_peer_persistent_keepalive(id, Some(p.persistent_keepalive_interval), now);
+            }
+            if old.is_none_or(|o| o.allowed_ips != p.allowed_ips) {
+                let _ = dev.clear_allowed_ips(id);
+                for a in &p.allowed_ips {
+                    let _ = dev.add_allowed_ip(id, a.addr(), a.cidr());
                 }
             }
-            for p in &next.peers {
-                let old = self.config.peer(&p.public_key);
-                let id = match dev.peer_by_key(&p.public_key) {
-                    Some(id) => id,
-                    None => {
-                        let mut c = CorePeer::new(p.public_key);
-                        c.preshared_key = Some(p.preshared_key.clone());
-                        c.endpoint = p.endpoint;
-                        c.persistent_keepalive = Some(p.persistent_keepalive_interval);
-                        c.allowed_ips = p.allowed_ips.iter().map(|a| (a.addr(), a.cidr())).collect();
-                        match dev.add_peer(c, now) {
-                            Ok(_) => {}
-                            Err(_) => continue, // our own key: ignored, as wireguard-go does
-                        }
-                        continue;
-                    }
-                };
-                let old_ep = old.and_then(|o| o.endpoint);
-                if p.endpoint != old_ep {
-                    let _ = dev.set_peer_endpoint(id, p.endpoint);
-                }
-                if old.is_none_or(|o| o.preshared_key.to_bytes() != p.preshared_key.to_bytes()) {
-                    let _ = dev.set_peer_preshared_key(id, Some(p.preshared_key.clone()));
-                }
-                if old.is_none_or(|o| o.persistent_keepalive_interval != p.persistent_keepalive_interval) {
-                    let _ = dev.set_peer_persistent_keepalive(id, Some(p.persistent_keepalive_interval), now);
-                }
-                if old.is_none_or(|o| o.allowed_ips != p.allowed_ips) {
-                    let _ = dev.clear_allowed_ips(id);
-                    for a in &p.allowed_ips {
+        }
+        // Allowed IPs moved between peers are re-asserted in config order.
+        for p in &next.peers {
+            if let Some(id) = dev.peer_by_key(&p.public_key) {
+                for a in &p.allowed_ips {
+                    if dev.route(a.addr()) != Some(id) {
                         let _ = dev.add_allowed_ip(id, a.addr(), a.cidr());
                     }
                 }
             }
-            // Allowed IPs moved between peers are re-asserted in config order.
-            for p in &next.peers {
-                if let Some(id) = dev.peer_by_key(&p.public_key) {
-                    for a in &p.allowed_ips {
-                        if dev.route(a.addr()) != Some(id) {
-                            let _ = dev.add_allowed_ip(id, a.addr(), a.cidr());
-                        }
-                    }
-                }
-            }
         }
-        self.config = next;
-        self.flush_control_output();
-        Ok(())
     }
 }
 

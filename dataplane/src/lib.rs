@@ -5,10 +5,13 @@
 //!   Unix-socket server for `/var/run/wireguard/<ifname>.sock`.
 //! * [`tun`]: Linux TUN devices with virtio-net offloads, and the splitting of
 //!   TCP segmentation offload super-packets into wire-sized IP packets.
+//! * [`netstack`]: the userspace data plane on smoltcp, for processes
+//!   without TUN or root, with tokio TCP and UDP sockets on the tailnet.
 #![warn(missing_docs)]
 
 pub mod driver;
 pub mod gro;
+pub mod netstack;
 pub mod tun;
 pub mod uapi;
 pub mod udp;
