@@ -35,12 +35,16 @@ enum Command {
         /// Address to listen on (HTTPS).
         #[arg(long, default_value = "0.0.0.0:8443")]
         listen: std::net::SocketAddr,
-        /// State directory (SQLite database, TLS certificate).
+        /// State: a directory (SQLite database, TLS certificate) or a
+        /// postgres://user@host/db URL (shared by several replicas).
         #[arg(long)]
-        state: PathBuf,
+        state: wiremesh_daemon::control::db::Location,
         /// Seconds an ephemeral node may stay offline before it is removed.
         #[arg(long, default_value_t = 30)]
         ephemeral_grace_secs: u64,
+        /// Seconds after which a silent replica is taken for dead and its nodes go offline.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        presence_timeout_secs: u64,
     },
     /// The node agent: joins the tailnet and keeps the data plane on its map.
     Node {
@@ -77,9 +81,10 @@ const READY_FD_ENV: &str = "WIREMESHD_READY_FD";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Control { listen, state, ephemeral_grace_secs } => {
+        Command::Control { listen, state, ephemeral_grace_secs, presence_timeout_secs } => {
             let ephemeral_grace = std::time::Duration::from_secs(ephemeral_grace_secs);
-            let opts = wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace };
+            let presence_timeout = std::time::Duration::from_secs(presence_timeout_secs);
+            let opts = wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace, presence_timeout };
             exit(wiremesh_daemon::control::server::run(&opts))
         }
         Command::Node { control, auth_key, hostname, state, tun, listen_port, mtu, socket } => {

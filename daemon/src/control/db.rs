@@ -1,82 +1,159 @@
-//! The control server's state: SQLite in WAL mode with `synchronous=FULL`,
-//! so a write is on disk before the server answers, and versioned migrations
+//! The control server's state, in SQLite (a directory: WAL mode with
+//! `synchronous=FULL`, so a write is on disk before the server answers) or
+//! PostgreSQL (`postgres://…`, shared by several control replicas), through
+//! one SQL layer ([`super::store`]) and one list of versioned migrations
 //! applied at open. Secrets (admin tokens, auth keys) are stored only as
 //! SHA-256 hashes: they are 32 random bytes, so a plain hash cannot be
 //! brute-forced and a slow password hash would buy nothing.
 
 use super::proto::{hex, AuthKeyInfo, NodeInfo, UserInfo};
+use super::store::{params, Conn, Dialect, Row};
 use super::ApiError;
 use ring::rand::{SecureRandom, SystemRandom};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// The schema, one step per version. Never edit a released step; add one.
+/// The schema, one step per version, with the dialect's types filled in for
+/// `{id}`, `{int}` and `{blob}` ([`Dialect::schema`]). Never edit a released
+/// step; add one.
 const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
         "CREATE TABLE tailnet (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
+            id {int} PRIMARY KEY CHECK (id = 1),
             domain TEXT NOT NULL,
-            ula_prefix BLOB NOT NULL,
-            next_ipv4 INTEGER NOT NULL,
-            created_at INTEGER NOT NULL
+            ula_prefix {blob} NOT NULL,
+            next_ipv4 {int} NOT NULL,
+            created_at {int} NOT NULL
         );
         CREATE TABLE admin_tokens (
-            id INTEGER PRIMARY KEY,
-            token_hash BLOB NOT NULL UNIQUE,
-            created_at INTEGER NOT NULL
+            id {id},
+            token_hash {blob} NOT NULL UNIQUE,
+            created_at {int} NOT NULL
         );
         CREATE TABLE auth_keys (
-            id INTEGER PRIMARY KEY,
-            key_hash BLOB NOT NULL UNIQUE,
+            id {id},
+            key_hash {blob} NOT NULL UNIQUE,
             prefix TEXT NOT NULL,
-            reusable INTEGER NOT NULL,
-            ephemeral INTEGER NOT NULL,
+            reusable {int} NOT NULL,
+            ephemeral {int} NOT NULL,
             tags TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
-            expires_at INTEGER,
-            uses INTEGER NOT NULL DEFAULT 0,
-            revoked_at INTEGER
+            created_at {int} NOT NULL,
+            expires_at {int},
+            uses {int} NOT NULL DEFAULT 0,
+            revoked_at {int}
         );
         CREATE TABLE nodes (
-            id INTEGER PRIMARY KEY,
-            machine_key BLOB NOT NULL UNIQUE,
-            node_key BLOB NOT NULL UNIQUE,
+            id {id},
+            machine_key {blob} NOT NULL UNIQUE,
+            node_key {blob} NOT NULL UNIQUE,
             hostname TEXT NOT NULL,
             name TEXT NOT NULL UNIQUE,
-            ipv4 INTEGER NOT NULL UNIQUE,
+            ipv4 {int} NOT NULL UNIQUE,
             endpoints TEXT NOT NULL,
             tags TEXT NOT NULL,
-            ephemeral INTEGER NOT NULL,
-            auth_key_id INTEGER REFERENCES auth_keys(id) ON DELETE SET NULL,
-            created_at INTEGER NOT NULL,
-            last_seen INTEGER NOT NULL
+            ephemeral {int} NOT NULL,
+            auth_key_id {int} REFERENCES auth_keys(id) ON DELETE SET NULL,
+            created_at {int} NOT NULL,
+            last_seen {int} NOT NULL
         );",
     ),
     // Node key expiry: after this Unix second the node must re-authenticate.
-    (2, "ALTER TABLE nodes ADD COLUMN key_expires_at INTEGER;"),
+    (2, "ALTER TABLE nodes ADD COLUMN key_expires_at {int};"),
     // Users own the untagged nodes registered with their keys; the policy
     // (huJSON text) is one row whose version grows with every change.
     (
         3,
         "CREATE TABLE users (
-            id INTEGER PRIMARY KEY,
+            id {id},
             login TEXT NOT NULL UNIQUE,
             display_name TEXT NOT NULL,
-            created_at INTEGER NOT NULL
+            created_at {int} NOT NULL
         );
-        ALTER TABLE auth_keys ADD COLUMN user_id INTEGER REFERENCES users(id) ON DELETE SET NULL;
-        ALTER TABLE nodes ADD COLUMN user_id INTEGER REFERENCES users(id) ON DELETE SET NULL;
+        ALTER TABLE auth_keys ADD COLUMN user_id {int} REFERENCES users(id) ON DELETE SET NULL;
+        ALTER TABLE nodes ADD COLUMN user_id {int} REFERENCES users(id) ON DELETE SET NULL;
         CREATE TABLE policy (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            text TEXT NOT NULL,
-            version INTEGER NOT NULL,
-            updated_at INTEGER NOT NULL
+            id {int} PRIMARY KEY CHECK (id = 1),
+            policy_text TEXT NOT NULL,
+            version {int} NOT NULL,
+            updated_at {int} NOT NULL
+        );",
+    ),
+    // Presence shared by replicas: each control process (replica) beats
+    // its row; a node is online while a live replica holds a stream of it.
+    // The TLS identity every replica serves (PostgreSQL; a state directory
+    // keeps it in files).
+    (
+        4,
+        "CREATE TABLE replicas (
+            id TEXT PRIMARY KEY,
+            heartbeat_ms {int} NOT NULL
+        );
+        CREATE TABLE presence (
+            node_id {int} NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+            replica TEXT NOT NULL REFERENCES replicas(id) ON DELETE CASCADE,
+            streams {int} NOT NULL,
+            PRIMARY KEY (node_id, replica)
+        );
+        CREATE TABLE server_identity (
+            id {int} PRIMARY KEY CHECK (id = 1),
+            cert_der {blob} NOT NULL,
+            key_der {blob} NOT NULL
         );",
     ),
 ];
+
+/// Where the state lives: `--state DIR` or `--state postgres://…`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A directory: `state.db` (SQLite) and the TLS identity in files.
+    Dir(PathBuf),
+    /// A PostgreSQL connection URL (`postgres://` or `postgresql://`).
+    Postgres(String),
+}
+
+impl std::str::FromStr for Location {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            s.parse::<postgres::Config>().map_err(|e| format!("bad PostgreSQL URL: {e}"))?;
+            Ok(Location::Postgres(s.to_string()))
+        } else if s.contains("://") {
+            Err("--state is a directory or a postgres:// URL".into())
+        } else if s.is_empty() {
+            Err("--state must not be empty".into())
+        } else {
+            Ok(Location::Dir(PathBuf::from(s)))
+        }
+    }
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for Location {
+    /// The directory, or the PostgreSQL URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Dir(d) => write!(f, "{}", d.display()),
+            Location::Postgres(url) => {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+                match rest.rsplit_once('@') {
+                    Some((userinfo, host)) => {
+                        let user = userinfo.split(':').next().unwrap_or("");
+                        write!(f, "{scheme}://{user}@{host}")
+                    }
+                    None => write!(f, "{scheme}://{rest}"),
+                }
+            }
+        }
+    }
+}
 
 /// The IPv4 range nodes get addresses from (RFC 6598 shared address space).
 pub const IPV4_BASE: u32 = u32::from_be_bytes([100, 64, 0, 0]);
@@ -127,12 +204,6 @@ pub struct Registration {
     pub hostname: String,
     /// Reported endpoints.
     pub endpoints: Vec<String>,
-}
-
-/// The state store.
-pub struct Db {
-    conn: Connection,
-    tailnet: Tailnet,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -251,65 +322,83 @@ fn check_tag(tag: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The state store.
+pub struct Db {
+    conn: Conn,
+    tailnet: Tailnet,
+    replica: String,
+}
+
+/// What [`Db::sweep`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Replicas whose heartbeat stopped, forgotten with their presence.
+    pub dead_replicas: u64,
+    /// Ephemeral nodes removed after the grace period offline.
+    pub ephemeral_removed: u64,
+}
+
+/// Now, in Unix milliseconds (replica heartbeats).
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 impl Db {
+    /// Opens the store at `location`: see [`Db::open`] and [`Db::open_postgres`].
+    pub fn open_at(location: &Location) -> Result<(Db, Option<String>), ApiError> {
+        match location {
+            Location::Dir(dir) => Self::open(dir),
+            Location::Postgres(url) => Self::open_postgres(url),
+        }
+    }
+
     /// Opens (creating if needed) `dir/state.db`, applies migrations, and
     /// creates the tailnet on first start. Returns the admin token when it was
     /// just created: the only time it is ever shown.
     pub fn open(dir: &Path) -> Result<(Db, Option<String>), ApiError> {
-        let conn = Connection::open(dir.join("state.db")).map_err(internal)?;
+        let conn = rusqlite::Connection::open(dir.join("state.db")).map_err(internal)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(internal)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(ApiError::internal(format!("state store: cannot enable WAL (journal_mode={mode})")));
         }
+        Self::setup_sqlite(conn)
+    }
+
+    /// An in-memory SQLite store (tests).
+    pub fn open_in_memory() -> Result<(Db, Option<String>), ApiError> {
+        Self::setup_sqlite(rusqlite::Connection::open_in_memory().map_err(internal)?)
+    }
+
+    fn setup_sqlite(conn: rusqlite::Connection) -> Result<(Db, Option<String>), ApiError> {
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
+            .map_err(internal)?;
+        let (mut db, token) = Self::setup(Conn::sqlite(conn))?;
+        // One process serves a state directory: presence left by its earlier
+        // life is stale, so nodes are not shown online until they stream again.
+        db.write(|c| c.execute("DELETE FROM replicas", &[]))?;
+        Ok((db, token))
+    }
+
+    /// Connects to PostgreSQL, applies migrations and creates the tailnet on
+    /// first start, holding an advisory lock so replicas starting together on
+    /// an empty database do it once (one admin token, printed by one of them).
+    pub fn open_postgres(url: &str) -> Result<(Db, Option<String>), ApiError> {
+        let mut conn = Conn::postgres(url)?;
+        // Commits wait for the WAL flush (the default; said here because it is what
+        // "nothing acknowledged is lost" rests on).
+        conn.batch("SET synchronous_commit = on")?;
         Self::setup(conn)
     }
 
-    /// An in-memory store (tests).
-    pub fn open_in_memory() -> Result<(Db, Option<String>), ApiError> {
-        Self::setup(Connection::open_in_memory().map_err(internal)?)
-    }
-
-    fn setup(mut conn: Connection) -> Result<(Db, Option<String>), ApiError> {
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
-            .map_err(internal)?;
-        migrate(&mut conn)?;
-        let tx = conn.transaction().map_err(internal)?;
-        let existing = tx
-            .query_row("SELECT domain, ula_prefix FROM tailnet WHERE id = 1", [], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .optional()
-            .map_err(internal)?;
-        let (tailnet, token) = match existing {
-            Some((domain, ula)) => {
-                let ula_prefix: [u8; 6] =
-                    ula.try_into().map_err(|_| ApiError::internal("state store: bad ULA prefix".into()))?;
-                (Tailnet { domain, ula_prefix }, None)
-            }
-            None => {
-                // RFC 4193 §3.2: fd00::/8 and a random 40-bit global ID.
-                let mut ula_prefix = [0u8; 6];
-                ula_prefix[0] = 0xfd;
-                SystemRandom::new()
-                    .fill(&mut ula_prefix[1..])
-                    .map_err(|_| ApiError::internal("no randomness".into()))?;
-                let tailnet = Tailnet { domain: "wiremesh.internal".into(), ula_prefix };
-                tx.execute(
-                    "INSERT INTO tailnet (id, domain, ula_prefix, next_ipv4, created_at) VALUES (1, ?1, ?2, ?3, ?4)",
-                    params![tailnet.domain, &ula_prefix[..], IPV4_FIRST, unix_now()],
-                )
-                .map_err(internal)?;
-                let token = new_secret("wmadmin-");
-                tx.execute(
-                    "INSERT INTO admin_tokens (token_hash, created_at) VALUES (?1, ?2)",
-                    params![&hash_secret(&token)[..], unix_now()],
-                )
-                .map_err(internal)?;
-                (tailnet, Some(token))
-            }
-        };
-        tx.commit().map_err(internal)?;
-        Ok((Db { conn, tailnet }, token))
+    fn setup(mut conn: Conn) -> Result<(Db, Option<String>), ApiError> {
+        let mut replica = [0u8; 8];
+        SystemRandom::new().fill(&mut replica).map_err(|_| ApiError::internal("no randomness".into()))?;
+        let replica = hex(&replica);
+        let (tailnet, token) = conn.with_migration_lock(|conn| {
+            migrate(conn)?;
+            conn.transaction(None, create_tailnet)
+        })?;
+        Ok((Db { conn, tailnet, replica }, token))
     }
 
     /// The tailnet's settings.
@@ -317,22 +406,36 @@ impl Db {
         &self.tailnet
     }
 
+    /// Which store this is.
+    pub fn dialect(&self) -> Dialect {
+        self.conn.dialect()
+    }
+
+    /// This process's replica id: its presence rows and change notifications carry it.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Runs a write transaction that announces itself to other replicas.
+    fn write<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T, ApiError>) -> Result<T, ApiError> {
+        let replica = self.replica.clone();
+        self.conn.transaction(Some(&replica), f)
+    }
+
     /// The schema version in force.
-    pub fn schema_version(&self) -> Result<i64, ApiError> {
-        schema_version(&self.conn)
+    pub fn schema_version(&mut self) -> Result<i64, ApiError> {
+        schema_version(&mut self.conn)
     }
 
     /// Whether `token` is a valid admin token.
-    pub fn check_admin(&self, token: &str) -> Result<bool, ApiError> {
+    pub fn check_admin(&mut self, token: &str) -> Result<bool, ApiError> {
         let hash = hash_secret(token);
-        let n: i64 = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM admin_tokens WHERE token_hash = ?1", [&hash[..]], |r| r.get(0))
-            .map_err(internal)?;
-        Ok(n > 0)
+        let n = self.conn.query_one("SELECT COUNT(*) FROM admin_tokens WHERE token_hash = $1", params![&hash[..]])?;
+        Ok(n.int(0)? > 0)
     }
 
-    /// Creates an auth key; returns the secret (shown once) and its description.
+    /// Creates an auth key; returns the secret (shown once) and its
+    /// description. `user` owns the untagged nodes registered with it.
     pub fn create_auth_key(
         &mut self,
         reusable: bool,
@@ -351,43 +454,40 @@ impl Db {
         let now = unix_now();
         let expires_at = expiry_secs.map(|s| now + s as i64);
         let tags_json = serde_json::to_string(tags).map_err(internal)?;
-        if let Some(u) = user {
-            if self.user(u)?.is_none() {
-                return Err(ApiError::not_found("no such user"));
+        let id = self.write(|c| {
+            if let Some(u) = user {
+                if c.query_opt("SELECT id FROM users WHERE id = $1", params![u])?.is_none() {
+                    return Err(ApiError::not_found("no such user"));
+                }
             }
-        }
-        self.conn
-            .execute(
+            c.query_one(
                 "INSERT INTO auth_keys (key_hash, prefix, reusable, ephemeral, tags, created_at, expires_at, user_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
                 params![&hash_secret(&key)[..], &key[..14], reusable, ephemeral, tags_json, now, expires_at, user],
-            )
-            .map_err(internal)?;
-        let id = self.conn.last_insert_rowid();
+            )?
+            .int(0)
+        })?;
         let info = self.auth_key(id)?.ok_or_else(|| ApiError::internal("key vanished".into()))?;
         Ok((key, info))
     }
 
-    fn auth_key(&self, id: i64) -> Result<Option<AuthKeyInfo>, ApiError> {
-        self.conn.query_row(&format!("{KEY_SELECT} WHERE k.id = ?1"), [id], key_row).optional().map_err(internal)
+    fn auth_key(&mut self, id: i64) -> Result<Option<AuthKeyInfo>, ApiError> {
+        self.conn.query_opt(&format!("{KEY_SELECT} WHERE k.id = $1"), params![id])?.map(|r| key_row(&r)).transpose()
     }
 
     /// Every auth key, by id.
-    pub fn auth_keys(&self) -> Result<Vec<AuthKeyInfo>, ApiError> {
-        let mut st = self.conn.prepare(&format!("{KEY_SELECT} ORDER BY k.id")).map_err(internal)?;
-        let rows = st.query_map([], key_row).map_err(internal)?;
-        rows.collect::<Result<_, _>>().map_err(internal)
+    pub fn auth_keys(&mut self) -> Result<Vec<AuthKeyInfo>, ApiError> {
+        self.conn.query(&format!("{KEY_SELECT} ORDER BY k.id"), &[])?.iter().map(key_row).collect()
     }
 
     /// Revokes a key; false if there is no such key.
     pub fn revoke_auth_key(&mut self, id: i64) -> Result<bool, ApiError> {
-        let n = self
-            .conn
-            .execute(
-                "UPDATE auth_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        let n = self.write(|c| {
+            c.execute(
+                "UPDATE auth_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
                 params![id, unix_now()],
             )
-            .map_err(internal)?;
+        })?;
         Ok(n > 0 || self.auth_key(id)?.is_some())
     }
 
@@ -398,33 +498,37 @@ impl Db {
     pub fn register(&mut self, reg: &Registration) -> Result<NodeInfo, ApiError> {
         let now = unix_now();
         let endpoints = serde_json::to_string(&reg.endpoints).map_err(internal)?;
-        let tx = self.conn.transaction().map_err(internal)?;
-        let known: Option<(i64, Option<i64>)> = tx
-            .query_row("SELECT id, key_expires_at FROM nodes WHERE machine_key = ?1", [&reg.machine_key[..]], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
-            .map_err(internal)?;
-        let id = match known {
-            Some((id, expires_at)) => {
-                if expires_at.is_some_and(|e| e <= now) {
-                    // Re-authentication: a valid auth key is spent, the
-                    // expiry cleared; addresses, name and tags stay.
-                    let key = check_auth_key(&tx, &reg.auth_key, now)?;
-                    tx.execute("UPDATE nodes SET key_expires_at = NULL WHERE id = ?1", [id]).map_err(internal)?;
-                    tx.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = ?1", [key.id]).map_err(internal)?;
+        let lock = self.dialect().for_update();
+        let id = self.write(|c| {
+            // Registrations go one at a time across replicas: the tailnet row
+            // guards the address cursor, name choice and the one-off key.
+            c.query_one(&format!("SELECT next_ipv4 FROM tailnet WHERE id = 1{lock}"), &[])?;
+            let known = c
+                .query_opt(
+                    "SELECT id, key_expires_at FROM nodes WHERE machine_key = $1",
+                    params![&reg.machine_key[..]],
+                )?
+                .map(|r| Ok::<_, ApiError>((r.int(0)?, r.opt_int(1)?)))
+                .transpose()?;
+            match known {
+                Some((id, expires_at)) => {
+                    if expires_at.is_some_and(|e| e <= now) {
+                        // Re-authentication: a valid auth key is spent, the
+                        // expiry cleared; addresses, name and tags stay.
+                        let key = check_auth_key(c, &reg.auth_key, now)?;
+                        c.execute("UPDATE nodes SET key_expires_at = NULL WHERE id = $1", params![id])?;
+                        c.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = $1", params![key.id])?;
+                    }
+                    update_node_key(c, id, &reg.node_key)?;
+                    c.execute(
+                        "UPDATE nodes SET endpoints = $2, last_seen = $3 WHERE id = $1",
+                        params![id, &endpoints, now],
+                    )?;
+                    Ok(id)
                 }
-                update_node_key(&tx, id, &reg.node_key)?;
-                tx.execute(
-                    "UPDATE nodes SET endpoints = ?2, last_seen = ?3 WHERE id = ?1",
-                    params![id, endpoints, now],
-                )
-                .map_err(internal)?;
-                id
+                None => insert_node(c, reg, &endpoints, now),
             }
-            None => insert_node(&tx, reg, &endpoints, now)?,
-        };
-        tx.commit().map_err(internal)?;
+        })?;
         self.node(id)?.ok_or_else(|| ApiError::internal("node vanished".into()))
     }
 
@@ -432,53 +536,53 @@ impl Db {
     /// whether anything changed.
     pub fn update_node(&mut self, id: i64, node_key: &[u8; 32], endpoints: &[String]) -> Result<bool, ApiError> {
         let endpoints = serde_json::to_string(endpoints).map_err(internal)?;
-        let tx = self.conn.transaction().map_err(internal)?;
-        let (old_key, old_endpoints): (Vec<u8>, String) = tx
-            .query_row("SELECT node_key, endpoints FROM nodes WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(internal)?;
-        let changed = old_key != node_key[..] || old_endpoints != endpoints;
-        if old_key != node_key[..] {
-            update_node_key(&tx, id, node_key)?;
-        }
-        tx.execute("UPDATE nodes SET endpoints = ?2, last_seen = ?3 WHERE id = ?1", params![id, endpoints, unix_now()])
-            .map_err(internal)?;
-        tx.commit().map_err(internal)?;
-        Ok(changed)
+        self.write(|c| {
+            let r = c.query_one("SELECT node_key, endpoints FROM nodes WHERE id = $1", params![id])?;
+            let (old_key, old_endpoints) = (r.blob(0)?, r.text(1)?);
+            let changed = old_key != node_key[..] || old_endpoints != endpoints;
+            if old_key != node_key[..] {
+                update_node_key(c, id, node_key)?;
+            }
+            c.execute(
+                "UPDATE nodes SET endpoints = $2, last_seen = $3 WHERE id = $1",
+                params![id, &endpoints, unix_now()],
+            )?;
+            Ok(changed)
+        })
     }
 
     /// The node with this machine key.
-    pub fn node_by_machine_key(&self, machine_key: &[u8; 32]) -> Result<Option<NodeInfo>, ApiError> {
+    pub fn node_by_machine_key(&mut self, machine_key: &[u8; 32]) -> Result<Option<NodeInfo>, ApiError> {
+        let tailnet = &self.tailnet;
         self.conn
-            .query_row(&format!("{NODE_SELECT} WHERE n.machine_key = ?1"), [&machine_key[..]], |r| {
-                node_row(r, &self.tailnet)
-            })
-            .optional()
-            .map_err(internal)
+            .query_opt(&format!("{NODE_SELECT} WHERE n.machine_key = $1"), params![&machine_key[..]])?
+            .map(|r| node_row(&r, tailnet))
+            .transpose()
     }
 
     /// The node with this id.
-    pub fn node(&self, id: i64) -> Result<Option<NodeInfo>, ApiError> {
+    pub fn node(&mut self, id: i64) -> Result<Option<NodeInfo>, ApiError> {
+        let tailnet = &self.tailnet;
         self.conn
-            .query_row(&format!("{NODE_SELECT} WHERE n.id = ?1"), [id], |r| node_row(r, &self.tailnet))
-            .optional()
-            .map_err(internal)
+            .query_opt(&format!("{NODE_SELECT} WHERE n.id = $1"), params![id])?
+            .map(|r| node_row(&r, tailnet))
+            .transpose()
     }
 
     /// Every node, by id (all `online: false`; the server adds presence).
-    pub fn nodes(&self) -> Result<Vec<NodeInfo>, ApiError> {
-        let mut st = self.conn.prepare(&format!("{NODE_SELECT} ORDER BY n.id")).map_err(internal)?;
-        let rows = st.query_map([], |r| node_row(r, &self.tailnet)).map_err(internal)?;
-        rows.collect::<Result<_, _>>().map_err(internal)
+    pub fn nodes(&mut self) -> Result<Vec<NodeInfo>, ApiError> {
+        let tailnet = &self.tailnet;
+        self.conn.query(&format!("{NODE_SELECT} ORDER BY n.id"), &[])?.iter().map(|r| node_row(r, tailnet)).collect()
     }
 
-    fn node_id(&self, id_or_name: &str) -> Result<Option<i64>, ApiError> {
+    fn node_id(&mut self, id_or_name: &str) -> Result<Option<i64>, ApiError> {
         match id_or_name.parse::<i64>() {
             Ok(id) => Ok(Some(id)),
             Err(_) => self
                 .conn
-                .query_row("SELECT id FROM nodes WHERE name = ?1", [id_or_name], |r| r.get(0))
-                .optional()
-                .map_err(internal),
+                .query_opt("SELECT id FROM nodes WHERE name = $1", params![id_or_name])?
+                .map(|r| r.int(0))
+                .transpose(),
         }
     }
 
@@ -486,36 +590,32 @@ impl Db {
     /// its id, or `None` if there is no such node.
     pub fn set_node_key_expiry(&mut self, id_or_name: &str, expires_at: Option<i64>) -> Result<Option<i64>, ApiError> {
         let Some(id) = self.node_id(id_or_name)? else { return Ok(None) };
-        let n = self
-            .conn
-            .execute("UPDATE nodes SET key_expires_at = ?2 WHERE id = ?1", params![id, expires_at])
-            .map_err(internal)?;
+        let n =
+            self.write(|c| c.execute("UPDATE nodes SET key_expires_at = $2 WHERE id = $1", params![id, expires_at]))?;
         Ok((n > 0).then_some(id))
     }
 
     /// When node `id`'s key expires, if it does.
-    pub fn node_key_expiry(&self, id: i64) -> Result<Option<i64>, ApiError> {
-        self.conn
-            .query_row("SELECT key_expires_at FROM nodes WHERE id = ?1", [id], |r| r.get(0))
-            .optional()
-            .map(Option::flatten)
-            .map_err(internal)
+    pub fn node_key_expiry(&mut self, id: i64) -> Result<Option<i64>, ApiError> {
+        match self.conn.query_opt("SELECT key_expires_at FROM nodes WHERE id = $1", params![id])? {
+            Some(r) => r.opt_int(0),
+            None => Ok(None),
+        }
     }
 
     /// Every node's key expiry, for the nodes that have one.
-    pub fn node_key_expiries(&self) -> Result<HashMap<i64, i64>, ApiError> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id, key_expires_at FROM nodes WHERE key_expires_at IS NOT NULL")
-            .map_err(internal)?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(internal)?;
-        rows.collect::<Result<_, _>>().map_err(internal)
+    pub fn node_key_expiries(&mut self) -> Result<HashMap<i64, i64>, ApiError> {
+        self.conn
+            .query("SELECT id, key_expires_at FROM nodes WHERE key_expires_at IS NOT NULL", &[])?
+            .iter()
+            .map(|r| Ok((r.int(0)?, r.int(1)?)))
+            .collect()
     }
 
     /// Removes a node by id or name; returns its id, or `None` if there was none.
     pub fn remove_node(&mut self, id_or_name: &str) -> Result<Option<i64>, ApiError> {
         let Some(id) = self.node_id(id_or_name)? else { return Ok(None) };
-        let n = self.conn.execute("DELETE FROM nodes WHERE id = ?1", [id]).map_err(internal)?;
+        let n = self.write(|c| c.execute("DELETE FROM nodes WHERE id = $1", params![id]))?;
         Ok((n > 0).then_some(id))
     }
 
@@ -523,91 +623,223 @@ impl Db {
     pub fn create_user(&mut self, login: &str, display_name: &str) -> Result<UserInfo, ApiError> {
         let login = check_login(login)?;
         let display_name = check_display_name(display_name, &login)?;
-        let tx = self.conn.transaction().map_err(internal)?;
-        let taken: i64 =
-            tx.query_row("SELECT COUNT(*) FROM users WHERE login = ?1", [&login], |r| r.get(0)).map_err(internal)?;
-        if taken > 0 {
-            return Err(ApiError::conflict(format!("user {login:?} exists")));
-        }
-        tx.execute(
-            "INSERT INTO users (login, display_name, created_at) VALUES (?1, ?2, ?3)",
-            params![login, display_name, unix_now()],
-        )
-        .map_err(internal)?;
-        let id = tx.last_insert_rowid();
-        tx.commit().map_err(internal)?;
-        self.user(id)?.ok_or_else(|| ApiError::internal("user vanished".into()))
+        let r = self.write(|c| {
+            if c.query_opt("SELECT id FROM users WHERE login = $1", params![&login])?.is_some() {
+                return Err(ApiError::conflict(format!("user {login:?} exists")));
+            }
+            c.query_one(
+                &format!(
+                    "INSERT INTO users (login, display_name, created_at) VALUES ($1, $2, $3) RETURNING {USER_COLUMNS}"
+                ),
+                params![&login, &display_name, unix_now()],
+            )
+        })?;
+        user_row(&r)
     }
 
     /// The user with this id.
-    pub fn user(&self, id: i64) -> Result<Option<UserInfo>, ApiError> {
-        self.conn.query_row(&format!("{USER_SELECT} WHERE id = ?1"), [id], user_row).optional().map_err(internal)
+    pub fn user(&mut self, id: i64) -> Result<Option<UserInfo>, ApiError> {
+        self.conn
+            .query_opt(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"), params![id])?
+            .map(|r| user_row(&r))
+            .transpose()
     }
 
     /// The user with this login (compared in lowercase).
-    pub fn user_by_login(&self, login: &str) -> Result<Option<UserInfo>, ApiError> {
+    pub fn user_by_login(&mut self, login: &str) -> Result<Option<UserInfo>, ApiError> {
         self.conn
-            .query_row(&format!("{USER_SELECT} WHERE login = ?1"), [login.to_ascii_lowercase()], user_row)
-            .optional()
-            .map_err(internal)
+            .query_opt(
+                &format!("SELECT {USER_COLUMNS} FROM users WHERE login = $1"),
+                params![login.to_ascii_lowercase()],
+            )?
+            .map(|r| user_row(&r))
+            .transpose()
     }
 
     /// Every user, by id.
-    pub fn users(&self) -> Result<Vec<UserInfo>, ApiError> {
-        let mut st = self.conn.prepare(&format!("{USER_SELECT} ORDER BY id")).map_err(internal)?;
-        let rows = st.query_map([], user_row).map_err(internal)?;
-        rows.collect::<Result<_, _>>().map_err(internal)
+    pub fn users(&mut self) -> Result<Vec<UserInfo>, ApiError> {
+        self.conn.query(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY id"), &[])?.iter().map(user_row).collect()
     }
 
     /// Removes a user by login, revoking the keys that would make nodes for
     /// it; returns its id, `None` if there is none, 409 while it owns nodes.
     pub fn remove_user(&mut self, login: &str) -> Result<Option<i64>, ApiError> {
-        let tx = self.conn.transaction().map_err(internal)?;
-        let id: Option<i64> = tx
-            .query_row("SELECT id FROM users WHERE login = ?1", [login.to_ascii_lowercase()], |r| r.get(0))
-            .optional()
-            .map_err(internal)?;
-        let Some(id) = id else { return Ok(None) };
-        let owned: i64 =
-            tx.query_row("SELECT COUNT(*) FROM nodes WHERE user_id = ?1", [id], |r| r.get(0)).map_err(internal)?;
-        if owned > 0 {
-            return Err(ApiError::conflict(format!("the user owns {owned} node(s): remove them first")));
-        }
-        tx.execute(
-            "UPDATE auth_keys SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL",
-            params![id, unix_now()],
-        )
-        .map_err(internal)?;
-        tx.execute("DELETE FROM users WHERE id = ?1", [id]).map_err(internal)?;
-        tx.commit().map_err(internal)?;
-        Ok(Some(id))
+        let login = login.to_ascii_lowercase();
+        let lock = self.dialect().for_update();
+        self.write(|c| {
+            let Some(r) = c.query_opt(&format!("SELECT id FROM users WHERE login = $1{lock}"), params![&login])? else {
+                return Ok(None);
+            };
+            let id = r.int(0)?;
+            let owned = c.query_one("SELECT COUNT(*) FROM nodes WHERE user_id = $1", params![id])?.int(0)?;
+            if owned > 0 {
+                return Err(ApiError::conflict(format!("the user owns {owned} node(s): remove them first")));
+            }
+            c.execute(
+                "UPDATE auth_keys SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL",
+                params![id, unix_now()],
+            )?;
+            c.execute("DELETE FROM users WHERE id = $1", params![id])?;
+            Ok(Some(id))
+        })
     }
 
     /// The policy (huJSON text) and its version, if one was ever set.
-    pub fn policy(&self) -> Result<Option<(String, i64)>, ApiError> {
+    pub fn policy(&mut self) -> Result<Option<(String, i64)>, ApiError> {
         self.conn
-            .query_row("SELECT text, version FROM policy WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()
-            .map_err(internal)
+            .query_opt("SELECT policy_text, version FROM policy WHERE id = 1", &[])?
+            .map(|r| Ok((r.text(0)?, r.int(1)?)))
+            .transpose()
     }
 
     /// Replaces the policy text (checked by the caller) in one transaction;
     /// returns the new version (1 for the first, then one more each time).
     pub fn set_policy(&mut self, text: &str) -> Result<i64, ApiError> {
-        let tx = self.conn.transaction().map_err(internal)?;
-        let version: i64 = tx
-            .query_row(
-                "INSERT INTO policy (id, text, version, updated_at) VALUES (1, ?1, 1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET text = excluded.text, version = policy.version + 1,
+        self.write(|c| {
+            c.query_one(
+                "INSERT INTO policy (id, policy_text, version, updated_at) VALUES (1, $1, 1, $2)
+                 ON CONFLICT (id) DO UPDATE SET policy_text = excluded.policy_text, version = policy.version + 1,
                      updated_at = excluded.updated_at
                  RETURNING version",
                 params![text, unix_now()],
-                |r| r.get(0),
-            )
-            .map_err(internal)?;
-        tx.commit().map_err(internal)?;
-        Ok(version)
+            )?
+            .int(0)
+        })
     }
+
+    /// Beats this replica's heartbeat. Returns `false` when its row was gone
+    /// (other replicas took it for dead and dropped its presence), so the
+    /// caller writes its presence again.
+    pub fn heartbeat(&mut self) -> Result<bool, ApiError> {
+        let (replica, now) = (self.replica.clone(), unix_now_ms());
+        let n = self.conn.execute("UPDATE replicas SET heartbeat_ms = $2 WHERE id = $1", params![&replica, now])?;
+        if n > 0 {
+            return Ok(true);
+        }
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO replicas (id, heartbeat_ms) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms",
+                params![&replica, now],
+            )
+        })?;
+        Ok(false)
+    }
+
+    /// Records that this replica holds `streams` map streams of node `id`
+    /// (0: none, and the node was last seen now). Announced to the other replicas.
+    pub fn set_presence(&mut self, id: i64, streams: usize) -> Result<(), ApiError> {
+        let (replica, now_ms) = (self.replica.clone(), unix_now_ms());
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO replicas (id, heartbeat_ms) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms",
+                params![&replica, now_ms],
+            )?;
+            if streams > 0 {
+                // Nothing to record for a node removed meanwhile.
+                c.execute(
+                    "INSERT INTO presence (node_id, replica, streams) SELECT id, CAST($2 AS TEXT), CAST($3 AS BIGINT) FROM nodes WHERE id = $1
+                     ON CONFLICT (node_id, replica) DO UPDATE SET streams = excluded.streams",
+                    params![id, &replica, streams as i64],
+                )?;
+            } else {
+                c.execute("DELETE FROM presence WHERE node_id = $1 AND replica = $2", params![id, &replica])?;
+                c.execute("UPDATE nodes SET last_seen = $2 WHERE id = $1", params![id, now_ms / 1000])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The nodes with a map stream open on a replica whose heartbeat is at
+    /// most `timeout` old.
+    pub fn online(&mut self, timeout: std::time::Duration) -> Result<HashSet<i64>, ApiError> {
+        let live_after = unix_now_ms() - timeout.as_millis() as i64;
+        self.conn
+            .query(
+                "SELECT DISTINCT p.node_id FROM presence p JOIN replicas r ON r.id = p.replica
+                 WHERE r.heartbeat_ms >= $1 AND p.streams > 0",
+                params![live_after],
+            )?
+            .iter()
+            .map(|r| r.int(0))
+            .collect()
+    }
+
+    /// What any replica may do at any time, idempotently: forgets replicas
+    /// whose heartbeat is older than `timeout` (their nodes go offline, last
+    /// seen now), and removes ephemeral nodes offline for longer than `grace`.
+    pub fn sweep(&mut self, timeout: std::time::Duration, grace: std::time::Duration) -> Result<Swept, ApiError> {
+        let now_ms = unix_now_ms();
+        let dead_before = now_ms - timeout.as_millis() as i64;
+        let seen_before = now_ms / 1000 - grace.as_secs() as i64;
+        let mut swept = Swept::default();
+        // Cheap reads first, so an idle sweep writes (and notifies) nothing.
+        let dead =
+            self.conn.query_one("SELECT COUNT(*) FROM replicas WHERE heartbeat_ms < $1", params![dead_before])?;
+        if dead.int(0)? > 0 {
+            swept.dead_replicas = self.write(|c| {
+                c.execute(
+                    "UPDATE nodes SET last_seen = $2 WHERE id IN (SELECT p.node_id FROM presence p
+                     JOIN replicas r ON r.id = p.replica WHERE r.heartbeat_ms < $1)",
+                    params![dead_before, now_ms / 1000],
+                )?;
+                c.execute("DELETE FROM replicas WHERE heartbeat_ms < $1", params![dead_before])
+            })?;
+        }
+        const GONE: &str = "FROM nodes WHERE ephemeral = 1 AND last_seen < $1
+            AND NOT EXISTS (SELECT 1 FROM presence p WHERE p.node_id = nodes.id AND p.streams > 0)";
+        let gone = self.conn.query_one(&format!("SELECT COUNT(*) {GONE}"), params![seen_before])?;
+        if gone.int(0)? > 0 {
+            swept.ephemeral_removed = self.write(|c| c.execute(&format!("DELETE {GONE}"), params![seen_before]))?;
+        }
+        Ok(swept)
+    }
+
+    /// The TLS certificate and key every replica serves, made by the first
+    /// (under the migration lock, so replicas starting together agree).
+    pub fn server_identity(
+        &mut self,
+        make: impl FnOnce() -> Result<(Vec<u8>, Vec<u8>), String>,
+    ) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
+        self.conn.with_migration_lock(|c| {
+            if let Some(r) = c.query_opt("SELECT cert_der, key_der FROM server_identity WHERE id = 1", &[])? {
+                return Ok((r.blob(0)?, r.blob(1)?));
+            }
+            let (cert, key) = make().map_err(ApiError::internal)?;
+            c.transaction(None, |c| {
+                c.execute(
+                    "INSERT INTO server_identity (id, cert_der, key_der) VALUES (1, $1, $2)",
+                    params![&cert[..], &key[..]],
+                )
+            })?;
+            Ok((cert, key))
+        })
+    }
+}
+
+/// Creates the tailnet and the first admin token if there is no tailnet yet.
+fn create_tailnet(c: &mut Conn) -> Result<(Tailnet, Option<String>), ApiError> {
+    if let Some(r) = c.query_opt("SELECT domain, ula_prefix FROM tailnet WHERE id = 1", &[])? {
+        let ula_prefix: [u8; 6] =
+            r.blob(1)?.try_into().map_err(|_| ApiError::internal("state store: bad ULA prefix".into()))?;
+        return Ok((Tailnet { domain: r.text(0)?, ula_prefix }, None));
+    }
+    // RFC 4193 §3.2: fd00::/8 and a random 40-bit global ID.
+    let mut ula_prefix = [0u8; 6];
+    ula_prefix[0] = 0xfd;
+    SystemRandom::new().fill(&mut ula_prefix[1..]).map_err(|_| ApiError::internal("no randomness".into()))?;
+    let tailnet = Tailnet { domain: "wiremesh.internal".into(), ula_prefix };
+    c.execute(
+        "INSERT INTO tailnet (id, domain, ula_prefix, next_ipv4, created_at) VALUES (1, $1, $2, $3, $4)",
+        params![&tailnet.domain, &ula_prefix[..], IPV4_FIRST, unix_now()],
+    )?;
+    let token = new_secret("wmadmin-");
+    c.execute(
+        "INSERT INTO admin_tokens (token_hash, created_at) VALUES ($1, $2)",
+        params![&hash_secret(&token)[..], unix_now()],
+    )?;
+    Ok((tailnet, Some(token)))
 }
 
 /// A display name as stored: the login when empty; at most 128 characters, no control characters.
@@ -619,77 +851,70 @@ fn check_display_name(name: &str, login: &str) -> Result<String, ApiError> {
     Ok(if name.is_empty() { login.to_string() } else { name.to_string() })
 }
 
-const USER_SELECT: &str = "SELECT id, login, display_name, created_at FROM users";
+const USER_COLUMNS: &str = "id, login, display_name, created_at";
 
-fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserInfo> {
-    Ok(UserInfo { id: r.get(0)?, login: r.get(1)?, display_name: r.get(2)?, created_at: r.get(3)? })
+fn user_row(r: &Row) -> Result<UserInfo, ApiError> {
+    Ok(UserInfo { id: r.int(0)?, login: r.text(1)?, display_name: r.text(2)?, created_at: r.int(3)? })
 }
 
 const KEY_SELECT: &str = "SELECT k.id, k.prefix, k.reusable, k.ephemeral, k.tags, k.created_at, k.expires_at, k.uses,
     k.revoked_at, u.login FROM auth_keys k LEFT JOIN users u ON u.id = k.user_id";
 
-fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuthKeyInfo> {
-    let reusable: bool = r.get(2)?;
-    let uses: i64 = r.get(7)?;
-    let tags: String = r.get(4)?;
+fn key_row(r: &Row) -> Result<AuthKeyInfo, ApiError> {
+    let reusable = r.bool(2)?;
+    let uses = r.int(7)?;
     Ok(AuthKeyInfo {
-        id: r.get(0)?,
-        prefix: r.get(1)?,
+        id: r.int(0)?,
+        prefix: r.text(1)?,
         reusable,
-        ephemeral: r.get(3)?,
-        tags: serde_json::from_str(&tags).unwrap_or_default(),
-        created_at: r.get(5)?,
-        expires_at: r.get(6)?,
+        ephemeral: r.bool(3)?,
+        tags: serde_json::from_str(&r.text(4)?).unwrap_or_default(),
+        created_at: r.int(5)?,
+        expires_at: r.opt_int(6)?,
         uses,
         spent: !reusable && uses > 0,
-        revoked: r.get::<_, Option<i64>>(8)?.is_some(),
-        user: r.get(9)?,
+        revoked: r.opt_int(8)?.is_some(),
+        user: r.opt_text(9)?,
     })
 }
 
 const NODE_SELECT: &str = "SELECT n.id, n.name, n.node_key, n.machine_key, n.ipv4, n.endpoints, n.tags, n.ephemeral,
     n.created_at, u.login FROM nodes n LEFT JOIN users u ON u.id = n.user_id";
 
-fn node_row(r: &rusqlite::Row<'_>, tailnet: &Tailnet) -> rusqlite::Result<NodeInfo> {
-    let name: String = r.get(1)?;
-    let node_key: Vec<u8> = r.get(2)?;
-    let machine_key: Vec<u8> = r.get(3)?;
-    let ipv4 = Ipv4Addr::from(r.get::<_, u32>(4)?);
+fn node_row(r: &Row, tailnet: &Tailnet) -> Result<NodeInfo, ApiError> {
+    let name = r.text(1)?;
+    let ipv4 = Ipv4Addr::from(u32::try_from(r.int(4)?).map_err(internal)?);
     let ipv6 = tailnet.ipv6_for(ipv4);
-    let endpoints: String = r.get(5)?;
-    let tags: Vec<String> = serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default();
-    let node_key: [u8; 32] = node_key.try_into().unwrap_or([0; 32]);
+    let tags: Vec<String> = serde_json::from_str(&r.text(6)?).unwrap_or_default();
+    let node_key: [u8; 32] = r.blob(2)?.try_into().unwrap_or([0; 32]);
     Ok(NodeInfo {
-        id: r.get(0)?,
+        id: r.int(0)?,
         fqdn: format!("{name}.{}", tailnet.domain),
         name,
         node_key: super::proto::b64_key(&node_key),
-        machine_key: hex(&machine_key),
+        machine_key: hex(&r.blob(3)?),
         ipv4,
         ipv6,
-        endpoints: serde_json::from_str(&endpoints).unwrap_or_default(),
+        endpoints: serde_json::from_str(&r.text(5)?).unwrap_or_default(),
         allowed_ips: vec![format!("{ipv4}/32"), format!("{ipv6}/128")],
-        owner: match r.get::<_, Option<String>>(9)? {
+        owner: match r.opt_text(9)? {
             _ if !tags.is_empty() => OWNER_TAGGED.into(),
             Some(login) => login,
             None => OWNER_ADMIN.into(),
         },
         tags,
-        ephemeral: r.get(7)?,
+        ephemeral: r.bool(7)?,
         online: false,
-        created_at: r.get(8)?,
+        created_at: r.int(8)?,
     })
 }
 
-fn update_node_key(tx: &Transaction<'_>, id: i64, node_key: &[u8; 32]) -> Result<(), ApiError> {
-    let other: Option<i64> = tx
-        .query_row("SELECT id FROM nodes WHERE node_key = ?1 AND id != ?2", params![&node_key[..], id], |r| r.get(0))
-        .optional()
-        .map_err(internal)?;
+fn update_node_key(c: &mut Conn, id: i64, node_key: &[u8; 32]) -> Result<(), ApiError> {
+    let other = c.query_opt("SELECT id FROM nodes WHERE node_key = $1 AND id != $2", params![&node_key[..], id])?;
     if other.is_some() {
         return Err(ApiError::conflict("node key already belongs to another node".into()));
     }
-    tx.execute("UPDATE nodes SET node_key = ?2 WHERE id = ?1", params![id, &node_key[..]]).map_err(internal)?;
+    c.execute("UPDATE nodes SET node_key = $2 WHERE id = $1", params![id, &node_key[..]])?;
     Ok(())
 }
 
@@ -701,103 +926,100 @@ struct UsableKey {
     user: Option<i64>,
 }
 
-/// Checks an auth key inside the registration's transaction (the caller spends it).
-fn check_auth_key(tx: &Transaction<'_>, auth_key: &str, now: i64) -> Result<UsableKey, ApiError> {
+/// Checks an auth key inside the registration's transaction (the caller
+/// spends it), locking its row so two replicas cannot both spend a one-off key.
+fn check_auth_key(c: &mut Conn, auth_key: &str, now: i64) -> Result<UsableKey, ApiError> {
     let hash = hash_secret(auth_key);
-    type KeyRow = (i64, bool, bool, String, Option<i64>, i64, Option<i64>, Option<i64>);
-    let key: Option<KeyRow> = tx
-        .query_row(
+    let lock = c.dialect().for_update();
+    let key = c.query_opt(
+        &format!(
             "SELECT id, reusable, ephemeral, tags, expires_at, uses, revoked_at, user_id FROM auth_keys
-             WHERE key_hash = ?1",
-            [&hash[..]],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
-        )
-        .optional()
-        .map_err(internal)?;
-    let Some((key_id, reusable, ephemeral, tags, expires_at, uses, revoked_at, user)) = key else {
+             WHERE key_hash = $1{lock}"
+        ),
+        params![&hash[..]],
+    )?;
+    let Some(k) = key else {
         return Err(ApiError::new(401, "invalid_auth_key", "unknown auth key"));
     };
-    if revoked_at.is_some() {
+    if k.opt_int(6)?.is_some() {
         return Err(ApiError::new(401, "key_revoked", "auth key was revoked"));
     }
-    if expires_at.is_some_and(|e| e <= now) {
+    if k.opt_int(4)?.is_some_and(|e| e <= now) {
         return Err(ApiError::new(401, "key_expired", "auth key has expired"));
     }
-    if !reusable && uses > 0 {
+    if !k.bool(1)? && k.int(5)? > 0 {
         return Err(ApiError::new(401, "key_spent", "one-off auth key was already used"));
     }
-    Ok(UsableKey { id: key_id, ephemeral, tags, user })
+    Ok(UsableKey { id: k.int(0)?, ephemeral: k.bool(2)?, tags: k.text(3)?, user: k.opt_int(7)? })
 }
 
-fn insert_node(tx: &Transaction<'_>, reg: &Registration, endpoints: &str, now: i64) -> Result<i64, ApiError> {
-    let UsableKey { id: key_id, ephemeral, tags, user } = check_auth_key(tx, &reg.auth_key, now)?;
+fn insert_node(c: &mut Conn, reg: &Registration, endpoints: &str, now: i64) -> Result<i64, ApiError> {
+    let UsableKey { id: key_id, ephemeral, tags, user } = check_auth_key(c, &reg.auth_key, now)?;
     // A key with tags makes tagged nodes, owned by no user.
     let user = if tags == "[]" { user } else { None };
-    let node_key_taken: bool = tx
-        .query_row("SELECT COUNT(*) FROM nodes WHERE node_key = ?1", [&reg.node_key[..]], |r| r.get::<_, i64>(0))
-        .map_err(internal)?
-        > 0;
-    if node_key_taken {
+    if c.query_opt("SELECT id FROM nodes WHERE node_key = $1", params![&reg.node_key[..]])?.is_some() {
         return Err(ApiError::conflict("node key already belongs to another node".into()));
     }
-    let next: u32 = tx.query_row("SELECT next_ipv4 FROM tailnet WHERE id = 1", [], |r| r.get(0)).map_err(internal)?;
-    let mut used = tx.prepare("SELECT COUNT(*) FROM nodes WHERE ipv4 = ?1").map_err(internal)?;
+    let next = c.query_one("SELECT next_ipv4 FROM tailnet WHERE id = 1", &[])?.int(0)?;
     let mut err = None;
-    let ipv4 = pick_ipv4(next, |a| {
-        used.query_row([a], |r| r.get::<_, i64>(0)).map(|n| n > 0).unwrap_or_else(|e| {
+    let ipv4 = pick_ipv4(u32::try_from(next).unwrap_or(IPV4_FIRST), |a| {
+        c.query_opt("SELECT id FROM nodes WHERE ipv4 = $1", params![a]).map(|r| r.is_some()).unwrap_or_else(|e| {
             err = Some(e);
             false
         })
     });
-    drop(used);
     if let Some(e) = err {
-        return Err(internal(e));
+        return Err(e);
     }
     let ipv4 = ipv4.ok_or_else(|| ApiError::new(507, "address_space_full", "no free tailnet address"))?;
-    let mut taken = tx.prepare("SELECT COUNT(*) FROM nodes WHERE name = ?1").map_err(internal)?;
+    let mut err = None;
     let name = unique_name(&dns_label(&reg.hostname), |n| {
-        taken.query_row([n], |r| r.get::<_, i64>(0)).map(|c| c > 0).unwrap_or(true)
+        c.query_opt("SELECT id FROM nodes WHERE name = $1", params![n]).map(|r| r.is_some()).unwrap_or_else(|e| {
+            err = Some(e);
+            true
+        })
     });
-    drop(taken);
-    tx.execute(
-        "INSERT INTO nodes (machine_key, node_key, hostname, name, ipv4, endpoints, tags, ephemeral, auth_key_id,
-                            created_at, last_seen, user_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)",
-        params![
-            &reg.machine_key[..],
-            &reg.node_key[..],
-            reg.hostname,
-            name,
-            ipv4,
-            endpoints,
-            tags,
-            ephemeral,
-            key_id,
-            now,
-            user
-        ],
-    )
-    .map_err(internal)?;
-    let id = tx.last_insert_rowid();
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let id = c
+        .query_one(
+            "INSERT INTO nodes (machine_key, node_key, hostname, name, ipv4, endpoints, tags, ephemeral, auth_key_id,
+                                created_at, last_seen, user_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) RETURNING id",
+            params![
+                &reg.machine_key[..],
+                &reg.node_key[..],
+                &reg.hostname,
+                &name,
+                ipv4,
+                endpoints,
+                &tags,
+                ephemeral,
+                key_id,
+                now,
+                user
+            ],
+        )?
+        .int(0)?;
     // Addresses are not handed out again soon after a node is removed.
     let next = if ipv4 == IPV4_LAST { IPV4_FIRST } else { ipv4 + 1 };
-    tx.execute("UPDATE tailnet SET next_ipv4 = ?1 WHERE id = 1", [next]).map_err(internal)?;
-    tx.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = ?1", [key_id]).map_err(internal)?;
+    c.execute("UPDATE tailnet SET next_ipv4 = $1 WHERE id = 1", params![next])?;
+    c.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = $1", params![key_id])?;
     Ok(id)
 }
 
-fn schema_version(conn: &Connection) -> Result<i64, ApiError> {
-    conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0)).map_err(internal)
+fn schema_version(c: &mut Conn) -> Result<i64, ApiError> {
+    c.query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])?.int(0)
 }
 
 /// Applies the migrations newer than the store, each in its own transaction.
-/// Returns how many were applied.
-fn migrate(conn: &mut Connection) -> Result<usize, ApiError> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
-    )
-    .map_err(internal)?;
-    let current = schema_version(conn)?;
+/// Returns how many were applied. The caller holds the migration lock.
+fn migrate(c: &mut Conn) -> Result<usize, ApiError> {
+    c.batch(&c.dialect().schema(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version {int} PRIMARY KEY, applied_at {int} NOT NULL)",
+    ))?;
+    let current = schema_version(c)?;
     let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
     if current > latest {
         return Err(ApiError::internal(format!(
@@ -806,11 +1028,14 @@ fn migrate(conn: &mut Connection) -> Result<usize, ApiError> {
     }
     let mut applied = 0;
     for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-        let tx = conn.transaction().map_err(internal)?;
-        tx.execute_batch(sql).map_err(internal)?;
-        tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)", params![version, unix_now()])
-            .map_err(internal)?;
-        tx.commit().map_err(internal)?;
+        let sql = c.dialect().schema(sql);
+        c.transaction(None, |c| {
+            c.batch(&sql)?;
+            c.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                params![*version, unix_now()],
+            )
+        })?;
         applied += 1;
     }
     Ok(applied)
@@ -867,22 +1092,23 @@ mod tests {
         assert_eq!(hash_secret("abc"), hash_secret("abc"));
         assert_ne!(hash_secret("abc"), hash_secret("abd"));
         // Neither secret appears anywhere in the store; their hashes do.
-        let dump: Vec<Vec<u8>> = {
-            let mut st = db
-                .conn
-                .prepare("SELECT key_hash FROM auth_keys UNION ALL SELECT token_hash FROM admin_tokens")
-                .unwrap();
-            st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
-        };
+        let dump: Vec<Vec<u8>> = db
+            .conn
+            .query("SELECT key_hash FROM auth_keys UNION ALL SELECT token_hash FROM admin_tokens", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.blob(0).unwrap())
+            .collect();
         assert!(dump.contains(&hash_secret(&key).to_vec()));
         assert!(dump.contains(&hash_secret(&admin).to_vec()));
-        let text: i64 = db
+        let text = db
             .conn
-            .query_row(
-                "SELECT COUNT(*) FROM auth_keys WHERE prefix = ?1 OR prefix LIKE ?2",
-                params![key, format!("{}%", &key[..20])],
-                |r| r.get(0),
+            .query_one(
+                "SELECT COUNT(*) FROM auth_keys WHERE prefix = $1 OR prefix LIKE $2",
+                params![&key, format!("{}%", &key[..20])],
             )
+            .unwrap()
+            .int(0)
             .unwrap();
         assert_eq!(text, 0, "the prefix column holds only the first 14 characters");
     }
@@ -983,7 +1209,7 @@ mod tests {
     fn expired_and_revoked_keys_are_refused() {
         let (mut db, _) = Db::open_in_memory().unwrap();
         let (k, info) = db.create_auth_key(true, false, &[], Some(3600), None).unwrap();
-        db.conn.execute("UPDATE auth_keys SET expires_at = 1 WHERE id = ?1", [info.id]).unwrap();
+        db.conn.execute("UPDATE auth_keys SET expires_at = 1 WHERE id = $1", params![info.id]).unwrap();
         assert_eq!(db.register(&reg(&k, 1, "a")).unwrap_err().code, "key_expired");
         let (k, info) = db.create_auth_key(true, false, &[], None, None).unwrap();
         assert!(db.revoke_auth_key(info.id).unwrap());
@@ -1005,7 +1231,7 @@ mod tests {
         let (key, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
         let node = db.register(&reg(&key, 9, "keep")).unwrap();
         let tailnet = db.tailnet().clone();
-        let mode: String = db.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let mode = db.conn.query_one("PRAGMA journal_mode", &[]).unwrap().text(0).unwrap();
         assert_eq!(mode, "wal");
         drop(db);
         let (mut db, again) = Db::open(&dir).unwrap();
@@ -1014,10 +1240,10 @@ mod tests {
         assert_eq!(db.tailnet(), &tailnet);
         assert_eq!(db.nodes().unwrap(), vec![node]);
         assert_eq!(migrate(&mut db.conn).unwrap(), 0);
-        let rows: i64 = db.conn.query_row("SELECT COUNT(*) FROM schema_migrations", [], |r| r.get(0)).unwrap();
+        let rows = db.conn.query_one("SELECT COUNT(*) FROM schema_migrations", &[]).unwrap().int(0).unwrap();
         assert_eq!(rows, MIGRATIONS.len() as i64);
         // A store from a newer server is refused rather than misread.
-        db.conn.execute("INSERT INTO schema_migrations VALUES (999, 0)", []).unwrap();
+        db.conn.execute("INSERT INTO schema_migrations VALUES (999, 0)", &[]).unwrap();
         drop(db);
         assert!(Db::open(&dir).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

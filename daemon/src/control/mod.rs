@@ -5,6 +5,7 @@ pub mod client;
 pub mod db;
 pub mod proto;
 pub mod server;
+pub mod store;
 pub mod tls;
 
 use proto::ErrorBody;

@@ -21,7 +21,6 @@ use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,11 +45,17 @@ const MAX_ENDPOINTS: usize = 16;
 pub struct Options {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// State directory (database, certificate).
-    pub state: PathBuf,
+    /// State directory (SQLite database, certificate) or PostgreSQL URL.
+    pub state: db::Location,
     /// How long an ephemeral node may stay offline before it is removed.
     pub ephemeral_grace: Duration,
+    /// A replica whose heartbeat is this old is taken for dead: its nodes go
+    /// offline (it beats every third of this).
+    pub presence_timeout: Duration,
 }
+
+/// The default for [`Options::presence_timeout`].
+pub const PRESENCE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The tailnet as of one change.
 #[derive(Debug, Default)]
@@ -91,9 +96,19 @@ pub struct App {
     version: AtomicU64,
     snapshot: watch::Sender<Arc<Snapshot>>,
     ephemeral_grace: Duration,
+    presence_timeout: Duration,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// Runs `f`, which may block on the store, off the async workers' duty: the
+/// synchronous PostgreSQL client must not run on a runtime worker as is.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding a lock must not take the server down with it.
@@ -103,6 +118,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl App {
     /// Wraps an open store.
     pub fn new(db: Db, fingerprint: [u8; 32], ephemeral_grace: Duration) -> Arc<App> {
+        Self::with_presence_timeout(db, fingerprint, ephemeral_grace, PRESENCE_TIMEOUT)
+    }
+
+    /// Wraps an open store, taking replicas silent for `presence_timeout` for dead.
+    pub fn with_presence_timeout(
+        db: Db,
+        fingerprint: [u8; 32],
+        ephemeral_grace: Duration,
+        presence_timeout: Duration,
+    ) -> Arc<App> {
         let tailnet = db.tailnet().clone();
         // Versions start at the clock so they keep growing across restarts.
         let start = std::time::SystemTime::now()
@@ -120,53 +145,47 @@ impl App {
             version: AtomicU64::new(start),
             snapshot,
             ephemeral_grace,
+            presence_timeout,
         });
         app.publish();
         app
     }
 
-    /// Removes ephemeral node `id` if it is still offline after the grace period.
-    /// Needs a Tokio runtime.
+    /// Sweeps once the grace period after ephemeral node `id` went offline
+    /// has passed (last seen is kept in whole seconds, hence the extra
+    /// second). The periodic sweep in [`heartbeat`] catches the rest, such as
+    /// the nodes of a replica that died. Needs a Tokio runtime.
     fn expire_if_offline(self: &Arc<Self>, id: i64) {
         let app = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(app.ephemeral_grace).await;
-            if lock(&app.presence).contains_key(&id) {
-                return;
-            }
-            let removed = app
-                .with_db(move |db| match db.node(id)? {
-                    Some(n) if n.ephemeral => db.remove_node(&id.to_string()),
-                    _ => Ok(None),
-                })
-                .await;
-            match removed {
-                Ok(Some(_)) => app.publish(),
-                Ok(None) => {}
+            tokio::time::sleep(app.ephemeral_grace + Duration::from_millis(1100)).await;
+            let (timeout, grace) = (app.presence_timeout, app.ephemeral_grace);
+            match app.with_db(move |db| db.sweep(timeout, grace)).await {
+                Ok(swept) if swept != db::Swept::default() => app.publish(),
+                Ok(_) => {}
                 Err(e) => eprintln!("wiremeshd control: cannot remove ephemeral node {id}: {e}"),
             }
         });
     }
 
-    /// Rebuilds the snapshot from the store and wakes every map stream.
+    /// Rebuilds the snapshot from the store (nodes, key expiries, and which
+    /// nodes stream from a live replica) and wakes every map stream.
     pub fn publish(&self) {
         let _order = lock(&self.publish_lock);
-        let read = {
-            let db = lock(&self.db);
-            db.nodes().and_then(|n| Ok((n, db.node_key_expiries()?)))
-        };
-        let (mut nodes, key_expiries) = match read {
+        let read = blocking(|| {
+            let mut db = lock(&self.db);
+            let nodes = db.nodes()?;
+            Ok::<_, ApiError>((nodes, db.node_key_expiries()?, db.online(self.presence_timeout)?))
+        });
+        let (mut nodes, key_expiries, online) = match read {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("wiremeshd control: cannot read nodes: {e}");
                 return;
             }
         };
-        {
-            let presence = lock(&self.presence);
-            for n in &mut nodes {
-                n.online = presence.get(&n.id).is_some_and(|c| *c > 0);
-            }
+        for n in &mut nodes {
+            n.online = online.contains(&n.id);
         }
         let json = nodes.iter().map(|n| Arc::from(serde_json::to_string(n).unwrap_or_default())).collect();
         let now = db::unix_now();
@@ -285,6 +304,101 @@ async fn expiry_timer(app: Arc<App>) {
     }
 }
 
+/// Beats this replica's heartbeat every third of the presence timeout and
+/// sweeps: dead replicas' nodes go offline, ephemeral nodes offline past
+/// their grace go. Any replica may sweep; the SQL is idempotent.
+async fn heartbeat(app: Arc<App>) {
+    let period = (app.presence_timeout / 3).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let (timeout, grace) = (app.presence_timeout, app.ephemeral_grace);
+        let a = app.clone();
+        let r = app
+            .with_db(move |db| {
+                let known = db.heartbeat()?;
+                if !known {
+                    // Taken for dead meanwhile: our presence was dropped; write it again.
+                    let ids: Vec<i64> = lock(&a.presence).keys().copied().collect();
+                    for id in ids {
+                        let streams = lock(&a.presence).get(&id).copied().unwrap_or(0);
+                        db.set_presence(id, streams)?;
+                    }
+                }
+                Ok((known, db.sweep(timeout, grace)?))
+            })
+            .await;
+        match r {
+            Ok((true, swept)) if swept == db::Swept::default() => {}
+            Ok(_) => app.publish(),
+            Err(e) => eprintln!("wiremeshd control: heartbeat: {e}"),
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// Listens (PostgreSQL) for changes committed by other replicas and publishes
+/// a snapshot rebuilt from the store for each burst of them. A lost
+/// connection is opened again with backoff, followed by a full reload, since
+/// notifications sent meanwhile are lost.
+fn listen_for_changes(app: Arc<App>, url: String, replica: String) {
+    let spawned = std::thread::Builder::new().name("wiremesh-listen".into()).spawn(move || {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            if let Err(e) = listen(&app, &url, &replica) {
+                eprintln!("wiremeshd control: change notifications: {e}; listening again");
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+    if let Err(e) = spawned {
+        eprintln!("wiremeshd control: cannot start the change listener: {e}");
+    }
+}
+
+fn listen(app: &App, url: &str, replica: &str) -> Result<(), String> {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut client = super::store::connect_postgres(url).map_err(|e| e.to_string())?;
+    client.batch_execute(&format!("LISTEN {}", super::store::CHANGES_CHANNEL)).map_err(|e| e.to_string())?;
+    // Whatever was committed while not listening.
+    app.publish();
+    loop {
+        let first = client.notifications().timeout_iter(Duration::from_secs(10)).next().map_err(|e| e.to_string())?;
+        let Some(first) = first else {
+            // Quiet for a while: make sure the connection is still there.
+            client.simple_query("SELECT 1").map_err(|e| e.to_string())?;
+            continue;
+        };
+        let mut others = first.payload() != replica;
+        let mut notes = client.notifications();
+        let mut pending = notes.iter();
+        while let Some(n) = pending.next().map_err(|e| e.to_string())? {
+            others |= n.payload() != replica;
+        }
+        // This replica published its own changes when it made them.
+        if others {
+            app.publish();
+        }
+    }
+}
+
+/// The server identity from DER certificate and PKCS#8 key (kept in the
+/// PostgreSQL store, shared by the replicas).
+fn identity_from_der(cert: Vec<u8>, key: Vec<u8>) -> Result<tls::ServerIdentity, String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let fingerprint = tls::fingerprint(&cert);
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![CertificateDer::from(cert)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)))
+        .map_err(|e| format!("bad certificate or key in the store: {e}"))?;
+    Ok(tls::ServerIdentity { config: Arc::new(config), fingerprint })
+}
+
 /// One stream line carrying a map: `{"map":{"version":V,<body>}}`.
 fn map_line(version: u64, body: &str) -> Bytes {
     Bytes::from(format!("{{\"map\":{{\"version\":{version},{body}}}}}\n"))
@@ -303,23 +417,50 @@ pub fn run(opts: &Options) -> Result<(), String> {
 async fn serve(opts: &Options) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&opts.state)
-        .map_err(|e| format!("{}: {e}", opts.state.display()))?;
-    let identity = tls::load_or_create(&opts.state)?;
-    let (db, token) = Db::open(&opts.state).map_err(|e| e.to_string())?;
+    let state = opts.state.clone();
+    let (mut db, token, identity) = tokio::task::spawn_blocking(move || match &state {
+        db::Location::Dir(dir) => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            let identity = tls::load_or_create(dir)?;
+            let (db, token) = Db::open(dir).map_err(|e| e.to_string())?;
+            Ok::<_, String>((db, token, identity))
+        }
+        db::Location::Postgres(url) => {
+            let (mut db, token) = Db::open_postgres(url).map_err(|e| format!("{state}: {e}"))?;
+            // Every replica serves the same certificate, so a node's pin holds on any of them.
+            let (cert, key) = db
+                .server_identity(|| {
+                    let ck = rcgen::generate_simple_self_signed(vec![tls::SERVER_NAME.to_string()])
+                        .map_err(|e| format!("cannot make a certificate: {e}"))?;
+                    Ok((ck.cert.der().to_vec(), ck.key_pair.serialize_der()))
+                })
+                .map_err(|e| e.to_string())?;
+            Ok((db, token, identity_from_der(cert, key)?))
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    // Beat first so this replica's presence rows have their row to hang from.
+    let replica = db.replica().to_string();
+    db.heartbeat().map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let fp = proto::hex(&identity.fingerprint);
-    std::fs::write(opts.state.join("cert.sha256"), format!("{fp}\n")).map_err(|e| e.to_string())?;
-    let app = App::new(db, identity.fingerprint, opts.ephemeral_grace);
-    // Ephemeral nodes left from before a restart go unless they come back.
-    for n in app.snapshot().nodes.iter().filter(|n| n.ephemeral) {
-        app.expire_if_offline(n.id);
+    if let db::Location::Dir(dir) = &opts.state {
+        std::fs::write(dir.join("cert.sha256"), format!("{fp}\n")).map_err(|e| e.to_string())?;
+    }
+    let app = App::with_presence_timeout(db, identity.fingerprint, opts.ephemeral_grace, opts.presence_timeout);
+    // Replicas that stopped (this one's earlier life, after a restart) and
+    // ephemeral nodes left offline go on the first sweep.
+    tokio::spawn(heartbeat(app.clone()));
+    if let db::Location::Postgres(url) = &opts.state {
+        listen_for_changes(app.clone(), url.clone(), replica);
     }
     {
         let mut out = std::io::stdout().lock();
@@ -591,17 +732,36 @@ async fn register(app: Arc<App>, r: proto::RegisterRequest) -> Result<Response<B
     Ok(json_response(200, &node))
 }
 
-/// Counts a node online while one of its streams is open.
+/// Counts a node online while one of its streams is open: a count per node
+/// in this process, written to the store's presence table (per replica) so
+/// other replicas see it too.
 struct Presence {
     app: Arc<App>,
     id: i64,
 }
 
 impl Presence {
-    fn new(app: Arc<App>, id: i64) -> Self {
+    async fn start(app: Arc<App>, id: i64) -> Result<Self, ApiError> {
         *lock(&app.presence).entry(id).or_insert(0) += 1;
+        // Owned from here, so a failed write below still counts down.
+        let presence = Presence { app: app.clone(), id };
+        app.write_presence(id).await?;
         app.publish();
-        Presence { app, id }
+        Ok(presence)
+    }
+}
+
+impl App {
+    /// Writes this process's current stream count of node `id` to the store.
+    /// The count is read under the store lock, so of writes racing for one
+    /// node the last one written carries the latest count.
+    async fn write_presence(self: &Arc<Self>, id: i64) -> Result<(), ApiError> {
+        let app = self.clone();
+        self.with_db(move |db| {
+            let streams = lock(&app.presence).get(&id).copied().unwrap_or(0);
+            db.set_presence(id, streams)
+        })
+        .await
     }
 }
 
@@ -620,11 +780,18 @@ impl Drop for Presence {
                 }
             }
         };
-        self.app.publish();
-        let ephemeral = self.app.snapshot().nodes.iter().any(|n| n.id == self.id && n.ephemeral);
-        if offline && ephemeral {
-            self.app.expire_if_offline(self.id);
-        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (app, id) = (self.app.clone(), self.id);
+        rt.spawn(async move {
+            if let Err(e) = app.write_presence(id).await {
+                eprintln!("wiremeshd control: cannot record node {id} offline: {e}");
+            }
+            app.publish();
+            let ephemeral = app.snapshot().nodes.iter().any(|n| n.id == id && n.ephemeral);
+            if offline && ephemeral {
+                app.expire_if_offline(id);
+            }
+        });
     }
 }
 
@@ -756,7 +923,7 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest, version: u32) -> Result
             Ok(node.id)
         })
         .await?;
-    let presence = Presence::new(app.clone(), id);
+    let presence = Presence::start(app.clone(), id).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let mut changes = app.snapshot.subscribe();
     tokio::spawn(async move {
