@@ -1,0 +1,363 @@
+//! Compiles a policy against the tailnet's nodes: for each node, the rules of
+//! its inbound packet filter, the peers it may see (traffic is allowed in at
+//! least one direction) and the application capabilities granted to it.
+
+use super::hujson::Pos;
+use super::model::{Alias, Policy, Target};
+use super::{ErrorKind, PolicyError};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use wiremesh_core::filter::{Filter, Prefix, Rule as FilterRule, PROTO_ICMP, PROTO_ICMPV6};
+
+/// How deep tag ownership may chain through tags owning tags.
+const MAX_TAG_OWNER_DEPTH: usize = 8;
+
+/// A node as the compiler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// The server's id.
+    pub id: i64,
+    /// Its tailnet addresses.
+    pub addresses: Vec<IpAddr>,
+    /// The tags it was registered with (none: it belongs to its user).
+    pub tags: Vec<String>,
+    /// The login of the user that owns it (untagged nodes).
+    pub user: Option<String>,
+    /// The login of the user whose key applied its tags, when known: the tags
+    /// count only if `tagOwners` lets that user apply them.
+    pub tagged_by: Option<String>,
+}
+
+/// An application capability granted to a node, keyed by who may use it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapGrant {
+    /// The callers the capability is for (only those with a network path to the node).
+    pub sources: Vec<Prefix>,
+    /// The capability name.
+    pub name: String,
+    /// Its values, as the policy wrote them.
+    pub values: Vec<serde_json::Value>,
+}
+
+/// What one node gets from the policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodePolicy {
+    /// Its inbound packet filter.
+    pub filter: Vec<FilterRule>,
+    /// The ids of the nodes it may see, ascending.
+    pub peers: Vec<i64>,
+    /// Application capabilities granted to it.
+    pub capabilities: Vec<CapGrant>,
+}
+
+/// A set of node indices.
+#[derive(Clone)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Bits {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn clear(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+    fn or(&mut self, o: &Bits) {
+        for (a, b) in self.0.iter_mut().zip(&o.0) {
+            *a |= b;
+        }
+    }
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &bits)| (0..64).filter(move |b| bits >> b & 1 == 1).map(move |b| w * 64 + b))
+    }
+    fn any(&self) -> bool {
+        self.0.iter().any(|w| *w != 0)
+    }
+}
+
+/// Who a node is for the policy.
+struct Identity<'a> {
+    /// Tags that count (defined in tagOwners and applied by an owner).
+    tags: Vec<&'a str>,
+    /// Registered with tags at all (a tagged node has no user).
+    tagged: bool,
+    user: Option<&'a str>,
+}
+
+fn may_apply(policy: &Policy, tag: &str, login: &str, depth: usize) -> bool {
+    if depth > MAX_TAG_OWNER_DEPTH {
+        return false;
+    }
+    policy.tag_owners.get(tag).is_some_and(|owners| {
+        owners.iter().any(|o| match &o.alias {
+            Alias::User(u) => u == login,
+            Alias::Group(g) => policy.groups.get(g).is_some_and(|m| m.iter().any(|u| u == login)),
+            Alias::Tag(t) => may_apply(policy, t, login, depth + 1),
+            _ => false,
+        })
+    })
+}
+
+fn identity<'a>(policy: &Policy, n: &'a Node) -> Identity<'a> {
+    let tags = n
+        .tags
+        .iter()
+        .map(String::as_str)
+        .filter(|t| {
+            policy.tag_owners.contains_key(*t)
+                && n.tagged_by.as_deref().is_none_or(|login| may_apply(policy, t, login, 0))
+        })
+        .collect();
+    let tagged = !n.tags.is_empty();
+    Identity { tags, tagged, user: if tagged { None } else { n.user.as_deref() } }
+}
+
+struct Tailnet<'a> {
+    policy: &'a Policy,
+    nodes: &'a [Node],
+    ids: Vec<Identity<'a>>,
+}
+
+impl Tailnet<'_> {
+    /// The nodes an alias names, and the prefixes it names beyond nodes.
+    fn expand(&self, alias: &Alias) -> (Bits, Option<Prefix>) {
+        let mut bits = Bits::new(self.nodes.len());
+        let mut raw = None;
+        for (i, (n, id)) in self.nodes.iter().zip(&self.ids).enumerate() {
+            let hit = match alias {
+                Alias::Any => true,
+                Alias::User(u) => !id.tagged && id.user == Some(u.as_str()),
+                Alias::Group(g) => {
+                    !id.tagged
+                        && id.user.is_some_and(|u| self.policy.groups.get(g).is_some_and(|m| m.iter().any(|x| x == u)))
+                }
+                Alias::Tag(t) => id.tags.contains(&t.as_str()),
+                Alias::Prefix(p) => n.addresses.iter().any(|a| p.contains(*a)),
+                Alias::Member => !id.tagged && id.user.is_some(),
+                Alias::Tagged => id.tagged,
+                Alias::SelfUser | Alias::Internet => false,
+            };
+            if hit {
+                bits.set(i);
+            }
+        }
+        if let Alias::Prefix(p) = alias {
+            raw = Some(*p);
+        }
+        (bits, raw)
+    }
+
+    /// Source prefixes: the raw prefixes, plus the addresses of the nodes they do not cover.
+    fn prefixes(&self, nodes: &Bits, raw: &[Prefix]) -> Vec<Prefix> {
+        let mut out = raw.to_vec();
+        for i in nodes.iter() {
+            for a in &self.nodes[i].addresses {
+                if !raw.iter().any(|p| p.contains(*a)) {
+                    out.push(Prefix::host(*a));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// A capability waiting for its node's filter: sources, name, values.
+type Pending<'a> = (Vec<Prefix>, &'a str, &'a [serde_json::Value]);
+
+/// Compiles `policy` for `nodes`; the result is in the order of `nodes`.
+pub fn compile(policy: &Policy, nodes: &[Node]) -> Vec<NodePolicy> {
+    let n = nodes.len();
+    let net = Tailnet { policy, nodes, ids: nodes.iter().map(|x| identity(policy, x)).collect() };
+    let mut filters: Vec<Vec<FilterRule>> = vec![Vec::new(); n];
+    let mut peers: Vec<Bits> = vec![Bits::new(n); n];
+    // Capabilities wait until every filter is known.
+    let mut pending: Vec<Vec<Pending>> = vec![Vec::new(); n];
+    for rule in &policy.rules {
+        let mut src = Bits::new(n);
+        let mut raw = Vec::new();
+        for t in &rule.src {
+            let (b, p) = net.expand(&t.alias);
+            src.or(&b);
+            if matches!(t.alias, Alias::Any) {
+                raw.extend([Prefix::ANY_V4, Prefix::ANY_V6]);
+            }
+            raw.extend(p);
+        }
+        let src_prefixes = net.prefixes(&src, &raw);
+        for dst in &rule.dst {
+            // Each destination node with the source nodes that may reach it.
+            let mut sources_of: Vec<(usize, Bits)> = Vec::new();
+            match &dst.target.alias {
+                Alias::Internet => continue,
+                Alias::SelfUser => {
+                    for (d, id) in net.ids.iter().enumerate() {
+                        let Some(user) = id.user.filter(|_| !id.tagged) else { continue };
+                        let mut same = Bits::new(n);
+                        for s in src.iter() {
+                            if s != d && !net.ids[s].tagged && net.ids[s].user == Some(user) {
+                                same.set(s);
+                            }
+                        }
+                        if !same.any() {
+                            continue;
+                        }
+                        let dests: Vec<Prefix> = nodes[d].addresses.iter().map(|a| Prefix::host(*a)).collect();
+                        let prefixes = net.prefixes(&same, &[]);
+                        sources_of.push((d, same));
+                        for ip in &dst.ip {
+                            filters[d].push(FilterRule {
+                                sources: prefixes.clone(),
+                                destinations: dests.clone(),
+                                protocols: ip.protocols.clone(),
+                                ports: ip.ports.clone(),
+                            });
+                        }
+                        for (name, values) in &rule.app {
+                            pending[d].push((prefixes.clone(), name, values));
+                        }
+                    }
+                }
+                alias => {
+                    let (dset, within) = net.expand(alias);
+                    for d in dset.iter() {
+                        let dests: Vec<Prefix> = nodes[d]
+                            .addresses
+                            .iter()
+                            .filter(|a| within.is_none_or(|p| p.contains(**a)))
+                            .map(|a| Prefix::host(*a))
+                            .collect();
+                        for ip in &dst.ip {
+                            filters[d].push(FilterRule {
+                                sources: src_prefixes.clone(),
+                                destinations: dests.clone(),
+                                protocols: ip.protocols.clone(),
+                                ports: ip.ports.clone(),
+                            });
+                        }
+                        for (name, values) in &rule.app {
+                            pending[d].push((src_prefixes.clone(), name, values));
+                        }
+                        sources_of.push((d, src.clone()));
+                    }
+                }
+            }
+            // Network rules make peers visible both ways; capabilities alone do not.
+            if dst.ip.is_empty() {
+                continue;
+            }
+            for (d, s) in &sources_of {
+                peers[*d].or(s);
+                for i in s.iter() {
+                    peers[i].set(*d);
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for (d, (filter, mut seen)) in filters.into_iter().zip(peers).enumerate() {
+        seen.clear(d);
+        let mut capabilities = Vec::new();
+        for (sources, name, values) in &pending[d] {
+            // A capability opens no path: keep only callers the filter lets in.
+            let reachable: Vec<Prefix> = sources
+                .iter()
+                .filter(|p| filter.iter().any(|r| r.sources.iter().any(|s| s.covers(p))))
+                .copied()
+                .collect();
+            if !reachable.is_empty() {
+                capabilities.push(CapGrant { sources: reachable, name: (*name).into(), values: values.to_vec() });
+            }
+        }
+        let mut filter = filter;
+        dedup(&mut filter);
+        out.push(NodePolicy { filter, peers: seen.iter().map(|i| nodes[i].id).collect(), capabilities });
+    }
+    out
+}
+
+/// Drops exact repeats (several rules often compile to the same line).
+fn dedup(rules: &mut Vec<FilterRule>) {
+    let mut seen: Vec<FilterRule> = Vec::with_capacity(rules.len());
+    for r in rules.drain(..) {
+        if !seen.contains(&r) {
+            seen.push(r);
+        }
+    }
+    *rules = seen;
+}
+
+/// The tailnet a policy's tests run against: one node per user, tag, host or
+/// address the tests name, with addresses from 240.0.0.0/4 (reserved, so no
+/// rule names them by accident) unless the test names an address.
+struct TestNet {
+    nodes: Vec<Node>,
+    by_text: BTreeMap<String, usize>,
+}
+
+impl TestNet {
+    fn node(&mut self, role: &str, t: &Target) -> usize {
+        let key = format!("{role} {}", t.text);
+        if let Some(&i) = self.by_text.get(&key) {
+            return i;
+        }
+        let i = self.nodes.len();
+        let synthetic = IpAddr::V4(Ipv4Addr::from(0xf000_0000u32 + i as u32 + 1));
+        let (addresses, tags, user) = match &t.alias {
+            Alias::User(u) => (vec![synthetic], vec![], Some(u.clone())),
+            Alias::Tag(tag) => (vec![synthetic], vec![tag.clone()], None),
+            Alias::Prefix(p) => (vec![p.addr()], vec![], None),
+            _ => (vec![synthetic], vec![], None),
+        };
+        self.nodes.push(Node { id: i as i64, addresses, tags, user, tagged_by: None });
+        self.by_text.insert(key, i);
+        i
+    }
+}
+
+/// Runs the policy's `tests`; the first that fails is the error, at its line.
+pub fn run_tests(policy: &Policy) -> Result<(), PolicyError> {
+    if policy.tests.is_empty() {
+        return Ok(());
+    }
+    let mut net = TestNet { nodes: Vec::new(), by_text: BTreeMap::new() };
+    let mut cases = Vec::new();
+    for t in &policy.tests {
+        let s = net.node("src", &t.src);
+        for (want, list) in [(true, &t.accept), (false, &t.deny)] {
+            for d in list {
+                cases.push((t, s, net.node("dst", &d.target), d, want));
+            }
+        }
+    }
+    let compiled = compile(policy, &net.nodes);
+    let filters: Vec<Filter> = compiled.into_iter().map(|p| Filter::new(p.filter)).collect();
+    for (t, s, d, dst, want) in cases {
+        let src = net.nodes[s].addresses[0];
+        let to = net.nodes[d].addresses[0];
+        let proto = if t.protocol == PROTO_ICMP && to.is_ipv6() { PROTO_ICMPV6 } else { t.protocol };
+        let got = filters[d].accepts(src, to, proto, dst.port);
+        if got != want {
+            return Err(test_failure(t.pos, dst.target.pos, &t.src.text, &dst.target.text, dst.port, t.protocol, want));
+        }
+    }
+    Ok(())
+}
+
+fn test_failure(test: Pos, at: Pos, src: &str, dst: &str, port: u16, proto: u8, want: bool) -> PolicyError {
+    let (expected, got) = if want { ("accept", "denied") } else { ("deny", "accepted") };
+    PolicyError {
+        pos: Some(at),
+        kind: ErrorKind::TestFailed,
+        message: format!(
+            "test at line {} failed: {src} -> {dst}:{port} (protocol {proto}) is {got}, the test expects {expected}",
+            test.line
+        ),
+    }
+}

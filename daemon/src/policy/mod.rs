@@ -1,0 +1,99 @@
+//! The tailnet policy: a Tailscale-style policy file in huJSON (`groups`,
+//! `tagOwners`, `hosts`, `acls`, `grants`, `tests`, autogroups), checked,
+//! tested and compiled into each node's inbound packet filter, the peers it
+//! may see and the application capabilities granted to it. See
+//! docs/policy.md for what is supported and how it behaves.
+//!
+//! * [`hujson`]: the file syntax, with positions for every error.
+//! * [`model`]: the sections, their checks, and what is refused by name.
+//! * [`compile`]: policy plus nodes to per-node filters, peers and capabilities.
+//! * [`check`]: parse, check and run the policy's `tests` (what the control
+//!   server does before it accepts a policy, and `wiremesh policy check`).
+
+pub mod compile;
+pub mod hujson;
+pub mod model;
+
+#[cfg(test)]
+mod tests;
+
+pub use compile::{compile, run_tests, CapGrant, Node, NodePolicy};
+pub use model::Policy;
+
+use hujson::Pos;
+use std::fmt;
+
+/// Largest policy file accepted, in bytes.
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+
+/// What kind of problem a policy has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Not huJSON.
+    Syntax,
+    /// A section or value is malformed or names something undefined.
+    Invalid,
+    /// Something wiremesh does not implement (refused rather than ignored).
+    Unsupported,
+    /// A test in `tests` failed.
+    TestFailed,
+}
+
+impl ErrorKind {
+    /// The machine-readable code the API answers with.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::Syntax => "policy_syntax",
+            ErrorKind::Invalid => "policy_invalid",
+            ErrorKind::Unsupported => "policy_unsupported",
+            ErrorKind::TestFailed => "policy_test_failed",
+        }
+    }
+}
+
+/// Why a policy was refused, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    /// Where in the file (none for the file as a whole).
+    pub pos: Option<Pos>,
+    /// What kind of problem.
+    pub kind: ErrorKind,
+    /// What, for people.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pos {
+            Some(p) => write!(f, "{p}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// Parses and checks a policy file without running its tests.
+pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+    if text.len() > MAX_POLICY_BYTES {
+        return Err(PolicyError {
+            pos: None,
+            kind: ErrorKind::Invalid,
+            message: format!("the policy is larger than {MAX_POLICY_BYTES} bytes"),
+        });
+    }
+    let doc = hujson::parse(text).map_err(|e| PolicyError {
+        pos: Some(e.pos),
+        kind: ErrorKind::Syntax,
+        message: e.message,
+    })?;
+    model::from_value(&doc)
+}
+
+/// Parses, checks and tests a policy file: what must pass before a policy
+/// is accepted.
+pub fn check(text: &str) -> Result<Policy, PolicyError> {
+    let policy = parse(text)?;
+    run_tests(&policy)?;
+    Ok(policy)
+}
