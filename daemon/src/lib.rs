@@ -6,3 +6,4 @@ pub mod conf;
 pub mod control;
 pub mod interface;
 pub mod node;
+pub mod policy;
