@@ -35,6 +35,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wiremesh_core::crypto::DefaultProvider;
 use wiremesh_core::device::{DeviceConfig as CoreConfig, Encapsulated, PeerConfig as CorePeer, Received, HEADROOM};
+use wiremesh_core::filter::Filter;
 use wiremesh_core::{Instant, WallTime};
 
 /// The protocol core as both data planes (TUN and the userspace netstack) drive it.
@@ -232,6 +233,8 @@ impl DataplaneStats {
 
 pub(crate) enum ControlMsg {
     Uapi(Request, mpsc::SyncSender<Response>),
+    /// The inbound packet filter (`None`: let every packet in).
+    Filter(Option<Filter>),
 }
 
 /// The handle other threads use to configure and stop a running worker.
@@ -285,6 +288,15 @@ impl Control {
         rx.recv().unwrap_or_else(|_| Response::errno(crate::uapi::errno::IO))
     }
 
+    /// Sets the inbound packet filter of the worker's device (kept when the
+    /// device is re-created for a new key); `None` lets every packet in.
+    /// Returns `false` if the worker is gone.
+    pub fn set_filter(&self, filter: Option<Filter>) -> bool {
+        let sent = self.tx.send(ControlMsg::Filter(filter)).is_ok();
+        self.wake();
+        sent
+    }
+
     /// Asks the worker to stop.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -324,6 +336,8 @@ pub struct Worker {
     mtu_checked: std::time::Instant,
     /// Why the worker stopped by itself (the interface was deleted).
     exit_reason: Option<String>,
+    /// The inbound packet filter, applied to every device this worker makes.
+    filter: Option<Filter>,
 }
 
 impl Worker {
@@ -390,6 +404,7 @@ impl Worker {
             reading_tun: false,
             mtu_checked: std::time::Instant::now(),
             exit_reason: None,
+            filter: None,
         };
         w.config.listen_port = config.listen_port;
         w.config.fwmark = config.fwmark;
@@ -982,6 +997,12 @@ impl Worker {
                     let response = self.uapi(request);
                     let _ = reply.send(response);
                 }
+                ControlMsg::Filter(filter) => {
+                    if let Some(dev) = self.device.as_mut() {
+                        dev.set_filter(filter.clone());
+                    }
+                    self.filter = filter;
+                }
             }
         }
     }
@@ -1036,6 +1057,10 @@ impl Worker {
             self.udp.set_fwmark(next.fwmark).map_err(UapiError::PortInUse)?;
         }
         reconcile_device(&mut self.device, &mut self.config, &next, self.mtu, now);
+        if let Some(dev) = self.device.as_mut().filter(|d| d.filter() != self.filter.as_ref()) {
+            // A device made for a new key starts without one.
+            dev.set_filter(self.filter.clone());
+        }
         self.config = next;
         self.flush_control_output();
         Ok(())
