@@ -105,6 +105,19 @@ fn tailnet_three_nodes_reach_each_other_and_lose_a_removed_node() {
         || out.text(),
     );
     assert!(delta.log().contains("node_removed"), "{}", delta.log());
+    // The agents speak map-stream version 2 and kept one stream open
+    // throughout, so delta's registration and removal reached their
+    // `wg show` as deltas (a version 2 stream sends one full map only).
+    for n in &nodes {
+        let log = n.log();
+        assert_eq!(log.matches("map stream open (version 2)").count(), 1, "{log}");
+        assert_eq!(log.matches("map stream open").count(), 1, "{log}");
+        assert!(log.contains(": 3 peers (1 added, 0 changed, 0 removed)"), "{log}");
+        assert!(log.contains(": 2 peers (0 added, 0 changed, 1 removed)"), "{log}");
+        for l in log.lines().filter(|l| l.contains(" peers (")).skip(1) {
+            assert!(l.starts_with("delta "), "after the first map only deltas: {l}\n{log}");
+        }
+    }
     // The rest of the mesh is undisturbed.
     assert!(nodes[0].ping(&nodes[1].ipv4()));
     drop(lab.server.take());

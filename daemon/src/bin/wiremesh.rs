@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use wiremesh_daemon::control::client::{Client, ControlUrl};
-use wiremesh_daemon::control::proto::{self, AuthKeyInfo, CreateKeyRequest, CreatedKey, NodeInfo};
+use wiremesh_daemon::control::proto::{self, AuthKeyInfo, CreateKeyRequest, CreatedKey};
 use wiremesh_daemon::node::local::{self, LocalRequest, LocalResponse};
 
 #[derive(Parser)]
@@ -59,6 +59,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Connects this node to the tailnet again (after `down`), or joins it
+    /// with an auth key (after `logout`), through the running node agent.
+    Up {
+        /// The auth key to join with (needed after `logout`).
+        #[arg(long)]
+        auth_key: Option<String>,
+        /// A file holding the auth key.
+        #[arg(long, conflicts_with = "auth_key")]
+        auth_key_file: Option<PathBuf>,
+    },
+    /// Disconnects this node from the tailnet: closes the map stream and
+    /// removes every peer; the agent keeps running and keeps its keys.
+    Down,
+    /// Leaves the tailnet: the control server removes this node and the
+    /// agent forgets its registration (joining again needs an auth key).
+    Logout,
     /// Auth keys (admin).
     Keys {
         #[command(subcommand)]
@@ -154,6 +170,27 @@ enum NodesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Sets when a node's key expires (after that it must re-authenticate
+    /// with an auth key): `--in 1h`, `--now` or `--never`.
+    #[command(group(clap::ArgGroup::new("when").required(true).args(["in_", "now", "never"])))]
+    Expire {
+        #[command(flatten)]
+        admin: Admin,
+        /// The node's id or name.
+        node: String,
+        /// Expire it after this long: 90s, 30m, 1h, 7d.
+        #[arg(long = "in", id = "in_", value_name = "DURATION")]
+        in_: Option<String>,
+        /// Expire it now: it leaves every map at once.
+        #[arg(long)]
+        now: bool,
+        /// Never expire it.
+        #[arg(long)]
+        never: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Removes a node from the tailnet.
     Remove {
         #[command(flatten)]
@@ -170,6 +207,9 @@ fn main() -> ExitCode {
         Command::Status { json } => status(&socket, json),
         Command::Ping { target, count } => ping(&socket, &target, count),
         Command::Whois { ip, json } => whois(&socket, ip, json),
+        Command::Up { auth_key, auth_key_file } => up(&socket, auth_key, auth_key_file),
+        Command::Down => done(&socket, &LocalRequest::Down),
+        Command::Logout => done(&socket, &LocalRequest::Logout),
         Command::Keys { command } => keys(command),
         Command::Nodes { command } => nodes(command),
         Command::Users { command } => users(command),
@@ -206,7 +246,11 @@ fn status(socket: &std::path::Path, json: bool) -> Result<ExitCode, String> {
         println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
         return Ok(ExitCode::SUCCESS);
     }
-    let conn = if s.connected { "connected" } else { "not connected" };
+    let conn = match (s.state, s.connected) {
+        (local::AgentState::Up, true) => "connected".to_string(),
+        (local::AgentState::Up, false) => "not connected".to_string(),
+        (state, _) => state.to_string(),
+    };
     match &s.self_node {
         Some(n) => println!("{}  {}  {}  (self, {}, control {conn})", n.ipv4, n.ipv6, n.fqdn, s.tun),
         None => println!("not registered yet ({}, control {conn})", s.tun),
@@ -225,6 +269,31 @@ fn status(socket: &std::path::Path, json: bool) -> Result<ExitCode, String> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn done(socket: &std::path::Path, req: &LocalRequest) -> Result<ExitCode, String> {
+    let LocalResponse::Done(what) = ask(socket, req)? else {
+        return Err("unexpected answer".into());
+    };
+    println!("{what}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn up(socket: &std::path::Path, auth_key: Option<String>, file: Option<PathBuf>) -> Result<ExitCode, String> {
+    let auth_key = match (auth_key, file) {
+        (Some(k), _) => Some(k),
+        (None, Some(f)) => {
+            Some(std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?.trim().to_string())
+        }
+        (None, None) => None,
+    };
+    if !socket.exists() {
+        return Err(format!(
+            "no node agent at {}: start one with `wiremeshd node --control URL --auth-key KEY`",
+            socket.display()
+        ));
+    }
+    done(socket, &LocalRequest::Up { auth_key })
 }
 
 fn ping(socket: &std::path::Path, target: &str, count: u32) -> Result<ExitCode, String> {
@@ -378,14 +447,21 @@ fn nodes(cmd: NodesCommand) -> Result<ExitCode, String> {
     match cmd {
         NodesCommand::List { admin, json } => {
             let (client, token) = admin_client(&admin)?;
-            let nodes: Vec<NodeInfo> = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
-                .map_err(|e| e.to_string())?;
+            let nodes: Vec<proto::AdminNode> =
+                block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
+                    .map_err(|e| e.to_string())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes).map_err(|e| e.to_string())?);
             } else {
-                for n in nodes {
+                for a in nodes {
+                    let n = &a.node;
                     let online = if n.online { "online" } else { "offline" };
-                    println!("{}  {}  {}  {}  {online}", n.id, n.fqdn, n.ipv4, n.ipv6);
+                    let expiry = match (a.expired, a.key_expires_at) {
+                        (true, _) => "  key expired".to_string(),
+                        (false, Some(at)) => format!("  key expires at {at}"),
+                        (false, None) => String::new(),
+                    };
+                    println!("{}  {}  {}  {}  {online}{expiry}", n.id, n.fqdn, n.ipv4, n.ipv6);
                 }
             }
         }
@@ -395,6 +471,27 @@ fn nodes(cmd: NodesCommand) -> Result<ExitCode, String> {
                 block_on(client.json(hyper::Method::DELETE, &format!("{path}/{node}"), None::<&()>, Some(&token)))?
                     .map_err(|e| e.to_string())?;
             println!("removed {node}");
+        }
+        NodesCommand::Expire { admin, node, in_, now, never, json } => {
+            let (client, token) = admin_client(&admin)?;
+            let expiry_secs = match (in_, now, never) {
+                (Some(d), _, _) => Some(parse_duration(&d)?),
+                (None, true, _) => Some(0),
+                _ => None,
+            };
+            let req = proto::NodeExpiryRequest { expiry_secs };
+            let n: proto::AdminNode =
+                block_on(client.json(hyper::Method::POST, &format!("{path}/{node}/expiry"), Some(&req), Some(&token)))?
+                    .map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&n).map_err(|e| e.to_string())?);
+            } else {
+                match (n.key_expires_at, n.expired) {
+                    (_, true) => println!("{}: key expired", n.node.fqdn),
+                    (Some(at), false) => println!("{}: key expires at {at} (Unix seconds)", n.node.fqdn),
+                    (None, _) => println!("{}: key never expires", n.node.fqdn),
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -177,6 +177,21 @@ impl Client {
         serde_json::from_slice(&answer).map_err(|e| transport(format!("bad answer from the server: {e}")))
     }
 
+    /// `POST /logout`: asks the server to remove this machine's node. `sign`
+    /// makes the machine key's signature (hex) of the bytes it is given.
+    pub async fn logout(
+        &self,
+        machine_key: String,
+        node_key: String,
+        sign: impl FnOnce(&[u8]) -> String,
+    ) -> Result<serde_json::Value, ClientError> {
+        let challenge = self.challenge().await?;
+        let mut req =
+            proto::LogoutRequest { machine_key, node_key, challenge: proto::hex(&challenge), signature: String::new() };
+        req.signature = sign(&proto::logout_message(&challenge, &self.url.fingerprint, &req));
+        self.json(hyper::Method::POST, &format!("{}/logout", proto::API), Some(&req), None).await
+    }
+
     /// A fresh challenge for the machine key to sign.
     pub async fn challenge(&self) -> Result<[u8; 32], ClientError> {
         let c: proto::Challenge =

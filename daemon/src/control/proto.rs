@@ -51,6 +51,19 @@ pub struct MapRequest {
     pub signature: String,
 }
 
+/// `POST /api/v1/logout`: a node leaves the tailnet (the server removes it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogoutRequest {
+    /// The Ed25519 machine public key, hex.
+    pub machine_key: String,
+    /// The node key the node currently uses, base64.
+    pub node_key: String,
+    /// A challenge from `POST /api/v1/challenge`, hex.
+    pub challenge: String,
+    /// Ed25519 signature over [`logout_message`], hex.
+    pub signature: String,
+}
+
 /// One node as the maps and the admin API show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -331,6 +344,11 @@ pub fn register_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &Regi
 pub fn map_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &MapRequest) -> Vec<u8> {
     let endpoints = req.endpoints.join(",");
     signed_message("map", challenge, cert_sha256, &[&req.machine_key, &req.node_key, &endpoints])
+}
+
+/// The bytes a machine key signs to log its node out.
+pub fn logout_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &LogoutRequest) -> Vec<u8> {
+    signed_message("logout", challenge, cert_sha256, &[&req.machine_key, &req.node_key])
 }
 
 fn signed_message(purpose: &str, challenge: &[u8; 32], cert_sha256: &[u8; 32], fields: &[&str]) -> Vec<u8> {

@@ -561,6 +561,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
             Ok(json_response(200, &proto::Challenge { challenge: proto::hex(&c) }))
         }
         (["register"], &Method::POST) => register(app, read_json(req).await?).await,
+        (["logout"], &Method::POST) => logout(app, read_json(req).await?).await,
         (["map"], &Method::POST) => {
             let version = map_version(req.uri().query())?;
             map_stream(app, read_json(req).await?, version).await
@@ -569,7 +570,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
             require_admin(&app, &req).await?;
             admin(app, &segments[1..], req).await
         }
-        (["health" | "challenge" | "register" | "map"], _) => {
+        (["health" | "challenge" | "register" | "map" | "logout"], _) => {
             Err(ApiError::new(405, "method_not_allowed", "method not allowed"))
         }
         _ => Err(ApiError::not_found("no such endpoint")),
@@ -730,6 +731,27 @@ async fn register(app: Arc<App>, r: proto::RegisterRequest) -> Result<Response<B
     let node = app.with_db(move |db| db.register(&reg)).await?;
     app.publish();
     Ok(json_response(200, &node))
+}
+
+/// A node leaves the tailnet: proven by its machine key as for `/map`, it
+/// is removed as an admin's removal would (its other streams end with
+/// `node_removed`, its peers drop it).
+async fn logout(app: Arc<App>, r: proto::LogoutRequest) -> Result<Response<Body>, ApiError> {
+    let machine_key = parse_machine_key(&r.machine_key)?;
+    parse_node_key(&r.node_key)?;
+    let challenge = app.consume_challenge(&r.challenge)?;
+    verify(&machine_key, &proto::logout_message(&challenge, &app.fingerprint, &r), &r.signature)?;
+    let id = app
+        .with_db(move |db| {
+            let node = db
+                .node_by_machine_key(&machine_key)?
+                .ok_or_else(|| ApiError::new(401, "unknown_machine", "this machine is not registered"))?;
+            db.remove_node(&node.id.to_string())?;
+            Ok(node.id)
+        })
+        .await?;
+    app.publish();
+    Ok(json_response(200, &serde_json::json!({ "removed": id })))
 }
 
 /// Counts a node online while one of its streams is open: a count per node

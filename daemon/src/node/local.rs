@@ -28,6 +28,43 @@ pub enum LocalRequest {
         /// A tailnet address.
         ip: IpAddr,
     },
+    /// Connect to the tailnet (again): after `down`, or after `logout` with
+    /// an auth key to join with.
+    Up {
+        /// The auth key to register with; needed after a logout.
+        #[serde(default)]
+        auth_key: Option<String>,
+    },
+    /// Disconnect from the tailnet: close the map stream and remove every
+    /// peer, keeping the keys and the registration.
+    Down,
+    /// Leave the tailnet: the control server removes this node, and the
+    /// agent forgets its registration (a new node key; an auth key is needed
+    /// to join again).
+    Logout,
+}
+
+/// What the agent is doing, as `up`, `down` and `logout` set it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Connected or connecting to the tailnet.
+    #[default]
+    Up,
+    /// Told to stay off the tailnet (`wiremesh down`); keeps its registration.
+    Down,
+    /// Not a member of the tailnet: needs `wiremesh up --auth-key KEY`.
+    LoggedOut,
+}
+
+impl std::fmt::Display for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentState::Up => "up",
+            AgentState::Down => "down",
+            AgentState::LoggedOut => "logged out",
+        })
+    }
 }
 
 /// One peer as `wiremesh status` shows it.
@@ -54,6 +91,12 @@ pub struct Status {
     pub control: String,
     /// Whether the map stream is up now.
     pub connected: bool,
+    /// Up, down or logged out.
+    #[serde(default)]
+    pub state: AgentState,
+    /// Why the last attempt to connect failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// The node itself, once registered.
     #[serde(rename = "self")]
     pub self_node: Option<NodeInfo>,
@@ -71,6 +114,8 @@ pub enum LocalResponse {
     Status(Status),
     /// A node (resolve, whois).
     Node(NodeInfo),
+    /// A command (up, down, logout) was carried out: what happened.
+    Done(String),
     /// Failure.
     Error(String),
 }
@@ -120,15 +165,25 @@ pub fn resolve<'a>(map: &'a NetworkMap, name: &str) -> Option<&'a NodeInfo> {
     })
 }
 
+/// What the agent knows of itself besides its map, for [`status`].
+#[derive(Debug, Clone)]
+pub struct AgentInfo<'a> {
+    /// The TUN device.
+    pub tun: &'a str,
+    /// The control server's URL.
+    pub control: &'a str,
+    /// Whether the map stream is open.
+    pub connected: bool,
+    /// Up, down or logged out.
+    pub state: AgentState,
+    /// The last failure to connect.
+    pub last_error: Option<String>,
+    /// The data plane's UDP port.
+    pub listen_port: u16,
+}
+
 /// Builds the status from the map and a `get=1` answer.
-pub fn status(
-    map: Option<&NetworkMap>,
-    get: &str,
-    tun: &str,
-    control: &str,
-    connected: bool,
-    listen_port: u16,
-) -> Status {
+pub fn status(map: Option<&NetworkMap>, get: &str, agent: AgentInfo<'_>) -> Status {
     let wg = parse_get(get);
     let peers = map
         .map(|m| {
@@ -150,11 +205,13 @@ pub fn status(
         })
         .unwrap_or_default();
     Status {
-        tun: tun.into(),
-        control: control.into(),
-        connected,
+        tun: agent.tun.into(),
+        control: agent.control.into(),
+        connected: agent.connected,
+        state: agent.state,
+        last_error: agent.last_error,
         self_node: map.map(|m| m.self_node.clone()),
-        listen_port,
+        listen_port: agent.listen_port,
         peers,
     }
 }
@@ -163,7 +220,8 @@ pub fn status(
 pub fn call(socket: &Path, req: &LocalRequest) -> Result<LocalResponse, String> {
     let stream = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("cannot reach the node agent at {}: {e}", socket.display()))?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    // `up` may wait for a registration and a map; the agent bounds that wait.
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(40))).map_err(|e| e.to_string())?;
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(|e| e.to_string())?;
@@ -196,5 +254,17 @@ mod tests {
         let r: LocalRequest = serde_json::from_str(r#"{"cmd":"whois","ip":"100.64.0.1"}"#).unwrap();
         assert!(matches!(r, LocalRequest::Whois { .. }));
         assert!(serde_json::from_str::<LocalRequest>(r#"{"cmd":"nope"}"#).is_err());
+        let r: LocalRequest = serde_json::from_str(r#"{"cmd":"up"}"#).unwrap();
+        assert!(matches!(r, LocalRequest::Up { auth_key: None }));
+        let r: LocalRequest = serde_json::from_str(r#"{"cmd":"up","auth_key":"wmkey-x"}"#).unwrap();
+        assert!(matches!(r, LocalRequest::Up { auth_key: Some(k) } if k == "wmkey-x"));
+        assert!(matches!(serde_json::from_str(r#"{"cmd":"down"}"#).unwrap(), LocalRequest::Down));
+        assert!(matches!(serde_json::from_str(r#"{"cmd":"logout"}"#).unwrap(), LocalRequest::Logout));
+        // An older agent's status (no state) reads as up.
+        let st: Status = serde_json::from_str(
+            r#"{"tun":"t","control":"c","connected":true,"self":null,"listen_port":1,"peers":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(st.state, AgentState::Up);
     }
 }

@@ -10,10 +10,10 @@ pub mod local;
 pub mod reconcile;
 
 use crate::control::client::{Client, ClientError, ControlUrl};
-use crate::control::proto::{self, MapRequest, NetworkMap, RegisterRequest, StreamMessage};
+use crate::control::proto::{self, MapRequest, NetworkMap, RegisterRequest, StreamMessageV2};
 use crate::control::server::KEEPALIVE;
 use http_body_util::BodyExt;
-use local::{LocalRequest, LocalResponse};
+use local::{AgentState, LocalRequest, LocalResponse};
 use reconcile::Reconciler;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -54,13 +54,36 @@ pub struct Options {
 struct Shared {
     map: Option<NetworkMap>,
     connected: bool,
+    /// Why the last attempt to connect failed (cleared by a map).
+    last_error: Option<String>,
 }
+
+/// Marks, in the state directory, a node told `down`, so it stays down
+/// across a restart until `up`.
+const DOWN_MARK: &str = "down";
 
 struct Agent {
     opts: Options,
     client: Client,
     machine: keys::MachineKey,
-    node_key: String,
+    /// The WireGuard public key, base64 (replaced at logout).
+    node_key: Mutex<String>,
+    /// The auth key to register with, if any (forgotten at logout).
+    auth_key: Mutex<Option<String>>,
+    /// Whether `auth_key` came from `wiremesh up` (a refusal then logs the
+    /// node out again instead of ending the agent).
+    key_from_cli: std::sync::atomic::AtomicBool,
+    /// What the node was told to be (`up`, `down`, `logout`).
+    want: tokio::sync::watch::Sender<AgentState>,
+    /// What the map follower has carried out (peers removed for `down`...).
+    reached: tokio::sync::watch::Sender<AgentState>,
+    /// One `up`/`down`/`logout` at a time.
+    commands: tokio::sync::Mutex<()>,
+    /// Start handshakes with the online peers after the next map: set when
+    /// the data plane starts afresh (agent start, `up` after `down`), since
+    /// peers may still hold sessions with this node that it no longer has,
+    /// and would otherwise only notice after WireGuard's 15 s of silence.
+    nudge: std::sync::atomic::AtomicBool,
     listen_port: u16,
     control: Control,
     shared: Mutex<Shared>,
@@ -75,6 +98,8 @@ enum Stop {
     Retry(String),
     /// Give up: the process exits with this error.
     Fatal(String),
+    /// The auth key was refused.
+    Refused(String),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,14 +144,21 @@ pub fn run(opts: Options) -> Result<(), String> {
     let worker =
         std::thread::Builder::new().name("dataplane".into()).spawn(move || worker.run()).map_err(|e| e.to_string())?;
 
+    let initial = if opts.state.join(DOWN_MARK).exists() { AgentState::Down } else { AgentState::Up };
     let agent = Arc::new(Agent {
         client: Client::new(opts.control.clone()),
+        auth_key: Mutex::new(opts.auth_key.clone()),
+        key_from_cli: false.into(),
+        want: tokio::sync::watch::channel(initial).0,
+        reached: tokio::sync::watch::channel(initial).0,
+        commands: tokio::sync::Mutex::new(()),
+        nudge: true.into(),
         opts,
         machine,
-        node_key,
+        node_key: Mutex::new(node_key),
         listen_port,
         control: control.clone(),
-        shared: Mutex::new(Shared { map: None, connected: false }),
+        shared: Mutex::new(Shared { map: None, connected: false, last_error: None }),
         reconciler: Mutex::new(Reconciler::default()),
         addresses: Mutex::new(None),
         dns: Arc::default(),
@@ -178,23 +210,79 @@ impl Agent {
         }
     }
 
+    /// Follows the map while the node is wanted up; carries out `down` and
+    /// `logout` (it alone applies maps, so no map can land after them).
     async fn follow_forever(&self) -> Result<(), String> {
+        let mut want = self.want.subscribe();
         let mut backoff = MIN_BACKOFF;
         loop {
-            let mut got_map = false;
-            match self.follow(&mut got_map).await {
-                Stop::Fatal(e) => return Err(e),
-                Stop::Retry(e) => eprintln!("wiremeshd node: {e}; retrying in {backoff:?}"),
+            let wanted = *want.borrow_and_update();
+            if wanted != AgentState::Up {
+                if *self.reached.borrow() != wanted {
+                    self.disconnect(wanted);
+                    self.reached.send_replace(wanted);
+                }
+                if want.changed().await.is_err() {
+                    return Ok(());
+                }
+                backoff = MIN_BACKOFF;
+                continue;
             }
+            self.reached.send_replace(AgentState::Up);
+            let mut got_map = false;
+            // `biased`: a `down` or `logout` wins over whatever the stream
+            // brings (such as the `node_removed` a logout causes).
+            let stop = tokio::select! {
+                biased;
+                _ = want.wait_for(|w| *w != AgentState::Up) => None,
+                stop = self.follow(&mut got_map) => Some(stop),
+            };
             lock(&self.shared).connected = false;
+            let why = match stop {
+                None => continue,
+                Some(Stop::Fatal(e)) => return Err(e),
+                Some(Stop::Refused(e)) if self.key_from_cli.load(std::sync::atomic::Ordering::SeqCst) => {
+                    // A key given by `wiremesh up` was refused: logged out
+                    // again, waiting for another; the agent runs on.
+                    eprintln!("wiremeshd node: {e}");
+                    lock(&self.shared).last_error = Some(e);
+                    *lock(&self.auth_key) = None;
+                    self.want.send_replace(AgentState::LoggedOut);
+                    continue;
+                }
+                Some(Stop::Refused(e)) => return Err(e),
+                Some(Stop::Retry(e)) => e,
+            };
+            eprintln!("wiremeshd node: {why}; retrying in {backoff:?}");
+            lock(&self.shared).last_error = Some(why);
             if got_map {
                 backoff = MIN_BACKOFF;
             }
             // A little jitter so nodes do not all come back in the same instant.
             let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
-            tokio::time::sleep(backoff + jitter).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = want.wait_for(|w| *w != AgentState::Up) => {}
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// Takes the node off the tailnet (the stream is already closed): every
+    /// peer removed and the resolver emptied; for a logout also the
+    /// addresses, since they are no longer the node's.
+    fn disconnect(&self, to: AgentState) {
+        if let Err(e) = self.apply_none() {
+            eprintln!("wiremeshd node: cannot remove the peers: {e}");
+        }
+        self.nudge.store(true, std::sync::atomic::Ordering::SeqCst);
+        if to == AgentState::LoggedOut {
+            if let Err(e) = run_ip(&["addr", "flush", "dev", &self.opts.tun]) {
+                eprintln!("wiremeshd node: {e}");
+            }
+            *lock(&self.addresses) = None;
+        }
+        println!("{to}: peers removed, map stream closed");
     }
 
     /// Opens the map stream (registering first if the server does not know
@@ -207,13 +295,13 @@ impl Agent {
             Err(ClientError::Api { status: 401, body })
                 if body.code == "unknown_machine" || body.code == "node_expired" =>
             {
-                let Some(auth_key) = self.opts.auth_key.clone() else {
-                    return Stop::Fatal("this machine is not registered and no --auth-key was given".into());
+                let Some(auth_key) = lock(&self.auth_key).clone() else {
+                    return Stop::Refused("this machine is not registered and no --auth-key was given".into());
                 };
                 match self.register(auth_key, &endpoints).await {
                     Ok(node) => println!("registered as {} ({}, {})", node.fqdn, node.ipv4, node.ipv6),
                     Err(ClientError::Api { status, body }) if status != 401 || body.code != "bad_challenge" => {
-                        return Stop::Fatal(format!("registration refused: {} ({})", body.error, body.code));
+                        return Stop::Refused(format!("registration refused: {} ({})", body.error, body.code));
                     }
                     Err(e) => return Stop::Retry(e.to_string()),
                 }
@@ -225,7 +313,18 @@ impl Agent {
             Err(e) => return Stop::Retry(e.to_string()),
             Ok(r) => r,
         };
+        // The server names the stream's version; one that only speaks
+        // version 1 (no header) sends full maps only.
+        let version = resp
+            .headers()
+            .get(proto::MAP_VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(1);
+        println!("map stream open (version {version})");
         lock(&self.shared).connected = true;
+        // The map deltas apply to: the last full map with every delta since.
+        let mut current: Option<NetworkMap> = None;
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
         loop {
@@ -242,20 +341,29 @@ impl Agent {
             }
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
-                match serde_json::from_slice::<StreamMessage>(&line) {
-                    Ok(StreamMessage::Map(map)) => {
-                        *got_map = true;
-                        if let Err(e) = self.apply(*map) {
-                            eprintln!("wiremeshd node: cannot apply the map: {e}");
+                // Version 1 lines are a subset of version 2's.
+                let (map, kind) = match serde_json::from_slice::<StreamMessageV2>(&line) {
+                    Ok(StreamMessageV2::Map(map)) => (current.insert(*map), "map"),
+                    Ok(StreamMessageV2::Delta(d)) => match current.as_mut() {
+                        Some(map) if version >= 2 => {
+                            map.apply(*d);
+                            (map, "delta")
                         }
-                    }
-                    Ok(StreamMessage::Keepalive) => {}
-                    Ok(StreamMessage::Error(e)) if e.code == "node_removed" => {
+                        Some(_) => return Stop::Retry("a delta on a version 1 map stream".into()),
+                        None => return Stop::Retry("a delta before the full map".into()),
+                    },
+                    Ok(StreamMessageV2::Keepalive) => continue,
+                    Ok(StreamMessageV2::Error(e)) if e.code == "node_removed" => {
                         let _ = self.apply_none();
                         return Stop::Fatal(format!("{} ({})", e.error, e.code));
                     }
-                    Ok(StreamMessage::Error(e)) => return Stop::Retry(format!("{} ({})", e.error, e.code)),
+                    Ok(StreamMessageV2::Error(e)) => return Stop::Retry(format!("{} ({})", e.error, e.code)),
                     Err(e) => return Stop::Retry(format!("bad map line: {e}")),
+                };
+                *got_map = true;
+                lock(&self.shared).last_error = None;
+                if let Err(e) = self.apply(map.clone(), kind) {
+                    eprintln!("wiremeshd node: cannot apply the map: {e}");
                 }
             }
         }
@@ -265,14 +373,15 @@ impl Agent {
         let challenge = self.client.challenge().await?;
         let mut req = MapRequest {
             machine_key: self.machine.public_hex(),
-            node_key: self.node_key.clone(),
+            node_key: lock(&self.node_key).clone(),
             endpoints: endpoints.to_vec(),
             challenge: proto::hex(&challenge),
             signature: String::new(),
         };
         req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &self.opts.control.fingerprint, &req));
         let body = serde_json::to_vec(&req).map_err(|e| ClientError::Transport(e.to_string()))?;
-        let resp = self.client.send(hyper::Method::POST, &format!("{}/map", proto::API), body, None).await?;
+        let path = format!("{}/map?version={}", proto::API, proto::MAP_VERSION);
+        let resp = self.client.send(hyper::Method::POST, &path, body, None).await?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -286,7 +395,7 @@ impl Agent {
         let mut req = RegisterRequest {
             auth_key,
             machine_key: self.machine.public_hex(),
-            node_key: self.node_key.clone(),
+            node_key: lock(&self.node_key).clone(),
             hostname: self.opts.hostname.clone(),
             endpoints: endpoints.to_vec(),
             challenge: proto::hex(&challenge),
@@ -308,7 +417,9 @@ impl Agent {
         }
     }
 
-    fn apply(&self, map: NetworkMap) -> Result<(), String> {
+    /// Brings the data plane and the resolver to `map` (which came whole
+    /// or was rebuilt from a delta: `kind`, for the log).
+    fn apply(&self, map: NetworkMap, kind: &str) -> Result<(), String> {
         let addrs = (IpAddr::V4(map.self_node.ipv4), IpAddr::V6(map.self_node.ipv6));
         if *lock(&self.addresses) != Some(addrs) {
             self.set_addresses(addrs)?;
@@ -330,12 +441,39 @@ impl Agent {
             if !plan.body.is_empty() {
                 self.uapi_set(&plan.body)?;
                 let (a, c, r) = plan.counts;
-                println!("map {}: {} peers ({a} added, {c} changed, {r} removed)", map.version, plan.next.len());
+                println!("{kind} {}: {} peers ({a} added, {c} changed, {r} removed)", map.version, plan.next.len());
             }
             rec.commit(plan);
         }
+        if self.nudge.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.nudge_peers(&map);
+        }
         lock(&self.shared).map = Some(map);
         Ok(())
+    }
+
+    /// Starts a handshake with every online peer: switching a persistent
+    /// keepalive on sends a keepalive at once (so a handshake first), and it
+    /// is switched off again at once. wg(8) has no other way to ask for one.
+    fn nudge_peers(&self, map: &NetworkMap) {
+        let keys: Vec<String> = map
+            .peers
+            .iter()
+            .filter(|p| p.online)
+            .filter_map(|p| proto::unb64_key(&p.node_key))
+            .map(|k| proto::hex(&k))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        for interval in [25, 0] {
+            let body: String =
+                keys.iter().map(|k| format!("public_key={k}\npersistent_keepalive_interval={interval}\n")).collect();
+            if let Err(e) = self.uapi_set(&body) {
+                eprintln!("wiremeshd node: cannot start handshakes: {e}");
+                return;
+            }
+        }
     }
 
     fn apply_none(&self) -> Result<(), String> {
@@ -376,9 +514,9 @@ impl Agent {
     }
 
     async fn answer(&self, req: LocalRequest) -> LocalResponse {
-        let (map, connected) = {
+        let (map, connected, last_error) = {
             let s = lock(&self.shared);
-            (s.map.clone(), s.connected)
+            (s.map.clone(), s.connected, s.last_error.clone())
         };
         match req {
             LocalRequest::Status => {
@@ -388,14 +526,16 @@ impl Agent {
                 })
                 .await
                 .unwrap_or_default();
-                LocalResponse::Status(local::status(
-                    map.as_ref(),
-                    &get,
-                    &self.opts.tun,
-                    &self.opts.control.to_string(),
+                let control = self.opts.control.to_string();
+                let agent = local::AgentInfo {
+                    tun: &self.opts.tun,
+                    control: &control,
                     connected,
-                    self.listen_port,
-                ))
+                    state: *self.reached.borrow(),
+                    last_error,
+                    listen_port: self.listen_port,
+                };
+                LocalResponse::Status(local::status(map.as_ref(), &get, agent))
             }
             LocalRequest::Resolve { name } => match map.as_ref().and_then(|m| local::resolve(m, &name)) {
                 Some(n) => LocalResponse::Node(n.clone()),
@@ -405,7 +545,117 @@ impl Agent {
                 Some(n) => LocalResponse::Node(n.clone()),
                 None => LocalResponse::Error(format!("no node has address {ip}")),
             },
+            LocalRequest::Up { auth_key } => match self.up(auth_key).await {
+                Ok(m) => LocalResponse::Done(m),
+                Err(e) => LocalResponse::Error(e),
+            },
+            LocalRequest::Down => match self.down().await {
+                Ok(m) => LocalResponse::Done(m),
+                Err(e) => LocalResponse::Error(e),
+            },
+            LocalRequest::Logout => match self.logout().await {
+                Ok(m) => LocalResponse::Done(m),
+                Err(e) => LocalResponse::Error(e),
+            },
         }
+    }
+
+    /// Asks the map follower for `to` and waits until it got there.
+    async fn switch(&self, to: AgentState) {
+        self.want.send_replace(to);
+        let mut reached = self.reached.subscribe();
+        let _ = reached.wait_for(|r| *r == to).await;
+    }
+
+    /// `wiremesh up`: connects again after `down`, or joins with `auth_key`
+    /// after a logout; answers once the node has its map (or cannot get it).
+    async fn up(&self, auth_key: Option<String>) -> Result<String, String> {
+        let _one = self.commands.lock().await;
+        let state = *self.want.borrow();
+        if let Some(key) = auth_key {
+            *lock(&self.auth_key) = Some(key);
+            self.key_from_cli.store(true, std::sync::atomic::Ordering::SeqCst);
+        } else if state == AgentState::LoggedOut {
+            return Err("logged out: give an auth key to join again (wiremesh up --auth-key KEY)".into());
+        }
+        match std::fs::remove_file(self.opts.state.join(DOWN_MARK)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("cannot clear the down mark in {}: {e}", self.opts.state.display()))
+            }
+            _ => {}
+        }
+        lock(&self.shared).last_error = None;
+        self.switch(AgentState::Up).await;
+        // Wait for a map, a refused key, or time.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            {
+                let s = lock(&self.shared);
+                if s.connected && s.map.is_some() {
+                    let me = s.map.as_ref().map(|m| m.self_node.fqdn.clone()).unwrap_or_default();
+                    return Ok(format!("up: connected as {me}"));
+                }
+                if *self.want.borrow() == AgentState::LoggedOut {
+                    return Err(s.last_error.clone().unwrap_or_else(|| "the auth key was refused".into()));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let why = s.last_error.clone().unwrap_or_else(|| "no map yet".into());
+                    return Ok(format!("up: still connecting ({why})"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `wiremesh down`: closes the map stream and removes every peer; keys
+    /// and registration stay, and the node stays down across restarts.
+    async fn down(&self) -> Result<String, String> {
+        let _one = self.commands.lock().await;
+        if *self.want.borrow() == AgentState::LoggedOut {
+            return Err("logged out already".into());
+        }
+        std::fs::write(self.opts.state.join(DOWN_MARK), b"")
+            .map_err(|e| format!("cannot mark {} down: {e}", self.opts.state.display()))?;
+        self.switch(AgentState::Down).await;
+        Ok("down: peers removed, map stream closed; `wiremesh up` reconnects".into())
+    }
+
+    /// `wiremesh logout`: disconnects, has the control server remove this
+    /// node (a request signed by the machine key), then forgets the
+    /// registration: the auth key is dropped and the node key replaced, so
+    /// the next join (with an auth key) is a new node with a new WireGuard
+    /// key; the machine key stays.
+    async fn logout(&self) -> Result<String, String> {
+        let _one = self.commands.lock().await;
+        if *self.want.borrow() == AgentState::LoggedOut {
+            return Err("logged out already".into());
+        }
+        let was = *self.want.borrow();
+        self.switch(AgentState::Down).await;
+        let node_key = lock(&self.node_key).clone();
+        if let Err(e) = self.client.logout(self.machine.public_hex(), node_key, |m| self.machine.sign_hex(m)).await {
+            // Still registered: back to what it was.
+            if was == AgentState::Up {
+                self.switch(AgentState::Up).await;
+            }
+            return Err(format!("logout failed: {e}"));
+        }
+        *lock(&self.auth_key) = None;
+        self.key_from_cli.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::fs::remove_file(self.opts.state.join(DOWN_MARK));
+        let path = self.opts.state.join("node.key");
+        let fresh = std::fs::remove_file(&path)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|()| keys::load_or_create_node_key(&path))?;
+        let mut set = format!("private_key={}\n", proto::hex(&fresh.to_bytes())).into_bytes();
+        let applied = self.uapi_set(std::str::from_utf8(&set).unwrap_or_default());
+        set.fill(0);
+        std::hint::black_box(&set);
+        applied?;
+        *lock(&self.node_key) = proto::b64_key(&fresh.public_key().0);
+        self.switch(AgentState::LoggedOut).await;
+        Ok("logged out: the control server removed this node; `wiremesh up --auth-key KEY` joins again".into())
     }
 }
 
