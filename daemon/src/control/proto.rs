@@ -121,22 +121,49 @@ pub struct NodeExpiryRequest {
     pub expiry_secs: Option<u64>,
 }
 
-/// One packet-filter rule; the placeholder filter is a single allow-all rule.
+/// One rule of a node's inbound packet filter (see docs/policy.md): packets
+/// from `src` to `dst` of one of `protocols` (to one of `ports`, for TCP,
+/// UDP and SCTP) are accepted. A tailnet without a policy sends the single
+/// [`FilterRule::allow_all`] rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilterRule {
     /// Source prefixes (`*` for any).
     pub src: Vec<String>,
     /// Destination prefixes (`*` for any).
     pub dst: Vec<String>,
-    /// Destination ports (`*` for any).
+    /// IANA protocol numbers (empty: every protocol).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protocols: Vec<u8>,
+    /// Destination ports: `*`, or ports and ranges such as `22,8000-8100`.
     pub ports: String,
 }
 
 impl FilterRule {
-    /// The allow-all placeholder until the policy work lands.
+    /// The filter of a tailnet without a policy: everything is accepted.
     pub fn allow_all() -> Vec<FilterRule> {
-        vec![FilterRule { src: vec!["*".into()], dst: vec!["*".into()], ports: "*".into() }]
+        vec![FilterRule { src: vec!["*".into()], dst: vec!["*".into()], protocols: Vec::new(), ports: "*".into() }]
     }
+}
+
+/// An application capability granted to a node: callers from `src` may use
+/// capability `name` with these `values` (as the policy's grant wrote them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapGrant {
+    /// Caller prefixes.
+    pub src: Vec<String>,
+    /// The capability name (for example `example.com/cap/db`).
+    pub name: String,
+    /// Its values.
+    pub values: Vec<serde_json::Value>,
+}
+
+/// `GET /api/v1/admin/policy` (and the answer to a `PUT`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// The policy file as set (none: no policy, everything is allowed).
+    pub policy: Option<String>,
+    /// Grows with each set (0: never set).
+    pub version: i64,
 }
 
 /// A node's whole view of the tailnet.
@@ -153,6 +180,9 @@ pub struct NetworkMap {
     pub peers: Vec<NodeInfo>,
     /// The node's inbound packet filter.
     pub filter: Vec<FilterRule>,
+    /// Application capabilities granted to the node, by caller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<CapGrant>,
 }
 
 /// One line of the map stream.
@@ -187,9 +217,15 @@ pub struct MapDelta {
     /// Peers new or changed, whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upsert: Vec<NodeInfo>,
-    /// Ids of peers gone (removed, or key expired).
+    /// Ids of peers gone (removed, key expired, or no longer visible under the policy).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove: Vec<i64>,
+    /// The node's whole new packet filter, when it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Vec<FilterRule>>,
+    /// The node's whole new capabilities, when they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<CapGrant>>,
 }
 
 /// One line of a version 2 map stream.
@@ -212,6 +248,12 @@ impl NetworkMap {
         self.version = d.version;
         if let Some(me) = d.self_node {
             self.self_node = me;
+        }
+        if let Some(f) = d.filter {
+            self.filter = f;
+        }
+        if let Some(c) = d.capabilities {
+            self.capabilities = c;
         }
         self.peers.retain(|p| !d.remove.contains(&p.id));
         for n in d.upsert {

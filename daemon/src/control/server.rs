@@ -72,9 +72,68 @@ pub struct Snapshot {
     /// The nodes whose key had expired when the snapshot was taken: in no
     /// peer list, and their own streams end with `node_expired`.
     pub expired: HashSet<i64>,
+    /// What the policy gives each node (in the order of `nodes`); `None`
+    /// when no policy is set and every node sees and reaches every other.
+    pub grants: Option<Arc<Vec<NodeGrants>>>,
 }
 
+/// What the policy gives one node, serialized once per policy and tailnet.
+#[derive(Debug, Clone)]
+pub struct NodeGrants {
+    /// Its packet filter, JSON.
+    pub filter: Arc<str>,
+    /// Its capabilities, JSON (`[]` for none).
+    pub capabilities: Arc<str>,
+    /// The ids of the peers it may see.
+    pub peers: HashSet<i64>,
+}
+
+/// The allow-all filter of a tailnet without a policy, JSON.
+fn allow_all_json() -> Arc<str> {
+    Arc::from(serde_json::to_string(&proto::FilterRule::allow_all()).unwrap_or_default())
+}
+
+/// Compiles the stored policy for the nodes. A stored policy that no longer
+/// parses (it was checked when set) denies everything rather than nothing.
+fn compile_grants(text: &str, nodes: &[NodeInfo]) -> Vec<NodeGrants> {
+    let policy = crate::policy::parse(text).unwrap_or_else(|e| {
+        eprintln!("wiremeshd control: the stored policy does not parse ({e}); denying all traffic");
+        crate::policy::Policy::default()
+    });
+    let compiled = crate::policy::compile(&policy, &nodes.iter().map(crate::policy::wire::node_of).collect::<Vec<_>>());
+    compiled
+        .into_iter()
+        .map(|c| NodeGrants {
+            filter: Arc::from(
+                serde_json::to_string(&crate::policy::wire::filter_to_wire(&c.filter)).unwrap_or_default(),
+            ),
+            capabilities: Arc::from(
+                serde_json::to_string(&crate::policy::wire::caps_to_wire(&c.capabilities)).unwrap_or_default(),
+            ),
+            peers: c.peers.into_iter().collect(),
+        })
+        .collect()
+}
+
+/// What a compiled policy depends on: its version and who each node is.
+type GrantsKey = (i64, Vec<(i64, std::net::Ipv4Addr, std::net::Ipv6Addr, Vec<String>, String)>);
+
 impl Snapshot {
+    /// Whether node index `me` gets node index `i` in its peer list.
+    fn visible(&self, me: usize, i: usize) -> bool {
+        i != me
+            && !self.expired.contains(&self.nodes[i].id)
+            && self.grants.as_ref().is_none_or(|g| g[me].peers.contains(&self.nodes[i].id))
+    }
+
+    /// Node index `me`'s filter and capabilities, JSON.
+    fn grants_json(&self, me: usize) -> (Arc<str>, Arc<str>) {
+        match &self.grants {
+            Some(g) => (g[me].filter.clone(), g[me].capabilities.clone()),
+            None => (allow_all_json(), Arc::from("[]")),
+        }
+    }
+
     /// The admin API's view of node `n`.
     fn admin_node(&self, n: &NodeInfo) -> proto::AdminNode {
         proto::AdminNode {
@@ -97,6 +156,8 @@ pub struct App {
     snapshot: watch::Sender<Arc<Snapshot>>,
     ephemeral_grace: Duration,
     presence_timeout: Duration,
+    /// The last compiled policy, reused while neither it nor the nodes change.
+    grants_cache: Mutex<Option<(GrantsKey, Arc<Vec<NodeGrants>>)>>,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -146,6 +207,7 @@ impl App {
             snapshot,
             ephemeral_grace,
             presence_timeout,
+            grants_cache: Mutex::new(None),
         });
         app.publish();
         app
@@ -175,9 +237,9 @@ impl App {
         let read = blocking(|| {
             let mut db = lock(&self.db);
             let nodes = db.nodes()?;
-            Ok::<_, ApiError>((nodes, db.node_key_expiries()?, db.online(self.presence_timeout)?))
+            Ok::<_, ApiError>((nodes, db.node_key_expiries()?, db.online(self.presence_timeout)?, db.policy()?))
         });
-        let (mut nodes, key_expiries, online) = match read {
+        let (mut nodes, key_expiries, online, policy) = match read {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("wiremeshd control: cannot read nodes: {e}");
@@ -190,8 +252,23 @@ impl App {
         let json = nodes.iter().map(|n| Arc::from(serde_json::to_string(n).unwrap_or_default())).collect();
         let now = db::unix_now();
         let expired = key_expiries.iter().filter(|(_, &at)| at <= now).map(|(&id, _)| id).collect();
+        let grants = policy.map(|(text, policy_version)| {
+            let key: GrantsKey = (
+                policy_version,
+                nodes.iter().map(|n| (n.id, n.ipv4, n.ipv6, n.tags.clone(), n.owner.clone())).collect(),
+            );
+            let mut cache = lock(&self.grants_cache);
+            match cache.as_ref() {
+                Some((k, g)) if *k == key => g.clone(),
+                _ => {
+                    let g = Arc::new(compile_grants(&text, &nodes));
+                    *cache = Some((key, g.clone()));
+                    g
+                }
+            }
+        });
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
-        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json, key_expiries, expired }));
+        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json, key_expiries, expired, grants }));
     }
 
     /// Stores a new policy text (already checked) and publishes a snapshot
@@ -247,7 +324,7 @@ impl App {
     pub fn map_body(&self, snap: &Snapshot, id: i64) -> Option<String> {
         let me = snap.nodes.iter().position(|n| n.id == id)?;
         let domain = serde_json::to_string(&self.tailnet.domain).unwrap_or_default();
-        let filter = serde_json::to_string(&proto::FilterRule::allow_all()).unwrap_or_default();
+        let (filter, capabilities) = snap.grants_json(me);
         let size: usize = snap.json.iter().map(|j| j.len() + 1).sum();
         let mut s = String::with_capacity(size + domain.len() + filter.len() + 64);
         s.push_str("\"domain\":");
@@ -257,7 +334,7 @@ impl App {
         s.push_str(",\"peers\":[");
         let mut first = true;
         for (i, j) in snap.json.iter().enumerate() {
-            if i != me && !snap.expired.contains(&snap.nodes[i].id) {
+            if snap.visible(me, i) {
                 if !first {
                     s.push(',');
                 }
@@ -267,6 +344,10 @@ impl App {
         }
         s.push_str("],\"filter\":");
         s.push_str(&filter);
+        if &*capabilities != "[]" {
+            s.push_str(",\"capabilities\":");
+            s.push_str(&capabilities);
+        }
         Some(s)
     }
 }
@@ -534,6 +615,16 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Api
     serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))
 }
 
+/// A UTF-8 request body of at most `max` bytes.
+async fn read_text(req: Request<Incoming>, max: usize) -> Result<String, ApiError> {
+    let body = Limited::new(req.into_body(), max)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(413, "too_large", &format!("cannot read the body (at most {max} bytes): {e}")))?
+        .to_bytes();
+    String::from_utf8(body.to_vec()).map_err(|_| ApiError::bad_request("the body is not UTF-8".into()))
+}
+
 async fn require_admin(app: &Arc<App>, req: &Request<Incoming>) -> Result<(), ApiError> {
     let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     let Some(token) = header.strip_prefix("Bearer ") else {
@@ -664,7 +755,19 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
                 None => Err(ApiError::not_found("no such user")),
             }
         }
-        (["tailnet" | "keys" | "nodes" | "users", ..], _) => {
+        (["policy"], &Method::GET) => {
+            let p = app.with_db(|db| db.policy()).await?;
+            let (policy, version) = p.map_or((None, 0), |(t, v)| (Some(t), v));
+            Ok(json_response(200, &proto::PolicyInfo { policy, version }))
+        }
+        (["policy"], &Method::PUT) => {
+            let text = read_text(req, crate::policy::MAX_POLICY_BYTES).await?;
+            // Checked and tested before anything changes: a refused policy changes nothing.
+            crate::policy::check(&text).map_err(|e| ApiError::new(400, e.kind.code(), &e.to_string()))?;
+            let version = app.set_policy(text.clone()).await?;
+            Ok(json_response(200, &proto::PolicyInfo { policy: Some(text), version }))
+        }
+        (["tailnet" | "keys" | "nodes" | "users" | "policy", ..], _) => {
             Err(ApiError::new(405, "method_not_allowed", "method not allowed"))
         }
         _ => Err(ApiError::not_found("no such endpoint")),
@@ -862,6 +965,8 @@ fn map_version(query: Option<&str>) -> Result<u32, ApiError> {
 struct Sent {
     me: Arc<str>,
     peers: HashMap<i64, Arc<str>>,
+    filter: Arc<str>,
+    capabilities: Arc<str>,
 }
 
 impl Sent {
@@ -872,10 +977,11 @@ impl Sent {
             .iter()
             .zip(&snap.json)
             .enumerate()
-            .filter(|(i, (n, _))| *i != me && !snap.expired.contains(&n.id))
+            .filter(|(i, _)| snap.visible(me, *i))
             .map(|(_, (n, j))| (n.id, j.clone()))
             .collect();
-        Sent { me: snap.json[me].clone(), peers }
+        let (filter, capabilities) = snap.grants_json(me);
+        Sent { me: snap.json[me].clone(), peers, filter, capabilities }
     }
 
     /// The delta line bringing the last map to `snap`'s, or `None` if nothing
@@ -884,7 +990,7 @@ impl Sent {
         let mut upsert = String::new();
         let mut current = HashSet::with_capacity(self.peers.len() + 1);
         for (i, (n, j)) in snap.nodes.iter().zip(&snap.json).enumerate() {
-            if i == me || snap.expired.contains(&n.id) {
+            if !snap.visible(me, i) {
                 continue;
             }
             current.insert(n.id);
@@ -903,7 +1009,10 @@ impl Sent {
             self.peers.remove(id);
         }
         let self_changed = self.me != snap.json[me];
-        if !self_changed && upsert.is_empty() && remove.is_empty() {
+        let (filter, capabilities) = snap.grants_json(me);
+        let filter_changed = self.filter != filter;
+        let capabilities_changed = self.capabilities != capabilities;
+        if !self_changed && upsert.is_empty() && remove.is_empty() && !filter_changed && !capabilities_changed {
             return None;
         }
         let mut out = format!("{{\"delta\":{{\"version\":{}", snap.version);
@@ -920,6 +1029,16 @@ impl Sent {
         if !remove.is_empty() {
             out.push_str(",\"remove\":");
             out.push_str(&serde_json::to_string(&remove).unwrap_or_default());
+        }
+        if filter_changed {
+            out.push_str(",\"filter\":");
+            out.push_str(&filter);
+            self.filter = filter;
+        }
+        if capabilities_changed {
+            out.push_str(",\"capabilities\":");
+            out.push_str(&capabilities);
+            self.capabilities = capabilities;
         }
         out.push_str("}}\n");
         Some(Bytes::from(out))
@@ -1044,6 +1163,7 @@ mod tests {
                 self_node: node.clone(),
                 peers: snap.nodes.iter().filter(|n| n.id != node.id).cloned().collect(),
                 filter: proto::FilterRule::allow_all(),
+                capabilities: Vec::new(),
             };
             assert_eq!(*map, want);
         }
@@ -1107,5 +1227,60 @@ mod tests {
         step(&mut map, &mut sent);
         assert_eq!(map.peers.len(), 19);
         assert!(added * 5 < full_len && removed * 20 < full_len, "full {full_len}, delta {added}/{removed}");
+    }
+
+    #[test]
+    fn policy_maps_and_deltas_carry_filters_peers_and_capabilities() {
+        let (mut db, _) = Db::open_in_memory().unwrap();
+        let (plain, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
+        let (tagged, _) = db.create_auth_key(true, false, &["tag:srv".into()], None, None).unwrap();
+        let reg = |key: &str, n: u8| Registration {
+            auth_key: key.into(),
+            machine_key: [n; 32],
+            node_key: [n + 100; 32],
+            hostname: format!("p{n}"),
+            endpoints: vec![format!("192.0.2.{n}:1")],
+        };
+        for n in 1..=3u8 {
+            db.register(&reg(&plain, n)).unwrap();
+        }
+        db.register(&reg(&tagged, 4)).unwrap();
+        let app = App::new(db, [0; 32], Duration::from_secs(1));
+        let snap = app.snapshot();
+        let ids: Vec<i64> = snap.nodes.iter().map(|n| n.id).collect();
+        let (me, srv) = (ids[0], ids[3]);
+        let mut map = full_map(&app, &snap, me);
+        assert_eq!(map.peers.len(), 3, "no policy: everyone");
+        assert_eq!(map.filter, proto::FilterRule::allow_all());
+        let mut sent = Sent::full(&snap, 0);
+        let step = |map: &mut NetworkMap, sent: &mut Sent| {
+            let snap = app.snapshot();
+            let line = sent.delta(&snap, 0).expect("a delta");
+            let proto::StreamMessageV2::Delta(d) = serde_json::from_slice(&line).unwrap() else { panic!() };
+            map.apply(*d);
+            assert_eq!(*map, full_map(&app, &snap, me));
+        };
+        // Untagged nodes (owned by admin) may reach tag:srv on 22, with a capability.
+        let text = r#"{"tagOwners": {"tag:srv": []},
+            "acls": [{"action": "accept", "src": ["admin@"], "dst": ["tag:srv:22"]}],
+            "grants": [{"src": ["admin@"], "dst": ["tag:srv"], "app": {"example.com/cap/x": [{"y": 1}]}}]}"#;
+        lock(&app.db).set_policy(text).unwrap();
+        app.publish();
+        step(&mut map, &mut sent);
+        assert_eq!(map.peers.iter().map(|p| p.id).collect::<Vec<_>>(), vec![srv]);
+        assert!(map.filter.is_empty(), "nothing may reach an untagged node");
+        let snap = app.snapshot();
+        let server_map = full_map(&app, &snap, srv);
+        assert_eq!(server_map.peers.len(), 3);
+        assert_eq!(server_map.filter.len(), 1);
+        assert_eq!(server_map.filter[0].ports, "22");
+        assert_eq!(server_map.capabilities.len(), 1);
+        assert_eq!(server_map.capabilities[0].src.len(), 6, "three callers, two addresses each");
+        // Denying everything empties the peer list; the filter stays empty.
+        lock(&app.db).set_policy(r#"{"acls": []}"#).unwrap();
+        app.publish();
+        step(&mut map, &mut sent);
+        assert!(map.peers.is_empty());
+        assert!(sent.delta(&app.snapshot(), 0).is_none());
     }
 }

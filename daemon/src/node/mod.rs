@@ -437,6 +437,14 @@ impl Agent {
         ));
         {
             let mut rec = lock(&self.reconciler);
+            // The filter first, so that new peers never meet an old, wider one.
+            if let Some(change) = rec.filter_change(&map) {
+                if !self.control.set_filter(change.filter.clone()) {
+                    return Err("the data plane is gone: cannot set the packet filter".into());
+                }
+                println!("{kind} {}: packet filter of {} rules", map.version, change.rules.len());
+                rec.commit_filter(change);
+            }
             let plan = rec.plan(Some(&map));
             if !plan.body.is_empty() {
                 self.uapi_set(&plan.body)?;

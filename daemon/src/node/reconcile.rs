@@ -1,11 +1,13 @@
 //! Turning a network map into wg(8) `set` requests: only the peers that were
 //! added, changed or removed are named (`replace_peers` is never used), so
-//! the sessions of the others are left alone.
+//! the sessions of the others are left alone. The map's packet filter goes
+//! to the data plane's core device whenever it changes.
 
 use crate::control::proto::{self, NetworkMap};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
+use wiremesh_core::filter::Filter;
 
 /// What the data plane was told about one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +22,17 @@ pub struct PeerState {
 #[derive(Debug, Default, Clone)]
 pub struct Reconciler {
     applied: BTreeMap<[u8; 32], PeerState>,
+    /// The filter rules as last applied (none yet: `None`).
+    filter: Option<Vec<proto::FilterRule>>,
+}
+
+/// A new packet filter for the data plane.
+#[derive(Debug)]
+pub struct FilterChange {
+    /// The map's rules.
+    pub rules: Vec<proto::FilterRule>,
+    /// The core filter (`None`: the allow-all filter of a tailnet without a policy).
+    pub filter: Option<Filter>,
 }
 
 /// One reconciliation step.
@@ -87,6 +100,24 @@ impl Reconciler {
     pub fn commit(&mut self, plan: Plan) {
         self.applied = plan.next;
     }
+
+    /// The filter to set if `map`'s differs from the one applied. Rules the
+    /// core cannot read make a filter that denies everything (fail closed).
+    pub fn filter_change(&self, map: &NetworkMap) -> Option<FilterChange> {
+        if self.filter.as_ref() == Some(&map.filter) {
+            return None;
+        }
+        let filter = crate::policy::wire::filter_from_wire(&map.filter).unwrap_or_else(|e| {
+            eprintln!("wiremeshd node: {e}; denying all inbound traffic until the next map");
+            Some(Filter::default())
+        });
+        Some(FilterChange { rules: map.filter.clone(), filter })
+    }
+
+    /// Records that a filter was set.
+    pub fn commit_filter(&mut self, change: FilterChange) {
+        self.filter = Some(change.rules);
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +154,7 @@ mod tests {
             self_node: node(1, "192.0.2.1:1"),
             peers,
             filter: FilterRule::allow_all(),
+            capabilities: Vec::new(),
         }
     }
 
@@ -150,5 +182,29 @@ mod tests {
         assert_eq!(p.counts, (0, 0, 2));
         r.commit(p);
         assert!(r.applied().is_empty());
+    }
+
+    #[test]
+    fn the_filter_is_set_when_it_changes_and_bad_rules_deny_all() {
+        let mut r = Reconciler::default();
+        let mut m = map(vec![node(2, "192.0.2.2:2")]);
+        let c = r.filter_change(&m).expect("first map sets the filter");
+        assert!(c.filter.is_none(), "allow-all: no filter in the core");
+        r.commit_filter(c);
+        assert!(r.filter_change(&m).is_none());
+        m.filter = vec![FilterRule {
+            src: vec!["100.64.0.2/32".into()],
+            dst: vec!["100.64.0.1/32".into()],
+            protocols: vec![6],
+            ports: "22".into(),
+        }];
+        let c = r.filter_change(&m).expect("changed");
+        let f = c.filter.clone().expect("a filter");
+        let (b, a) = ("100.64.0.2".parse().unwrap(), "100.64.0.1".parse().unwrap());
+        assert!(f.accepts(b, a, 6, 22) && !f.accepts(b, a, 6, 80));
+        r.commit_filter(c);
+        m.filter[0].ports = "22-".into();
+        let c = r.filter_change(&m).expect("changed");
+        assert_eq!(c.filter, Some(Filter::default()), "unreadable rules deny all");
     }
 }

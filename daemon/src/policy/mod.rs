@@ -7,12 +7,14 @@
 //! * [`hujson`]: the file syntax, with positions for every error.
 //! * [`model`]: the sections, their checks, and what is refused by name.
 //! * [`compile`]: policy plus nodes to per-node filters, peers and capabilities.
+//! * [`wire`]: the compiled policy as the network map carries it.
 //! * [`check`]: parse, check and run the policy's `tests` (what the control
 //!   server does before it accepts a policy, and `wiremesh policy check`).
 
 pub mod compile;
 pub mod hujson;
 pub mod model;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;
