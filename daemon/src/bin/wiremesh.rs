@@ -90,6 +90,33 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// The tailnet policy file (huJSON ACLs and grants; docs/policy.md).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Prints the policy in force (admin).
+    Get {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// Sets the policy from FILE (admin): checked and tested by the server
+    /// first; a refused policy changes nothing.
+    Set {
+        #[command(flatten)]
+        admin: Admin,
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Parses, checks and runs the tests of FILE here, without a server.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,6 +240,7 @@ fn main() -> ExitCode {
         Command::Keys { command } => keys(command),
         Command::Nodes { command } => nodes(command),
         Command::Users { command } => users(command),
+        Command::Policy { command } => policy(command),
     };
     match result {
         Ok(code) => code,
@@ -403,6 +431,42 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
                 block_on(client.json(hyper::Method::DELETE, &format!("{path}/{id}"), None::<&()>, Some(&token)))?
                     .map_err(|e| e.to_string())?;
             println!("revoked key {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy(cmd: PolicyCommand) -> Result<ExitCode, String> {
+    use wiremesh_daemon::control::client;
+    let path = format!("{}/admin/policy", proto::API);
+    let read = |f: &PathBuf| std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()));
+    match cmd {
+        PolicyCommand::Get { admin } => {
+            let (client, token) = admin_client(&admin)?;
+            let p: proto::PolicyInfo = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            match p.policy {
+                Some(text) => print!("{text}{}", if text.ends_with('\n') { "" } else { "\n" }),
+                None => eprintln!("no policy is set: every node may reach every other"),
+            }
+        }
+        PolicyCommand::Set { admin, file } => {
+            let text = read(&file)?;
+            let (client, token) = admin_client(&admin)?;
+            let (status, body) = block_on(client.raw(hyper::Method::PUT, &path, text.into_bytes(), Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            if !(200..300).contains(&status) {
+                return Err(format!("{}: {}", file.display(), client::api_error(status, &body)));
+            }
+            let p: proto::PolicyInfo =
+                serde_json::from_slice(&body).map_err(|e| format!("bad answer from the server: {e}"))?;
+            println!("policy version {} set", p.version);
+        }
+        PolicyCommand::Check { file } => {
+            let text = read(&file)?;
+            let p = wiremesh_daemon::policy::check(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            let tests: usize = p.tests.iter().map(|t| t.accept.len() + t.deny.len()).sum();
+            println!("{}: ok ({} rules, {} test assertions passed)", file.display(), p.rules.len(), tests);
         }
     }
     Ok(ExitCode::SUCCESS)
