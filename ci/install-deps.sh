@@ -6,7 +6,9 @@
 #
 # Installs:
 #   * Debian packages: wireguard-go wireguard-tools iperf3 iproute2
-#     iputils-ping procps
+#     iputils-ping procps postgresql curl (the PostgreSQL control-store tests
+#     start their own throwaway cluster from its binaries; the packaged
+#     cluster's service is not needed)
 #   * two wireguard-go versions side by side, for interop tests:
 #       /usr/local/lib/wiremesh-ci/wireguard-go-0.0.20220316  (bookworm)
 #       /usr/local/lib/wiremesh-ci/wireguard-go-0.0.20231211  (bookworm-backports)
@@ -22,7 +24,7 @@ set -euo pipefail
 CI_LIB=/usr/local/lib/wiremesh-ci
 WG_GO_STABLE=0.0.20220316
 WG_GO_BACKPORTS=0.0.20231211
-PACKAGES=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping procps)
+PACKAGES=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping procps postgresql curl)
 BPO_SOURCES=/etc/apt/sources.list.d/wiremesh-backports.sources
 APT_OPTS=(-o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
 
@@ -252,4 +254,6 @@ log "  iperf3                    $(dpkg-query -W -f='${Version}' iperf3)"
 log "  iproute2                  $(dpkg-query -W -f='${Version}' iproute2): $(first_line ip -V)"
 log "  iputils-ping              $(dpkg-query -W -f='${Version}' iputils-ping)"
 log "  procps                    $(dpkg-query -W -f='${Version}' procps)"
+log "  postgresql                $(dpkg-query -W -f='${Version}' postgresql): $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tr '\n' ' ')"
+log "  curl                      $(dpkg-query -W -f='${Version}' curl)"
 log "done in $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }') s"

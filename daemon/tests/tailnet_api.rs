@@ -12,7 +12,7 @@ use wiremesh_daemon::node::keys::MachineKey;
 #[path = "support/control.rs"]
 mod control_server;
 
-use control_server::{start, start_with, state_dir};
+use control_server::Store;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -112,8 +112,20 @@ async fn next_map(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StreamMessage>) 
 
 #[test]
 fn tailnet_api_maps_stream_changes_within_a_second_and_survive_restart() {
-    let dir = state_dir("api-stream");
-    let server = start(&dir);
+    maps_stream_changes_within_a_second_and_survive_restart(&Store::sqlite("api-stream"));
+}
+
+#[test]
+fn tailnet_api_on_postgres_maps_stream_changes_within_a_second_and_survive_restart() {
+    if let Some(store) =
+        Store::postgres("tailnet_api_maps_stream_changes_within_a_second_and_survive_restart_on_postgres")
+    {
+        maps_stream_changes_within_a_second_and_survive_restart(&store);
+    }
+}
+
+fn maps_stream_changes_within_a_second_and_survive_restart(store: &Store) {
+    let server = store.start();
     let token = server.token.clone().expect("first start prints the admin token");
     let c = Client::new(server.url.clone());
     let rt = rt();
@@ -161,7 +173,7 @@ fn tailnet_api_maps_stream_changes_within_a_second_and_survive_restart() {
     });
     drop(server);
     // Everything acknowledged is there after a restart; no new admin token.
-    let server = start(&dir);
+    let server = store.start();
     assert!(server.token.is_none());
     let c = Client::new(server.url.clone());
     rt.block_on(async {
@@ -170,13 +182,22 @@ fn tailnet_api_maps_stream_changes_within_a_second_and_survive_restart() {
         assert_eq!(nodes[0].name, "alpha-host");
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn tailnet_api_bad_input_is_refused_and_nothing_stored() {
-    let dir = state_dir("api-bad");
-    let server = start(&dir);
+    bad_input_is_refused_and_nothing_stored(&Store::sqlite("api-bad"));
+}
+
+#[test]
+fn tailnet_api_on_postgres_bad_input_is_refused_and_nothing_stored() {
+    if let Some(store) = Store::postgres("tailnet_api_bad_input_is_refused_and_nothing_stored_on_postgres") {
+        bad_input_is_refused_and_nothing_stored(&store);
+    }
+}
+
+fn bad_input_is_refused_and_nothing_stored(store: &Store) {
+    let server = store.start();
     let token = server.token.clone().unwrap();
     let c = Client::new(server.url.clone());
     rt().block_on(async {
@@ -262,13 +283,22 @@ fn tailnet_api_bad_input_is_refused_and_nothing_stored() {
         assert_eq!(s, 200);
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn tailnet_api_client_refuses_a_server_with_another_certificate() {
-    let dir = state_dir("api-pin");
-    let server = start(&dir);
+    client_refuses_a_server_with_another_certificate(&Store::sqlite("api-pin"));
+}
+
+#[test]
+fn tailnet_api_on_postgres_client_refuses_a_server_with_another_certificate() {
+    if let Some(store) = Store::postgres("tailnet_api_client_refuses_a_server_with_another_certificate_on_postgres") {
+        client_refuses_a_server_with_another_certificate(&store);
+    }
+}
+
+fn client_refuses_a_server_with_another_certificate(store: &Store) {
+    let server = store.start();
     let mut wrong = server.url.clone();
     wrong.fingerprint[0] ^= 1;
     let c = Client::new(wrong);
@@ -279,13 +309,22 @@ fn tailnet_api_client_refuses_a_server_with_another_certificate() {
         }
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn tailnet_api_ephemeral_nodes_go_soon_after_they_go_offline() {
-    let dir = state_dir("api-ephemeral");
-    let server = start_with(&dir, &["--ephemeral-grace-secs", "1"]);
+    ephemeral_nodes_go_soon_after_they_go_offline(&Store::sqlite("api-ephemeral"));
+}
+
+#[test]
+fn tailnet_api_on_postgres_ephemeral_nodes_go_soon_after_they_go_offline() {
+    if let Some(store) = Store::postgres("tailnet_api_ephemeral_nodes_go_soon_after_they_go_offline_on_postgres") {
+        ephemeral_nodes_go_soon_after_they_go_offline(&store);
+    }
+}
+
+fn ephemeral_nodes_go_soon_after_they_go_offline(store: &Store) {
+    let server = store.start_with(&["--ephemeral-grace-secs", "1"]);
     let token = server.token.clone().unwrap();
     let c = Client::new(server.url.clone());
     rt().block_on(async {
@@ -322,7 +361,6 @@ fn tailnet_api_ephemeral_nodes_go_soon_after_they_go_offline() {
         eprintln!("ephemeral node removed {:?} after its stream closed (grace 1s)", t0.elapsed());
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 async fn open_map(c: &Client, n: &TestNode) -> tokio::sync::mpsc::UnboundedReceiver<StreamMessage> {
@@ -352,8 +390,20 @@ async fn set_expiry(c: &Client, token: &str, node: &str, body: &[u8]) -> (u16, b
 
 #[test]
 fn tailnet_api_expired_node_key_leaves_every_map_until_it_re_authenticates() {
-    let dir = state_dir("api-expiry");
-    let server = start(&dir);
+    expired_node_key_leaves_every_map_until_it_re_authenticates(&Store::sqlite("api-expiry"));
+}
+
+#[test]
+fn tailnet_api_on_postgres_expired_node_key_leaves_every_map_until_it_re_authenticates() {
+    if let Some(store) =
+        Store::postgres("tailnet_api_expired_node_key_leaves_every_map_until_it_re_authenticates_on_postgres")
+    {
+        expired_node_key_leaves_every_map_until_it_re_authenticates(&store);
+    }
+}
+
+fn expired_node_key_leaves_every_map_until_it_re_authenticates(store: &Store) {
+    let server = store.start();
     let token = server.token.clone().unwrap();
     let c = Client::new(server.url.clone());
     rt().block_on(async {
@@ -457,7 +507,6 @@ fn tailnet_api_expired_node_key_leaves_every_map_until_it_re_authenticates() {
         map_until(&mut rb, |m| m.peers.is_empty()).await;
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The next line of a version 2 stream and its length in bytes.
@@ -468,8 +517,20 @@ async fn next_v2(v2: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) -> (pro
 
 #[test]
 fn tailnet_api_version_2_streams_send_deltas_that_rebuild_the_full_maps() {
-    let dir = state_dir("api-delta");
-    let server = start(&dir);
+    version_2_streams_send_deltas_that_rebuild_the_full_maps(&Store::sqlite("api-delta"));
+}
+
+#[test]
+fn tailnet_api_on_postgres_version_2_streams_send_deltas_that_rebuild_the_full_maps() {
+    if let Some(store) =
+        Store::postgres("tailnet_api_version_2_streams_send_deltas_that_rebuild_the_full_maps_on_postgres")
+    {
+        version_2_streams_send_deltas_that_rebuild_the_full_maps(&store);
+    }
+}
+
+fn version_2_streams_send_deltas_that_rebuild_the_full_maps(store: &Store) {
+    let server = store.start();
     let token = server.token.clone().unwrap();
     let c = Client::new(server.url.clone());
     rt().block_on(async {
@@ -554,13 +615,22 @@ fn tailnet_api_version_2_streams_send_deltas_that_rebuild_the_full_maps() {
         assert_json_error(s, &body, 400, "bad_request");
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn tailnet_api_users_own_the_untagged_nodes_of_their_keys() {
-    let dir = state_dir("api-users");
-    let server = start(&dir);
+    users_own_the_untagged_nodes_of_their_keys(&Store::sqlite("api-users"));
+}
+
+#[test]
+fn tailnet_api_on_postgres_users_own_the_untagged_nodes_of_their_keys() {
+    if let Some(store) = Store::postgres("tailnet_api_users_own_the_untagged_nodes_of_their_keys_on_postgres") {
+        users_own_the_untagged_nodes_of_their_keys(&store);
+    }
+}
+
+fn users_own_the_untagged_nodes_of_their_keys(store: &Store) {
+    let server = store.start();
     let token = server.token.clone().unwrap();
     let c = Client::new(server.url.clone());
     rt().block_on(async {
@@ -638,5 +708,4 @@ fn tailnet_api_users_own_the_untagged_nodes_of_their_keys() {
         assert!(listed.is_empty());
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }

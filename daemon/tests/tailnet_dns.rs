@@ -3,7 +3,9 @@
 //! a control server and nodes in network namespaces as in
 //! `tailnet_mesh.rs`, each namespace given a resolv.conf naming the
 //! resolver (`ip netns exec` bind-mounts `/etc/netns/<ns>/resolv.conf`),
-//! then getent(1) and ping(8) by name.
+//! then getent(1) and ping(8) by name, getent(1) by address (PTR), glibc
+//! over TCP (`options use-vc`), and pipelined queries over one TCP
+//! connection from a thread in a node's namespace.
 
 #[path = "../../testsupport/netns.rs"]
 mod netns;
@@ -11,6 +13,9 @@ mod netns;
 mod tailnet;
 
 use netns::Netns;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 use tailnet::*;
@@ -37,6 +42,53 @@ impl Drop for ResolvConf {
 fn getent(n: &Node, db: &str, name: &str) -> (bool, String) {
     let out = n.ns.exec(&["getent", db, name]);
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A DNS query for `name` of type `qtype`, id `id`.
+fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, qtype as u8, 0, 1]);
+    q
+}
+
+/// Sends `queries` to 100.100.100.100:53 over one TCP connection, in one
+/// write (RFC 7766 length prefixes), from a thread that enters `ns`'s
+/// network namespace; returns the answers in the order they came.
+fn tcp_queries(ns: &Netns, queries: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let path = PathBuf::from("/var/run/netns").join(ns.name());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let f = std::fs::File::open(&path).unwrap();
+            // SAFETY: this thread alone moves to the namespace, and ends with it.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let addr = "100.100.100.100:53".parse().unwrap();
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut out = Vec::new();
+            for q in queries {
+                out.extend_from_slice(&(q.len() as u16).to_be_bytes());
+                out.extend_from_slice(q);
+            }
+            c.write_all(&out).unwrap();
+            queries
+                .iter()
+                .map(|_| {
+                    let mut len = [0u8; 2];
+                    c.read_exact(&mut len).unwrap();
+                    let mut r = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    c.read_exact(&mut r).unwrap();
+                    r
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 #[test]
@@ -104,6 +156,35 @@ fn tailnet_names_resolve_through_the_agents_resolver() {
     let log = alpha.proc.as_ref().unwrap().out.clone();
     log.wait_for("wiremeshd node: dns: dropped a malformed message", Duration::from_secs(5));
     assert!(getent(alpha, "ahostsv4", "beta").0);
+
+    // Reverse lookups: getent by address asks for the PTR record.
+    for (ip, name) in [(&beta4, "beta.wiremesh.internal"), (&beta6, "beta.wiremesh.internal"), (&gamma4, "gamma")] {
+        let (ok, text) = getent(alpha, "hosts", ip);
+        assert!(ok && text.contains(name), "{ip}: {text}\n{}", alpha.log());
+    }
+    let (ok, text) = getent(beta, "hosts", &alpha.ipv4());
+    assert!(ok && text.contains("alpha.wiremesh.internal"), "{text}");
+    let (ok, text) = getent(alpha, "hosts", "100.64.200.200");
+    assert!(!ok, "an address no node has resolved: {text}");
+
+    // glibc over TCP (use-vc): forward and reverse.
+    let _gamma_conf = ResolvConf::write(&gamma.ns, "nameserver 100.100.100.100\noptions use-vc timeout:1 attempts:2\n");
+    let (ok, text) = getent(gamma, "ahostsv4", "alpha.wiremesh.internal");
+    assert!(ok && text.contains(&alpha.ipv4()), "{text}\n{}", gamma.log());
+    let (ok, text) = getent(gamma, "hosts", &beta4);
+    assert!(ok && text.contains("beta.wiremesh.internal"), "{text}");
+
+    // Pipelined queries on one TCP connection, answered in order.
+    let b4: Vec<u8> = beta4.parse::<std::net::Ipv4Addr>().unwrap().octets().to_vec();
+    let o: Vec<String> = gamma4.split('.').rev().map(str::to_string).collect();
+    let ptr = format!("{}.in-addr.arpa", o.join("."));
+    let qs = [dns_query(1, "beta", 1), dns_query(2, &ptr, 12), dns_query(3, "nosuch.wiremesh.internal", 1)];
+    let answers = tcp_queries(&gamma.ns, &qs);
+    assert_eq!(answers.iter().map(|a| u16::from_be_bytes([a[0], a[1]])).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(answers[0][3] & 15 == 0 && answers[0].ends_with(&b4), "{:?}", answers[0]);
+    let gamma_wire: Vec<u8> = [&[5u8][..], b"gamma", &[8], b"wiremesh", &[8], b"internal", &[0]].concat();
+    assert!(answers[1][3] & 15 == 0 && answers[1].ends_with(&gamma_wire), "{:?}", answers[1]);
+    assert_eq!(answers[2][3] & 15, 3, "NXDOMAIN");
 
     // A node that joins later is resolvable once the maps name it.
     let delta = lab.spawn_node("delta", &key);

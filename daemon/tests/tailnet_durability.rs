@@ -1,6 +1,6 @@
 //! Nothing acknowledged is lost: a real `wiremeshd control` on loopback is
 //! killed with SIGKILL while many registrations are in flight, restarted on
-//! the same state directory, and must still hold every node it answered for,
+//! the same state (a directory, or a PostgreSQL database), and must still hold every node it answered for,
 //! with the address and name it answered with, and no address or name twice.
 //! No root needed.
 
@@ -21,7 +21,7 @@ const KILL_AFTER: usize = 60;
 #[path = "support/control.rs"]
 mod control_server;
 
-use control_server::{start, state_dir};
+use control_server::Store;
 
 /// One registration the way the node agent makes it: a challenge, then a
 /// signed `POST /register`.
@@ -46,9 +46,21 @@ async fn register(c: &Client, machine: &MachineKey, n: usize, auth_key: &str) ->
 
 #[test]
 fn tailnet_durability_every_acknowledged_registration_survives_sigkill() {
+    every_acknowledged_registration_survives_sigkill(&Store::sqlite("durability"));
+}
+
+/// The same with the state in PostgreSQL: the server process is killed, the
+/// database stays up, and what was committed before each answer is there.
+#[test]
+fn tailnet_durability_on_postgres_every_acknowledged_registration_survives_sigkill() {
+    if let Some(store) = Store::postgres("tailnet_durability_on_postgres") {
+        every_acknowledged_registration_survives_sigkill(&store);
+    }
+}
+
+fn every_acknowledged_registration_survives_sigkill(store: &Store) {
     let t_start = Instant::now();
-    let dir = state_dir("durability");
-    let mut server = start(&dir);
+    let mut server = store.start();
     let token = server.token.clone().expect("first start prints the admin token");
     let c = Client::new(server.url.clone());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -117,7 +129,7 @@ fn tailnet_durability_every_acknowledged_registration_survives_sigkill() {
     assert!(in_flight_at_kill > 0, "nothing was in flight when the server was killed");
 
     // Restart on the same state: every acknowledged node is there as answered.
-    let server = start(&dir);
+    let server = store.start();
     assert!(server.token.is_none(), "the restarted server kept its admin token");
     let c = Client::new(server.url.clone());
     let nodes: Vec<NodeInfo> = rt.block_on(async {
@@ -160,8 +172,7 @@ fn tailnet_durability_every_acknowledged_registration_survives_sigkill() {
         assert_eq!((names.len(), v4.len()), (after.len(), after.len()), "an address or name twice");
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
     let took = t_start.elapsed();
-    eprintln!("durability test took {took:?}");
+    eprintln!("durability test on {} took {took:?}", store.name());
     assert!(took < Duration::from_secs(60));
 }

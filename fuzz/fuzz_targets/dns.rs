@@ -6,7 +6,9 @@
 //! dropped if fed back (a response is never answered). Each input is tried
 //! as it is and behind a fixed well-formed header (one question, with and
 //! without an additional record), so the question and OPT parsers are
-//! reached at once.
+//! reached at once, and as the first labels of a reverse name under the
+//! zone's `in-addr.arpa` and `ip6.arpa` zones (PTR), so the reverse-name
+//! parser is reached too.
 
 #![no_main]
 
@@ -39,6 +41,25 @@ fn check(query: &[u8]) {
     }
 }
 
+/// A PTR query for `<data's labels>.<zone>`: `data` split at dots into
+/// labels (empty ones dropped, each cut to 63 bytes, the name to 255).
+fn reverse_query(data: &[u8], zone: &[&str]) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    let mut name = Vec::new();
+    let labels = data.split(|&b| b == b'.').filter(|l| !l.is_empty()).map(|l| &l[..l.len().min(63)]);
+    for l in labels.chain(zone.iter().map(|z| z.as_bytes())) {
+        if name.len() + 1 + l.len() > 254 {
+            break;
+        }
+        name.push(l.len() as u8);
+        name.extend_from_slice(l);
+    }
+    name.push(0);
+    q.extend_from_slice(&name);
+    q.extend_from_slice(&[0, 12, 0, 1]);
+    q
+}
+
 fuzz_target!(|data: &[u8]| {
     check(data);
     for arcount in [0u8, 1] {
@@ -46,4 +67,6 @@ fuzz_target!(|data: &[u8]| {
         q.extend_from_slice(data);
         check(&q);
     }
+    check(&reverse_query(data, &["64", "100", "in-addr", "arpa"]));
+    check(&reverse_query(data, &["3", "0", "0", "0", "2", "0", "0", "0", "1", "0", "d", "f", "ip6", "arpa"]));
 });

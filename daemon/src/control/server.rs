@@ -499,35 +499,39 @@ async fn serve(opts: &Options) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::DirBuilderExt;
     let state = opts.state.clone();
-    let (mut db, token, identity) = tokio::task::spawn_blocking(move || match &state {
-        db::Location::Dir(dir) => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-            let identity = tls::load_or_create(dir)?;
-            let (db, token) = Db::open(dir).map_err(|e| e.to_string())?;
-            Ok::<_, String>((db, token, identity))
-        }
-        db::Location::Postgres(url) => {
-            let (mut db, token) = Db::open_postgres(url).map_err(|e| format!("{state}: {e}"))?;
-            // Every replica serves the same certificate, so a node's pin holds on any of them.
-            let (cert, key) = db
-                .server_identity(|| {
-                    let ck = rcgen::generate_simple_self_signed(vec![tls::SERVER_NAME.to_string()])
-                        .map_err(|e| format!("cannot make a certificate: {e}"))?;
-                    Ok((ck.cert.der().to_vec(), ck.key_pair.serialize_der()))
-                })
-                .map_err(|e| e.to_string())?;
-            Ok((db, token, identity_from_der(cert, key)?))
-        }
+    // The store is opened off the async workers: the PostgreSQL client blocks.
+    let (db, token, identity) = tokio::task::spawn_blocking(move || {
+        let (mut db, token, identity) = match &state {
+            db::Location::Dir(dir) => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+                let identity = tls::load_or_create(dir)?;
+                let (db, token) = Db::open(dir).map_err(|e| e.to_string())?;
+                (db, token, identity)
+            }
+            db::Location::Postgres(url) => {
+                let (mut db, token) = Db::open_postgres(url).map_err(|e| format!("{state}: {e}"))?;
+                // Every replica serves the same certificate, so a node's pin holds on any of them.
+                let (cert, key) = db
+                    .server_identity(|| {
+                        let ck = rcgen::generate_simple_self_signed(vec![tls::SERVER_NAME.to_string()])
+                            .map_err(|e| format!("cannot make a certificate: {e}"))?;
+                        Ok((ck.cert.der().to_vec(), ck.key_pair.serialize_der()))
+                    })
+                    .map_err(|e| e.to_string())?;
+                (db, token, identity_from_der(cert, key)?)
+            }
+        };
+        // Beat first so this replica's presence rows have their row to hang from.
+        db.heartbeat().map_err(|e| e.to_string())?;
+        Ok::<_, String>((db, token, identity))
     })
     .await
     .map_err(|e| e.to_string())??;
-    // Beat first so this replica's presence rows have their row to hang from.
     let replica = db.replica().to_string();
-    db.heartbeat().map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;

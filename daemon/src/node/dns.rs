@@ -1,12 +1,18 @@
 //! The node agent's MagicDNS-style resolver: a small authoritative DNS
-//! server on the tailnet address 100.100.100.100, UDP port 53, that answers
-//! from the node's current map and nothing else (there is no forwarding).
+//! server on the tailnet address 100.100.100.100, port 53 over UDP and TCP
+//! (RFC 7766: each message behind a two-byte length, several per connection,
+//! answered in order), that answers from the node's current map and nothing
+//! else (there is no forwarding).
 //!
 //! * `A`, `AAAA` (and `ANY`: both) for `<name>.<domain>` and for the short
 //!   `<name>` of every node in the map, self included; other types for a
 //!   known name: no records (NOERROR, "no data").
 //! * Unknown names in the tailnet domain (and the domain itself for
 //!   anything but no data): NXDOMAIN. Names outside it: REFUSED.
+//! * Reverse lookups: `PTR` for the `in-addr.arpa` names of 100.64.0.0/10
+//!   (the zones `64.100.in-addr.arpa` to `127.100.in-addr.arpa`) and the
+//!   `ip6.arpa` names of the tailnet's ULA /48, answering a node's full
+//!   name; an address no node has: NXDOMAIN; other reverse names: REFUSED.
 //! * One question per query (else FORMERR), opcode QUERY only (else
 //!   NOTIMP), class IN or ANY (else REFUSED). An EDNS0 OPT record is
 //!   accepted and answered with one (version 0 only, else BADVERS).
@@ -15,16 +21,20 @@
 //!   in the question, a label over 63 or a name over 255 bytes, a broken
 //!   OPT record) get no answer and are counted.
 //!
-//! Answers are at most a header, the question, two records and an OPT
-//! record, well under 512 bytes, so the TC bit is never needed.
+//! Answers are at most a header, the question, two records (or one PTR
+//! record naming at most 255 bytes, for a question of at most 78) and an
+//! OPT record, under 512 bytes, so the TC bit is never needed, and UDP and
+//! TCP get the same answers.
 //!
 //! The parser and builder ([`answer`]) are a pure function of the query and
 //! a [`Zone`], with no dependency beyond `std`, so the fuzz target
 //! (`fuzz/fuzz_targets/dns.rs`) includes this file as it is.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// The resolver's address on the tailnet (reserved by the control server).
 pub const RESOLVER_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
@@ -37,6 +47,7 @@ const EDNS_SIZE: u16 = 1232;
 
 const HEADER: usize = 12;
 const TYPE_A: u16 = 1;
+const TYPE_PTR: u16 = 12;
 const TYPE_AAAA: u16 = 28;
 const TYPE_OPT: u16 = 41;
 const TYPE_ANY: u16 = 255;
@@ -71,19 +82,125 @@ pub struct Zone {
     /// Domain labels, lowercase, e.g. `["wiremesh", "internal"]`.
     domain: Vec<Vec<u8>>,
     hosts: Vec<Host>,
+    /// The tailnet's ULA /48 (the first host's), for `ip6.arpa` names.
+    ula48: Option<[u8; 6]>,
 }
 
 impl Zone {
-    /// A zone for `domain` (with or without a trailing dot) and `hosts`.
+    /// A zone for `domain` (with or without a trailing dot) and `hosts`
+    /// (all in one tailnet: the first one's IPv6 /48 is the tailnet's).
     pub fn new(domain: &str, hosts: impl IntoIterator<Item = Host>) -> Zone {
         let domain = domain.split('.').filter(|l| !l.is_empty()).map(|l| l.to_ascii_lowercase().into_bytes()).collect();
-        let hosts = hosts.into_iter().map(|h| Host { name: h.name.to_ascii_lowercase(), ..h }).collect();
-        Zone { domain, hosts }
+        let hosts: Vec<Host> = hosts.into_iter().map(|h| Host { name: h.name.to_ascii_lowercase(), ..h }).collect();
+        let ula48 = hosts.first().map(|h| {
+            let o = h.ipv6.octets();
+            [o[0], o[1], o[2], o[3], o[4], o[5]]
+        });
+        Zone { domain, hosts, ula48 }
     }
 
     fn host(&self, label: &[u8]) -> Option<&Host> {
         self.hosts.iter().find(|h| h.name.as_bytes() == label)
     }
+
+    /// `name.domain` in wire form, the data of a PTR record; `None` if it
+    /// is no valid name (a label over 63 or the whole over 255 bytes; the
+    /// control server makes none such).
+    fn wire_name(&self, host: &Host) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(host.name.len() + 32);
+        for label in std::iter::once(host.name.as_bytes()).chain(self.domain.iter().map(Vec::as_slice)) {
+            if label.is_empty() || label.len() > 63 {
+                return None;
+            }
+            out.push(label.len() as u8);
+            out.extend_from_slice(label);
+        }
+        out.push(0);
+        (out.len() <= 255).then_some(out)
+    }
+
+    /// What the reverse name `labels` (lowercase) is in our reverse zones:
+    /// `None` if it is not in them at all.
+    fn reverse(&self, labels: &[Vec<u8>]) -> Option<Reverse<'_>> {
+        let n = labels.len();
+        if n < 2 || labels[n - 1] != b"arpa" {
+            return None;
+        }
+        // The name's parts, most significant first.
+        let parts: Vec<&[u8]> = labels[..n - 2].iter().rev().map(Vec::as_slice).collect();
+        match labels[n - 2].as_slice() {
+            b"in-addr" => {
+                // Ours: the zones 64.100 to 127.100.in-addr.arpa (100.64.0.0/10).
+                let second = parts.get(1).and_then(|l| octet(l))?;
+                if parts.first().and_then(|l| octet(l)) != Some(100) || !(64..=127).contains(&second) {
+                    return None;
+                }
+                let mut octets = Vec::with_capacity(4);
+                for p in &parts {
+                    match octet(p) {
+                        Some(o) if octets.len() < 4 => octets.push(o),
+                        _ => return Some(Reverse::Missing),
+                    }
+                }
+                let found = self.hosts.iter().filter(|h| h.ipv4.octets().starts_with(&octets));
+                Some(self.reverse_match(found, octets.len() == 2, octets.len() == 4))
+            }
+            b"ip6" => {
+                let ula = self.ula48?;
+                let prefix: Vec<u8> = ula.iter().flat_map(|b| [b >> 4, b & 15]).collect();
+                if parts.len() < prefix.len() {
+                    return None;
+                }
+                let mut nibbles = Vec::with_capacity(32);
+                for (i, p) in parts.iter().enumerate() {
+                    let v = match p {
+                        [c] => (*c as char).to_digit(16).map(|v| v as u8),
+                        _ => None,
+                    };
+                    match v {
+                        Some(v) if i < prefix.len() && v != prefix[i] => return None,
+                        Some(v) if nibbles.len() < 32 => nibbles.push(v),
+                        _ if i < prefix.len() => return None,
+                        _ => return Some(Reverse::Missing),
+                    }
+                }
+                let found = self.hosts.iter().filter(|h| {
+                    let o = h.ipv6.octets();
+                    nibbles.iter().enumerate().all(|(i, v)| (o[i / 2] >> (4 * (1 - i % 2))) & 15 == *v)
+                });
+                Some(self.reverse_match(found, nibbles.len() == 12, nibbles.len() == 32))
+            }
+            _ => None,
+        }
+    }
+
+    fn reverse_match<'a>(&self, mut found: impl Iterator<Item = &'a Host>, apex: bool, full: bool) -> Reverse<'a> {
+        match found.next() {
+            Some(h) if full => Reverse::Host(h),
+            // A name above some node's address exists, with no records.
+            Some(_) => Reverse::Exists,
+            None if apex && !full => Reverse::Exists,
+            None => Reverse::Missing,
+        }
+    }
+}
+
+/// A reverse name in one of our reverse zones.
+enum Reverse<'a> {
+    /// The address of this node.
+    Host(&'a Host),
+    /// A zone apex, or a name above a node's address: no records.
+    Exists,
+    /// No such name: NXDOMAIN.
+    Missing,
+}
+
+/// A decimal octet as an `in-addr.arpa` label writes it (no leading zeros).
+fn octet(label: &[u8]) -> Option<u8> {
+    if label.is_empty() || label.len() > 3 || (label.len() > 1 && label[0] == b'0') {
+        return None;
+    }
+    std::str::from_utf8(label).ok()?.parse().ok()
 }
 
 /// The parts of a query we need.
@@ -178,6 +295,7 @@ pub fn answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
     let mut authoritative = true;
     let in_domain =
         q.labels.len() >= zone.domain.len() && q.labels[q.labels.len() - zone.domain.len()..] == zone.domain[..];
+    let reverse = zone.reverse(&q.labels);
     let host = if q.labels.len() == 1 {
         // A short name: ours only if a node has it.
         zone.host(&q.labels[0])
@@ -191,6 +309,14 @@ pub fn answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
     } else if q.qclass != CLASS_IN && q.qclass != CLASS_ANY {
         rcode = REFUSED;
         authoritative = false;
+    } else if let Some(r) = reverse {
+        match r {
+            Reverse::Host(h) if matches!(q.qtype, TYPE_PTR | TYPE_ANY) => {
+                records.extend(zone.wire_name(h).map(|n| (TYPE_PTR, n)));
+            }
+            Reverse::Host(_) | Reverse::Exists => {}
+            Reverse::Missing => rcode = NXDOMAIN,
+        }
     } else if let Some(h) = host {
         if matches!(q.qtype, TYPE_A | TYPE_ANY) {
             records.push((TYPE_A, h.ipv4.octets().to_vec()));
@@ -207,7 +333,8 @@ pub fn answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
         authoritative = false;
     }
 
-    let mut out = Vec::with_capacity(HEADER + q.question.len() + 2 * 28 + 11);
+    let mut out =
+        Vec::with_capacity(HEADER + q.question.len() + records.iter().map(|(_, d)| 12 + d.len()).sum::<usize>() + 11);
     out.extend_from_slice(&query[..2]);
     out.push(0x80 | if authoritative { 0x04 } else { 0 } | (query[2] & 0x01));
     out.push(rcode);
@@ -241,6 +368,43 @@ pub struct Stats {
     pub answered: AtomicU64,
     /// Messages dropped as malformed.
     pub malformed: AtomicU64,
+    /// TCP connections closed at once because too many were open.
+    pub tcp_refused: AtomicU64,
+}
+
+/// Bounds on the TCP side (RFC 7766 section 6.2 leaves them to the server).
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    /// Connections served at once; more are closed as they come.
+    pub max_connections: usize,
+    /// A connection is closed when a whole message (length and body) has
+    /// not arrived this long after the last answer, or after it opened.
+    pub idle: Duration,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        TcpLimits { max_connections: 32, idle: Duration::from_secs(10) }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes before `deadline`; `false` on EOF, error
+/// or time out.
+fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> bool {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match stream.read(&mut buf[at..]) {
+            Ok(0) => return false,
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// The resolver: the zone it answers from (replaced on every map) and, once
@@ -264,19 +428,95 @@ impl Resolver {
         self.zone.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Binds `RESOLVER_V4:53` (the address must be on an interface) and
-    /// serves it on a thread; does nothing if already serving.
+    /// Binds `RESOLVER_V4:53` over UDP and TCP (the address must be on an
+    /// interface) and serves them on threads; does nothing if already
+    /// serving.
     pub fn serve(self: &Arc<Self>) -> Result<(), String> {
         let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
         if *serving {
             return Ok(());
         }
         let addr = SocketAddr::from((RESOLVER_V4, PORT));
-        let socket = UdpSocket::bind(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+        let socket = UdpSocket::bind(addr).map_err(|e| format!("cannot bind {addr}/udp: {e}"))?;
+        let listener = TcpListener::bind(addr).map_err(|e| format!("cannot bind {addr}/tcp: {e}"))?;
         let me = self.clone();
         std::thread::Builder::new().name("dns".into()).spawn(move || me.run(socket)).map_err(|e| e.to_string())?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("dns-tcp".into())
+            .spawn(move || me.run_tcp(listener, TcpLimits::default()))
+            .map_err(|e| e.to_string())?;
         *serving = true;
         Ok(())
+    }
+
+    fn dropped(&self, from: SocketAddr) {
+        let count = self.stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+        if count.is_power_of_two() {
+            eprintln!("wiremeshd node: dns: dropped a malformed message from {from} ({count} so far)");
+        }
+    }
+
+    /// Accepts TCP connections, each served on its own thread, at most
+    /// `limits.max_connections` at once.
+    fn run_tcp(self: Arc<Self>, listener: TcpListener, limits: TcpLimits) {
+        let open = Arc::new(AtomicUsize::new(0));
+        loop {
+            let (stream, from) = match listener.accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    eprintln!("wiremeshd node: dns: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if open.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
+                open.fetch_sub(1, Ordering::SeqCst);
+                self.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+                continue; // dropping the stream closes it
+            }
+            let (me, count) = (self.clone(), open.clone());
+            let spawned = std::thread::Builder::new().name("dns-conn".into()).spawn(move || {
+                me.serve_tcp(stream, from, limits.idle);
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+            if spawned.is_err() {
+                open.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Answers length-prefixed queries on one connection, in order, until
+    /// the client closes it, goes idle, or sends a malformed message.
+    fn serve_tcp(&self, mut stream: TcpStream, from: SocketAddr, idle: Duration) {
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(idle));
+        let mut buf = vec![0u8; usize::from(u16::MAX)];
+        loop {
+            let deadline = Instant::now() + idle;
+            let mut len = [0u8; 2];
+            if !read_by(&mut stream, &mut len, deadline) {
+                return;
+            }
+            let len = usize::from(u16::from_be_bytes(len));
+            if !read_by(&mut stream, &mut buf[..len], deadline) {
+                return;
+            }
+            let Some(reply) = answer(&buf[..len], &self.zone()) else {
+                // Nothing sensible to answer, and the stream may be out of step.
+                self.dropped(from);
+                return;
+            };
+            self.stats.answered.fetch_add(1, Ordering::Relaxed);
+            let mut out = Vec::with_capacity(2 + reply.len());
+            out.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+            out.extend_from_slice(&reply);
+            if stream.write_all(&out).is_err() {
+                return;
+            }
+        }
     }
 
     fn run(&self, socket: UdpSocket) {
@@ -296,12 +536,7 @@ impl Resolver {
                     self.stats.answered.fetch_add(1, Ordering::Relaxed);
                     let _ = socket.send_to(&reply, from);
                 }
-                None => {
-                    let count = self.stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
-                    if count.is_power_of_two() {
-                        eprintln!("wiremeshd node: dns: dropped a malformed message from {from} ({count} so far)");
-                    }
-                }
+                None => self.dropped(from),
             }
         }
     }
@@ -512,6 +747,171 @@ mod tests {
                 assert!(r.len() <= 512 && r[2] & 0x80 != 0);
             }
         }
+    }
+
+    fn ptr_v4(ip: Ipv4Addr) -> String {
+        let o = ip.octets();
+        format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0])
+    }
+
+    fn ptr_v6(ip: Ipv6Addr) -> String {
+        let mut s: Vec<String> = ip.octets().iter().flat_map(|b| [b >> 4, b & 15]).map(|n| format!("{n:x}")).collect();
+        s.reverse();
+        s.push("ip6.arpa".into());
+        s.join(".")
+    }
+
+    #[test]
+    fn ptr_answers_full_names_for_tailnet_addresses() {
+        let z = zone();
+        let beta = encode_name("beta.wiremesh.internal");
+        let v6: Ipv6Addr = "fd01:2:3::6440:2".parse().unwrap();
+        for name in [ptr_v4(Ipv4Addr::new(100, 64, 0, 2)), ptr_v6(v6), ptr_v6(v6).to_uppercase()] {
+            for qtype in [TYPE_PTR, TYPE_ANY] {
+                let q = query(&name, qtype, false);
+                let (rcode, aa, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+                assert_eq!((rcode, aa), (NOERROR, true), "{name}");
+                assert_eq!(ans, vec![(TYPE_PTR, beta.clone())], "{name}");
+            }
+            // Another type for the name: no data.
+            let q = query(&name, TYPE_A, false);
+            assert_eq!(decode(&q, &answer(&q, &z).unwrap()).2, vec![]);
+        }
+        // Addresses in our ranges that no node has, and names under ours
+        // that are no address: NXDOMAIN.
+        let missing = [
+            ptr_v4(Ipv4Addr::new(100, 64, 0, 9)),
+            "0.0.64.100.in-addr.arpa".into(),
+            "1.64.100.in-addr.arpa".into(),
+            ptr_v4(Ipv4Addr::new(100, 127, 255, 255)),
+            "7.0.64.100.in-addr.arpa".into(),
+            "01.0.64.100.in-addr.arpa".into(),
+            "x.0.0.64.100.in-addr.arpa".into(),
+            "1.1.0.0.64.100.in-addr.arpa".into(),
+            ptr_v6("fd01:2:3::6440:9".parse().unwrap()),
+            ptr_v6("fd01:2:3:ffff::1".parse().unwrap()),
+            format!("0.{}", ptr_v6(v6)),
+            format!("zz.{}", ptr_v6(v6).split_once('.').unwrap().1),
+        ];
+        for name in missing {
+            let q = query(&name, TYPE_PTR, false);
+            let (rcode, aa, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+            assert_eq!((rcode, aa, ans.len()), (NXDOMAIN, true, 0), "{name}");
+        }
+        // Zone apexes and names above a node's address: no data.
+        for name in ["64.100.in-addr.arpa", "100.100.in-addr.arpa", "0.64.100.in-addr.arpa"] {
+            let q = query(name, TYPE_PTR, false);
+            let (rcode, _, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+            assert_eq!((rcode, ans.len()), (NOERROR, 0), "{name}");
+        }
+        let apex6 = ptr_v6(v6).splitn(21, '.').last().unwrap().to_string();
+        assert!(apex6.starts_with("3.0.0.0.2.0.0.0.1.0.d.f."), "{apex6}");
+        let q = query(&apex6, TYPE_PTR, false);
+        assert_eq!(decode(&q, &answer(&q, &z).unwrap()).0, NOERROR);
+        // Outside our reverse zones: refused.
+        let refused = [
+            ptr_v4(Ipv4Addr::new(100, 63, 0, 2)),
+            ptr_v4(Ipv4Addr::new(100, 128, 0, 2)),
+            ptr_v4(Ipv4Addr::new(192, 168, 0, 2)),
+            "100.in-addr.arpa".into(),
+            "in-addr.arpa".into(),
+            "arpa".into(),
+            ptr_v6("fd01:2:4::6440:2".parse().unwrap()),
+            "d.f.ip6.arpa".into(),
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.ip6.arpa".into(),
+        ];
+        for name in refused {
+            let q = query(&name, TYPE_PTR, false);
+            let (rcode, aa, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+            assert_eq!((rcode, aa, ans.len()), (REFUSED, false, 0), "{name}");
+        }
+        // A zone without hosts has no ip6.arpa zone.
+        let q = query(&ptr_v6(v6), TYPE_PTR, false);
+        assert_eq!(decode(&q, &answer(&q, &Zone::default()).unwrap()).0, REFUSED);
+    }
+
+    #[test]
+    fn ptr_names_over_255_bytes_are_not_answered() {
+        let domain = ["d".repeat(60), "e".repeat(60), "f".repeat(60), "g".repeat(60)].join(".");
+        let host = Host { name: "h".repeat(63), ipv4: Ipv4Addr::new(100, 64, 0, 1), ipv6: "fd00::1".parse().unwrap() };
+        let z = Zone::new(&domain, [host]);
+        let q = query(&ptr_v4(Ipv4Addr::new(100, 64, 0, 1)), TYPE_PTR, false);
+        let (rcode, _, ans, _) = decode(&q, &answer(&q, &z).unwrap());
+        assert_eq!((rcode, ans.len()), (NOERROR, 0));
+    }
+
+    /// Sends `queries` length-prefixed in one write and reads `n` answers.
+    fn tcp_exchange(addr: SocketAddr, queries: &[Vec<u8>], n: usize) -> Vec<Vec<u8>> {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        for q in queries {
+            out.extend_from_slice(&(q.len() as u16).to_be_bytes());
+            out.extend_from_slice(q);
+        }
+        c.write_all(&out).unwrap();
+        (0..n)
+            .map(|_| {
+                let mut len = [0u8; 2];
+                c.read_exact(&mut len).unwrap();
+                let mut r = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                c.read_exact(&mut r).unwrap();
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn serves_over_tcp_in_order_with_limits() {
+        let r = Arc::new(Resolver::default());
+        r.set_zone(zone());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = TcpLimits { max_connections: 2, idle: Duration::from_millis(300) };
+        let me = r.clone();
+        std::thread::spawn(move || me.run_tcp(listener, limits));
+        // Three pipelined queries in one write, answered in order.
+        let qs = [
+            query("alpha", TYPE_A, false),
+            query("beta.wiremesh.internal", TYPE_AAAA, true),
+            query(&ptr_v4(Ipv4Addr::new(100, 64, 0, 1)), TYPE_PTR, false),
+        ];
+        let answers = tcp_exchange(addr, &qs, 3);
+        assert_eq!(decode(&qs[0], &answers[0]).2, vec![(TYPE_A, vec![100, 64, 0, 1])]);
+        assert_eq!(decode(&qs[1], &answers[1]).2[0].0, TYPE_AAAA);
+        assert_eq!(decode(&qs[2], &answers[2]).2, vec![(TYPE_PTR, encode_name("alpha.wiremesh.internal"))]);
+        // An idle connection is closed after the idle time.
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(idle.read(&mut [0u8; 1]).unwrap_or(0), 0);
+        assert!(t0.elapsed() >= Duration::from_millis(250) && t0.elapsed() < Duration::from_secs(3));
+        // So is one that sends half a message and stalls.
+        let mut half = TcpStream::connect(addr).unwrap();
+        half.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        half.write_all(&[0, 40, 1, 2]).unwrap();
+        assert_eq!(half.read(&mut [0u8; 1]).unwrap_or(0), 0);
+        // A malformed message closes the connection and is counted.
+        let mut bad = TcpStream::connect(addr).unwrap();
+        bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        bad.write_all(&[0, 3, 1, 2, 3]).unwrap();
+        assert_eq!(bad.read(&mut [0u8; 1]).unwrap_or(0), 0);
+        assert_eq!(r.stats.malformed.load(Ordering::Relaxed), 1);
+        // With two connections held open, a third is closed at once.
+        let hold: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut third = TcpStream::connect(addr).unwrap();
+        third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(third.read(&mut [0u8; 1]).unwrap_or(0), 0);
+        assert!(t0.elapsed() < Duration::from_millis(250), "closed at once, not after the idle time");
+        assert_eq!(r.stats.tcp_refused.load(Ordering::Relaxed), 1);
+        drop(hold);
+        // Once they are gone (idle), new connections are served again.
+        std::thread::sleep(Duration::from_millis(100));
+        let answers = tcp_exchange(addr, &qs[..1], 1);
+        assert_eq!(decode(&qs[0], &answers[0]).2, vec![(TYPE_A, vec![100, 64, 0, 1])]);
+        assert_eq!(r.stats.answered.load(Ordering::Relaxed), 4);
     }
 
     #[test]

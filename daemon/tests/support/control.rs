@@ -1,7 +1,8 @@
 //! A real `wiremeshd control` on loopback for the API tests: started on a
 //! state directory, its URL (with the certificate pin) and admin token read
-//! from what it prints, killed when dropped. Included by `tailnet_api.rs` and
-//! `tailnet_durability.rs`.
+//! from what it prints, killed when dropped; its state in a directory
+//! (SQLite) or a private PostgreSQL cluster ([`Store`]). Included by
+//! `tailnet_api.rs`, `tailnet_durability.rs` and `tailnet_postgres.rs`.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -10,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 use wiremesh_daemon::control::client::ControlUrl;
+
+#[path = "postgres.rs"]
+pub mod pg;
 
 pub struct Server {
     pub child: Child,
@@ -35,6 +39,68 @@ pub fn start(state: &std::path::Path) -> Server {
 }
 
 pub fn start_with(state: &std::path::Path, extra: &[&str]) -> Server {
+    start_on(state.as_os_str(), extra)
+}
+
+/// Where a test's control servers keep their state: a fresh directory
+/// (SQLite), or a fresh database in a private PostgreSQL cluster, both
+/// removed on drop.
+pub enum Store {
+    Dir(PathBuf),
+    Postgres { url: String, cluster: pg::Cluster },
+}
+
+impl Store {
+    /// A fresh state directory.
+    pub fn sqlite(tag: &str) -> Store {
+        Store::Dir(state_dir(tag))
+    }
+
+    /// A fresh database on a private cluster; `None` (the test skips) outside
+    /// CI when PostgreSQL is not installed.
+    pub fn postgres(test: &str) -> Option<Store> {
+        let cluster = pg::Cluster::start_or_skip(test)?;
+        let url = cluster.create_db("wiremesh");
+        Some(Store::Postgres { url, cluster })
+    }
+
+    /// What `--state` gets.
+    pub fn arg(&self) -> std::ffi::OsString {
+        match self {
+            Store::Dir(d) => d.clone().into_os_string(),
+            Store::Postgres { url, .. } => url.into(),
+        }
+    }
+
+    /// Starts a control server on this store.
+    pub fn start(&self) -> Server {
+        start_on(&self.arg(), &[])
+    }
+
+    /// Starts a control server on this store with more arguments.
+    pub fn start_with(&self, extra: &[&str]) -> Server {
+        start_on(&self.arg(), extra)
+    }
+
+    /// The store's name in test output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Store::Dir(_) => "SQLite",
+            Store::Postgres { .. } => "PostgreSQL",
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Store::Dir(d) = self {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Starts `wiremeshd control` on `state` (a directory or a postgres:// URL).
+pub fn start_on(state: &std::ffi::OsStr, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
         .args(["control", "--listen", "127.0.0.1:0", "--state"])
         .arg(state)

@@ -1,0 +1,275 @@
+//! Control-server replicas on one PostgreSQL (a private cluster the test
+//! starts): started together on an empty database they migrate once and make
+//! one admin token; a change committed through one replica (registration,
+//! removal, key expiry, endpoints, a stream opening or closing) reaches map
+//! streams open on the other within a second; a SIGKILLed replica's nodes go
+//! offline after the presence timeout and come back through the other.
+//! No root needed; skipped outside CI when PostgreSQL is not installed.
+
+use http_body_util::BodyExt;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use wiremesh_daemon::control::client::Client;
+use wiremesh_daemon::control::proto::{self, MapRequest, NetworkMap, NodeInfo, RegisterRequest, StreamMessage};
+use wiremesh_daemon::node::keys::MachineKey;
+
+#[path = "support/control.rs"]
+mod control_server;
+
+use control_server::{pg, start_on, Server};
+
+/// Presence timeout given to the replicas (seconds): short, so a killed
+/// replica's nodes go offline quickly.
+const PRESENCE_TIMEOUT: &str = "2";
+
+struct TestNode {
+    machine: MachineKey,
+    node_key: String,
+}
+
+impl TestNode {
+    fn new(n: u8) -> Self {
+        TestNode { machine: MachineKey::generate().unwrap().0, node_key: proto::b64_key(&[n; 32]) }
+    }
+
+    async fn register(&self, c: &Client, auth_key: &str, hostname: &str) -> NodeInfo {
+        let challenge = c.challenge().await.unwrap();
+        let mut req = RegisterRequest {
+            auth_key: auth_key.into(),
+            machine_key: self.machine.public_hex(),
+            node_key: self.node_key.clone(),
+            hostname: hostname.into(),
+            endpoints: vec!["192.0.2.1:41641".into()],
+            challenge: proto::hex(&challenge),
+            signature: String::new(),
+        };
+        req.signature = self.machine.sign_hex(&proto::register_message(&challenge, &c.url().fingerprint, &req));
+        c.json(hyper::Method::POST, "/api/v1/register", Some(&req), None).await.unwrap()
+    }
+
+    async fn open_map(&self, c: &Client, endpoint: &str) -> UnboundedReceiver<StreamMessage> {
+        let challenge = c.challenge().await.unwrap();
+        let mut req = MapRequest {
+            machine_key: self.machine.public_hex(),
+            node_key: self.node_key.clone(),
+            endpoints: vec![endpoint.into()],
+            challenge: proto::hex(&challenge),
+            signature: String::new(),
+        };
+        req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &c.url().fingerprint, &req));
+        let resp = c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        stream_lines(resp.into_body())
+    }
+}
+
+fn stream_lines(mut body: hyper::body::Incoming) -> UnboundedReceiver<StreamMessage> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(d) = frame.into_data() {
+                buf.extend_from_slice(&d);
+            }
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if tx.send(serde_json::from_slice(&line).unwrap()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Reads maps until one satisfies `want`, at most `within`; returns it and how long it took.
+async fn map_until(
+    rx: &mut UnboundedReceiver<StreamMessage>,
+    within: Duration,
+    what: &str,
+    want: impl Fn(&NetworkMap) -> bool,
+) -> (NetworkMap, Duration) {
+    let t0 = Instant::now();
+    loop {
+        let left = within.checked_sub(t0.elapsed()).unwrap_or_default();
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(StreamMessage::Map(m))) if want(&m) => return (*m, t0.elapsed()),
+            Ok(Some(StreamMessage::Map(_) | StreamMessage::Keepalive)) => {}
+            Ok(other) => panic!("{what}: unexpected stream message {other:?}"),
+            Err(_) => panic!("{what}: not seen within {within:?}"),
+        }
+    }
+}
+
+fn peer(m: &NetworkMap, id: i64) -> Option<&NodeInfo> {
+    m.peers.iter().find(|p| p.id == id)
+}
+
+fn start_replica(url: &str) -> Server {
+    start_on(url.as_ref(), &["--presence-timeout-secs", PRESENCE_TIMEOUT])
+}
+
+#[test]
+fn tailnet_postgres_replicas_share_every_change_within_a_second() {
+    let Some(cluster) = pg::Cluster::start_or_skip("tailnet_postgres_replicas") else { return };
+    let url = cluster.create_db("wiremesh");
+    // Two replicas start at once on the empty database: migrations and the
+    // tailnet are made once (under the advisory lock), one admin token.
+    let (a, b) = {
+        let (ua, ub) = (url.clone(), url.clone());
+        let ta = std::thread::spawn(move || start_replica(&ua));
+        let tb = std::thread::spawn(move || start_replica(&ub));
+        (ta.join().unwrap(), tb.join().unwrap())
+    };
+    let tokens: Vec<&String> = a.token.iter().chain(b.token.iter()).collect();
+    assert_eq!(tokens.len(), 1, "exactly one replica prints the admin token");
+    let token = tokens[0].clone();
+    assert_eq!(a.url.fingerprint, b.url.fingerprint, "replicas serve the same certificate");
+    {
+        let mut db = cluster.client("wiremesh");
+        let v: i64 = db.query_one("SELECT COUNT(*) FROM schema_migrations", &[]).unwrap().get(0);
+        let admins: i64 = db.query_one("SELECT COUNT(*) FROM admin_tokens", &[]).unwrap().get(0);
+        let tailnets: i64 = db.query_one("SELECT COUNT(*) FROM tailnet", &[]).unwrap().get(0);
+        assert_eq!((admins, tailnets), (1, 1));
+        assert!(v >= 4, "migrations applied once each: {v}");
+    }
+    let (ca, cb) = (Client::new(a.url.clone()), Client::new(b.url.clone()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut a = Some(a);
+    rt.block_on(async {
+        let req = proto::CreateKeyRequest { reusable: true, ..Default::default() };
+        let key: proto::CreatedKey =
+            ca.json(hyper::Method::POST, "/api/v1/admin/keys", Some(&req), Some(&token)).await.unwrap();
+        // The admin token works on both replicas.
+        let keys: Vec<proto::AuthKeyInfo> =
+            cb.json(hyper::Method::GET, "/api/v1/admin/keys", None::<&()>, Some(&token)).await.unwrap();
+        assert_eq!(keys.len(), 1);
+
+        let (n1, n2) = (TestNode::new(1), TestNode::new(2));
+        let i1 = n1.register(&cb, &key.key, "one").await;
+        let i2 = n2.register(&ca, &key.key, "two").await;
+        // n1 streams from B, n2 from A.
+        let mut s1 = n1.open_map(&cb, "192.0.2.1:41641").await;
+        let mut s2 = n2.open_map(&ca, "192.0.2.2:41641").await;
+        let (_, t) = map_until(&mut s1, Duration::from_secs(2), "n2 online seen on B", |m| {
+            m.self_node.online && peer(m, i2.id).is_some_and(|p| p.online)
+        })
+        .await;
+        eprintln!("online state of a node streaming from A reached B in {t:?}");
+        map_until(&mut s2, Duration::from_secs(2), "n1 online seen on A", |m| peer(m, i1.id).is_some_and(|p| p.online))
+            .await;
+
+        // Registration through A reaches the stream on B.
+        let n3 = TestNode::new(3);
+        let t0 = Instant::now();
+        let i3 = n3.register(&ca, &key.key, "three").await;
+        let (_, _) =
+            map_until(&mut s1, Duration::from_secs(1), "registration via A on B", |m| peer(m, i3.id).is_some()).await;
+        let reg_latency = t0.elapsed();
+        // Removal through A.
+        let t0 = Instant::now();
+        let (s, _) = ca
+            .raw(hyper::Method::DELETE, &format!("/api/v1/admin/nodes/{}", i3.id), vec![], Some(&token))
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        map_until(&mut s1, Duration::from_secs(1), "removal via A on B", |m| peer(m, i3.id).is_none()).await;
+        let remove_latency = t0.elapsed();
+        // Key expiry through A (at once).
+        let n4 = TestNode::new(4);
+        let i4 = n4.register(&ca, &key.key, "four").await;
+        map_until(&mut s1, Duration::from_secs(1), "n4 on B", |m| peer(m, i4.id).is_some()).await;
+        let t0 = Instant::now();
+        let path = format!("/api/v1/admin/nodes/{}/expiry", i4.id);
+        let (s, _) = ca.raw(hyper::Method::POST, &path, br#"{"expiry_secs":0}"#.to_vec(), Some(&token)).await.unwrap();
+        assert_eq!(s, 200);
+        map_until(&mut s1, Duration::from_secs(1), "expiry via A on B", |m| peer(m, i4.id).is_none()).await;
+        let expiry_latency = t0.elapsed();
+        // Endpoints: n2 streams again from A with a new endpoint.
+        drop(s2);
+        let t0 = Instant::now();
+        let s2 = n2.open_map(&ca, "198.51.100.2:41641").await;
+        map_until(&mut s1, Duration::from_secs(1), "new endpoint via A on B", |m| {
+            peer(m, i2.id).is_some_and(|p| p.endpoints == ["198.51.100.2:41641"] && p.online)
+        })
+        .await;
+        let endpoint_latency = t0.elapsed();
+        // Offline: the stream on A closes.
+        drop(s2);
+        let t0 = Instant::now();
+        map_until(&mut s1, Duration::from_secs(1), "offline via A on B", |m| peer(m, i2.id).is_some_and(|p| !p.online))
+            .await;
+        let offline_latency = t0.elapsed();
+        eprintln!(
+            "replica A to a stream on replica B: registration {reg_latency:?}, removal {remove_latency:?}, \
+             key expiry {expiry_latency:?}, endpoints {endpoint_latency:?}, offline {offline_latency:?}"
+        );
+
+        // A replica dies with a node streaming from it: the node goes offline
+        // for B's streams after the presence timeout, then comes back through B.
+        let mut s2 = n2.open_map(&ca, "198.51.100.2:41641").await;
+        map_until(&mut s1, Duration::from_secs(1), "n2 online again", |m| peer(m, i2.id).is_some_and(|p| p.online))
+            .await;
+        map_until(&mut s2, Duration::from_secs(1), "n2's own map", |_| true).await;
+        let mut killed = a.take().unwrap();
+        killed.child.kill().unwrap();
+        killed.child.wait().unwrap();
+        let t0 = Instant::now();
+        map_until(&mut s1, Duration::from_secs(8), "a dead replica's node offline", |m| {
+            peer(m, i2.id).is_some_and(|p| !p.online)
+        })
+        .await;
+        eprintln!(
+            "a node of a SIGKILLed replica went offline on B after {:?} (timeout {PRESENCE_TIMEOUT} s)",
+            t0.elapsed()
+        );
+        let _s2 = n2.open_map(&cb, "198.51.100.2:41641").await;
+        map_until(&mut s1, Duration::from_secs(1), "n2 back through B", |m| peer(m, i2.id).is_some_and(|p| p.online))
+            .await;
+        for latency in [reg_latency, remove_latency, expiry_latency, endpoint_latency, offline_latency] {
+            assert!(latency < Duration::from_secs(1));
+        }
+    });
+    drop(b);
+}
+
+#[test]
+fn tailnet_postgres_replicas_starting_together_on_an_empty_database_migrate_once() {
+    let Some(cluster) = pg::Cluster::start_or_skip("tailnet_postgres_migrate_once") else { return };
+    let url = cluster.create_db("wiremesh");
+    let replicas: Vec<Server> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || start_replica(&url))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(replicas.iter().filter(|r| r.token.is_some()).count(), 1, "one admin token among three replicas");
+    assert!(replicas.iter().all(|r| r.url.fingerprint == replicas[0].url.fingerprint), "one certificate");
+    let mut db = cluster.client("wiremesh");
+    let versions: Vec<i64> = db
+        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, (1..=versions.len() as i64).collect::<Vec<_>>(), "each migration once, in order");
+    assert!(versions.len() >= 4);
+    let admins: i64 = db.query_one("SELECT COUNT(*) FROM admin_tokens", &[]).unwrap().get(0);
+    let live: i64 = db.query_one("SELECT COUNT(*) FROM replicas", &[]).unwrap().get(0);
+    assert_eq!((admins, live), (1, 3));
+    // The token printed works on every replica.
+    let token = replicas.iter().find_map(|r| r.token.clone()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        for r in &replicas {
+            let info: proto::TailnetInfo = Client::new(r.url.clone())
+                .json(hyper::Method::GET, "/api/v1/admin/tailnet", None::<&()>, Some(&token))
+                .await
+                .unwrap();
+            assert_eq!(info.schema_version, versions.len() as i64);
+        }
+    });
+}
