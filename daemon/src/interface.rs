@@ -18,6 +18,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// Data-plane worker threads wanted (one is used today; see docs/performance.md).
     pub threads: usize,
+    /// Run on the userspace netstack instead of a TUN device (`--userspace`).
+    pub userspace: Option<crate::node::userspace::Interface>,
 }
 
 /// Runs the interface until SIGTERM or SIGINT. `ready` is called once the
@@ -29,6 +31,9 @@ pub fn run(opts: &Options, ready: impl FnOnce()) -> Result<(), String> {
         let body = crate::conf::to_uapi_set(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let ops = parse_set(&body).map_err(|e| format!("{}: {e}", path.display()))?;
         config.apply(&ops).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(us) = &opts.userspace {
+        return crate::node::userspace::run_interface(&opts.ifname, config, us, ready);
     }
     let tun_opts = TunOptions { nonblocking: true, ..TunOptions::with_offloads() };
     let tun = Tun::create(&opts.ifname, &tun_opts).map_err(|e| e.to_string())?;

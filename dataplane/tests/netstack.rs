@@ -303,3 +303,28 @@ async fn peer_of_names_the_key_that_sent_the_packets() {
     assert_eq!(b.stack.peer_of("100.64.0.99".parse::<IpAddr>().unwrap()), None);
     assert_ne!(a.key, c.key);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_packet_filter_applies_to_the_netstack() {
+    use wiremesh_core::filter::{Filter, PortRange, Prefix, Rule};
+    let (a, b) = pair(7);
+    let _open = b.stack.listen_tcp(443).unwrap();
+    let _closed = b.stack.listen_tcp(22).unwrap();
+    // B accepts only TCP 443 from A's IPv4 address (replies to B's own flows pass).
+    let rule = Rule {
+        sources: vec![Prefix::host(A4.parse().unwrap())],
+        destinations: vec![Prefix::new("0.0.0.0".parse().unwrap(), 0).unwrap()],
+        protocols: vec![6],
+        ports: vec![PortRange::single(443)],
+    };
+    assert!(b.stack.control().set_filter(Some(Filter::new(vec![rule]))));
+    let ok = tokio::time::timeout(Duration::from_secs(10), a.stack.connect_tcp(addr(B4, 443))).await.unwrap();
+    assert!(ok.is_ok());
+    // Port 22 listens, but the filter drops the SYN: no answer at all.
+    let blocked = tokio::time::timeout(Duration::from_millis(1500), a.stack.connect_tcp(addr(B4, 22))).await;
+    assert!(blocked.is_err(), "a filtered SYN got an answer");
+    // Lifting the filter lets it through.
+    assert!(b.stack.control().set_filter(None));
+    let ok = tokio::time::timeout(Duration::from_secs(10), a.stack.connect_tcp(addr(B4, 22))).await.unwrap();
+    assert!(ok.is_ok());
+}

@@ -29,6 +29,11 @@ enum Command {
         /// Data-plane worker threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        #[command(flatten)]
+        userspace: UserspaceArgs,
+        /// With --userspace: an address the node holds (ADDRESS/PREFIX), at most one IPv4 and one IPv6.
+        #[arg(long = "address", requires = "userspace")]
+        addresses: Vec<String>,
     },
     /// The coordination server: registers nodes and streams their network maps.
     Control {
@@ -72,7 +77,36 @@ enum Command {
         /// Local API socket for the CLI (default /var/run/wiremesh/<tun>.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
+        #[command(flatten)]
+        userspace: UserspaceArgs,
     },
+}
+
+/// `--userspace` and the local ways into the tailnet it offers.
+#[derive(clap::Args)]
+struct UserspaceArgs {
+    /// Run on the userspace netstack: no TUN device, no root.
+    #[arg(long)]
+    userspace: bool,
+    /// With --userspace: a SOCKS5 proxy into the tailnet (CONNECT, no auth), e.g. 127.0.0.1:1055.
+    #[arg(long, requires = "userspace")]
+    socks5: Option<std::net::SocketAddr>,
+    /// With --userspace: an HTTP proxy into the tailnet (CONNECT and http:// URIs), e.g. 127.0.0.1:8080.
+    #[arg(long, requires = "userspace")]
+    http_proxy: Option<std::net::SocketAddr>,
+    /// With --userspace: forward a tailnet TCP port to a local address, tcp:PORT=ADDRESS:PORT (repeatable).
+    #[arg(long, requires = "userspace")]
+    forward: Vec<wiremesh_daemon::node::proxy::Forward>,
+}
+
+impl UserspaceArgs {
+    fn proxies(&self) -> wiremesh_daemon::node::proxy::Proxies {
+        wiremesh_daemon::node::proxy::Proxies {
+            socks5: self.socks5,
+            http: self.http_proxy,
+            forwards: self.forward.clone(),
+        }
+    }
 }
 
 /// Environment variable carrying the readiness pipe to a detached child.
@@ -87,7 +121,7 @@ fn main() -> ExitCode {
             let opts = wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace, presence_timeout };
             exit(wiremesh_daemon::control::server::run(&opts))
         }
-        Command::Node { control, auth_key, hostname, state, tun, listen_port, mtu, socket } => {
+        Command::Node { control, auth_key, hostname, state, tun, listen_port, mtu, socket, userspace } => {
             let control = match control.parse() {
                 Ok(c) => c,
                 Err(e) => {
@@ -104,11 +138,28 @@ fn main() -> ExitCode {
                 tun,
                 listen_port,
                 mtu,
+                userspace: userspace
+                    .userspace
+                    .then(|| wiremesh_daemon::node::userspace::Userspace { proxies: userspace.proxies() }),
             };
             exit(wiremesh_daemon::node::run(opts))
         }
-        Command::Interface { ifname, foreground, config, threads } => {
-            let opts = wiremesh_daemon::interface::Options { ifname, config, threads };
+        Command::Interface { ifname, foreground, config, threads, userspace, addresses } => {
+            let addresses: Result<Vec<_>, _> =
+                addresses.iter().map(|a| wiremesh_daemon::node::userspace::parse_address(a)).collect();
+            let addresses = match addresses {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("wiremeshd: --address: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let userspace = userspace.userspace.then(|| wiremesh_daemon::node::userspace::Interface {
+                addresses,
+                mtu: 1420,
+                proxies: userspace.proxies(),
+            });
+            let opts = wiremesh_daemon::interface::Options { ifname, config, threads, userspace };
             let ready_fd: Option<i32> = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse().ok());
             if !foreground && ready_fd.is_none() {
                 return detach();

@@ -7,7 +7,9 @@
 pub mod dns;
 pub mod keys;
 pub mod local;
+pub mod proxy;
 pub mod reconcile;
+pub mod userspace;
 
 use crate::control::client::{Client, ClientError, ControlUrl};
 use crate::control::proto::{self, MapRequest, NetworkMap, RegisterRequest, StreamMessageV2};
@@ -20,9 +22,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use wiremesh_dataplane::driver::{Control, Worker};
-use wiremesh_dataplane::tun::{Options as TunOptions, Tun};
-use wiremesh_dataplane::uapi::{parse_set, serve_uapi, DeviceConfig, Limits, Request, UapiSocket};
+use wiremesh_dataplane::driver::Control;
+use wiremesh_dataplane::uapi::{parse_set, DeviceConfig, Request};
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
@@ -48,6 +49,8 @@ pub struct Options {
     pub mtu: u32,
     /// Local API socket.
     pub socket: PathBuf,
+    /// Run on the userspace netstack instead of TUN (`--userspace`).
+    pub userspace: Option<userspace::Userspace>,
 }
 
 /// What the local API reads.
@@ -90,6 +93,8 @@ struct Agent {
     reconciler: Mutex<Reconciler>,
     addresses: Mutex<Option<(IpAddr, IpAddr)>>,
     dns: Arc<dns::Resolver>,
+    /// The userspace netstack (`--userspace`): it holds the addresses, no TUN.
+    netstack: Option<wiremesh_dataplane::netstack::Netstack>,
 }
 
 /// Why following the map stopped.
@@ -123,26 +128,13 @@ pub fn run(opts: Options) -> Result<(), String> {
     let node_private = keys::load_or_create_node_key(&opts.state.join("node.key"))?;
     let node_key = proto::b64_key(&node_private.public_key().0);
 
-    let tun_opts = TunOptions { nonblocking: true, ..TunOptions::with_offloads() };
-    let tun = Tun::create(&opts.tun, &tun_opts).map_err(|e| format!("cannot create {}: {e}", opts.tun))?;
-    tun.set_mtu(opts.mtu).map_err(|e| format!("cannot set the MTU of {}: {e}", opts.tun))?;
-    tun.set_up(true).map_err(|e| format!("cannot bring {} up: {e}", opts.tun))?;
     let mut config = DeviceConfig::default();
     let setup = format!("private_key={}\nlisten_port={}\n", proto::hex(&node_private.to_bytes()), opts.listen_port);
     config.apply(&parse_set(&setup).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     drop(setup);
-    let (worker, control) = Worker::new(tun, config).map_err(|e| format!("cannot start the data plane: {e}"))?;
-    let listen_port = worker.listen_port();
-    // The wg(8) socket, so `wg show` sees what the agent configured.
-    let wg_socket = UapiSocket::bind(&opts.tun).map_err(|e| format!("cannot serve the wg(8) socket: {e}"))?;
-    let listener = wg_socket.try_clone_listener().map_err(|e| e.to_string())?;
-    let uapi_control = control.clone();
-    std::thread::Builder::new()
-        .name("uapi".into())
-        .spawn(move || serve_uapi(listener, Limits::default(), move |req| uapi_control.uapi(req)))
-        .map_err(|e| e.to_string())?;
-    let worker =
-        std::thread::Builder::new().name("dataplane".into()).spawn(move || worker.run()).map_err(|e| e.to_string())?;
+    // The TUN worker, or the userspace netstack; either serves the wg(8) socket.
+    let dp = userspace::DataPlane::start(&opts, config)?;
+    let (control, listen_port) = (dp.control(), dp.listen_port());
 
     let initial = if opts.state.join(DOWN_MARK).exists() { AgentState::Down } else { AgentState::Up };
     let agent = Arc::new(Agent {
@@ -162,17 +154,20 @@ pub fn run(opts: Options) -> Result<(), String> {
         reconciler: Mutex::new(Reconciler::default()),
         addresses: Mutex::new(None),
         dns: Arc::default(),
+        netstack: dp.netstack(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let result = rt.block_on(agent.clone().main());
+    let proxies = match dp.netstack() {
+        Some(stack) => rt.block_on(userspace::start_proxies(&agent, stack)),
+        None => Ok(()),
+    };
+    let result = proxies.and_then(|()| rt.block_on(agent.clone().main()));
     let _ = std::fs::remove_file(&agent.opts.socket);
-    control.stop();
-    let _ = worker.join();
-    drop(wg_socket);
+    dp.stop();
     result
 }
 
@@ -425,9 +420,14 @@ impl Agent {
             self.set_addresses(addrs)?;
             *lock(&self.addresses) = Some(addrs);
             // The resolver's /32 goes on the TUN (set_addresses flushed it).
+            // (Userspace: no TUN to serve it on; the proxies resolve from the map.)
             let resolver = format!("{}/32", dns::RESOLVER_V4);
-            if let Err(e) = run_ip(&["addr", "add", &resolver, "dev", &self.opts.tun]).and_then(|()| self.dns.serve()) {
-                eprintln!("wiremeshd node: no DNS resolver: {e}");
+            if self.netstack.is_none() {
+                if let Err(e) =
+                    run_ip(&["addr", "add", &resolver, "dev", &self.opts.tun]).and_then(|()| self.dns.serve())
+                {
+                    eprintln!("wiremeshd node: no DNS resolver: {e}");
+                }
             }
         }
         let hosts = std::iter::once(&map.self_node).chain(&map.peers);
@@ -497,6 +497,10 @@ impl Agent {
     }
 
     fn set_addresses(&self, (v4, v6): (IpAddr, IpAddr)) -> Result<(), String> {
+        if let Some(stack) = &self.netstack {
+            userspace::set_addresses(stack, v4, v6);
+            return Ok(());
+        }
         let tun = self.opts.tun.as_str();
         run_ip(&["addr", "flush", "dev", tun])?;
         run_ip(&["addr", "add", &format!("{v4}/{}", crate::control::db::IPV4_PREFIX), "dev", tun])?;

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
+use wiremesh_core::filter::Filter;
 
 /// Datagram receives handled before smoltcp and the timers get a turn.
 const RECV_BATCH: usize = 16;
@@ -59,6 +60,9 @@ pub(crate) struct Inner {
     pub(crate) ports: BTreeSet<u16>,
     next_port: u16,
     pub(crate) options: Options,
+    /// The inbound packet filter (`Control::set_filter`), kept for a device
+    /// re-created for a new key.
+    filter: Option<Filter>,
     clock: std::time::Instant,
     /// When the worker will look at the timers next.
     pub(crate) next_wake: std::time::Instant,
@@ -120,6 +124,7 @@ impl Inner {
             ports: BTreeSet::new(),
             next_port: *EPHEMERAL.start() + (rand::random::<u16>() % 16384),
             options,
+            filter: None,
             clock,
             next_wake: clock,
         };
@@ -347,6 +352,10 @@ impl Inner {
             self.phy.udp.set_fwmark(next.fwmark).map_err(UapiError::PortInUse)?;
         }
         reconcile_device(&mut self.phy.core, &mut self.config, &next, self.phy.mtu, now);
+        if let Some(core) = self.phy.core.as_mut().filter(|c| c.filter() != self.filter.as_ref()) {
+            // A device made for a new key starts without one.
+            core.set_filter(self.filter.clone());
+        }
         self.config = next;
         self.phy.now = now;
         self.phy.flush();
@@ -357,14 +366,17 @@ impl Inner {
     /// it may sleep.
     fn turn(&mut self, inbox: &ControlInbox) -> Duration {
         while let Ok(msg) = inbox.rx.try_recv() {
-            // Other requests the TUN worker may learn do not concern the netstack.
-            #[allow(unreachable_patterns, clippy::single_match)]
             match msg {
                 ControlMsg::Uapi(request, reply) => {
                     let response = self.uapi(request);
                     let _ = reply.send(response);
                 }
-                _ => {}
+                ControlMsg::Filter(filter) => {
+                    if let Some(core) = self.phy.core.as_mut() {
+                        core.set_filter(filter.clone());
+                    }
+                    self.filter = filter;
+                }
             }
         }
         let mut busy = false;
