@@ -1,6 +1,8 @@
 //! The `wiremesh` CLI's admin verbs, run as a real binary against a real
 //! `wiremeshd control` on loopback (no root needed), and the node-side
-//! `POST /api/v1/logout` the agent's `wiremesh logout` uses.
+//! `POST /api/v1/logout` the agent's `wiremesh logout` uses; each test on
+//! SQLite and on PostgreSQL (a private cluster, skipped outside CI when
+//! PostgreSQL is not installed).
 
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -11,7 +13,7 @@ use wiremesh_daemon::node::keys::MachineKey;
 #[path = "support/control.rs"]
 mod control_server;
 
-use control_server::{start, state_dir, Server};
+use control_server::{Server, Store};
 
 const WIREMESH: &str = env!("CARGO_BIN_EXE_wiremesh");
 
@@ -62,10 +64,8 @@ async fn register(c: &Client, machine: &MachineKey, node_key: &str, auth_key: &s
     c.json(hyper::Method::POST, "/api/v1/register", Some(&req), None).await.unwrap()
 }
 
-#[test]
-fn tailnet_cli_nodes_expire_sets_clears_and_expires_node_keys() {
-    let state = state_dir("cli-expire");
-    let server = start(&state);
+fn nodes_expire_sets_clears_and_expires_node_keys(store: &Store) {
+    let server = store.start();
     let key = ok(&admin(&server, &["keys", "create", "--reusable"])).trim().to_string();
     let client = Client::new(server.url.clone());
     let rt = rt();
@@ -115,7 +115,6 @@ fn tailnet_cli_nodes_expire_sets_clears_and_expires_node_keys() {
     assert!(err(&out).contains("unauthorized"));
     assert_eq!((web(&server).key_expires_at, web(&server).expired), (None, false));
     drop(server);
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 async fn logout_req(c: &Client, machine: &MachineKey, node_key: &str) -> LogoutRequest {
@@ -137,10 +136,8 @@ fn api_code(r: Result<serde_json::Value, ClientError>) -> (u16, String) {
     }
 }
 
-#[test]
-fn tailnet_cli_logout_removes_only_the_signing_machine() {
-    let state = state_dir("cli-logout");
-    let server = start(&state);
+fn logout_removes_only_the_signing_machine(store: &Store) {
+    let server = store.start();
     let key = ok(&admin(&server, &["keys", "create", "--reusable"])).trim().to_string();
     let c = Client::new(server.url.clone());
     let rt = rt();
@@ -191,5 +188,78 @@ fn tailnet_cli_logout_removes_only_the_signing_machine() {
         assert_eq!(again.name, "a");
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&state);
+}
+
+fn keys_with_a_key_expiry_give_their_nodes_one(store: &Store) {
+    let server = store.start();
+    let json = ok(&admin(&server, &["keys", "create", "--reusable", "--key-expiry", "30d", "--json"]));
+    let created: proto::CreatedKey = serde_json::from_str(&json).unwrap();
+    assert_eq!(created.info.node_key_expiry_secs, Some(30 * 86400), "{json}");
+    let plain = ok(&admin(&server, &["keys", "create", "--reusable"])).trim().to_string();
+    let listing = ok(&admin(&server, &["keys", "list"]));
+    assert_eq!(listing.matches("key-expiry=2592000s").count(), 1, "{listing}");
+    // Out of range: refused, and no key made.
+    assert!(err(&admin(&server, &["keys", "create", "--key-expiry", "0"])).contains("bad_request"));
+    assert!(err(&admin(&server, &["keys", "create", "--key-expiry", "4000d"])).contains("bad_request"));
+    assert_eq!(ok(&admin(&server, &["keys", "list"])).lines().count(), 2);
+
+    let c = Client::new(server.url.clone());
+    let rt = rt();
+    let (m1, m2) = (MachineKey::generate().unwrap().0, MachineKey::generate().unwrap().0);
+    let t0 = now();
+    rt.block_on(register(&c, &m1, &proto::b64_key(&[1; 32]), &created.key, "web"));
+    rt.block_on(register(&c, &m2, &proto::b64_key(&[2; 32]), &plain, "db"));
+    let node = |name: &str| listed(&server).into_iter().find(|n| n.node.name == name).unwrap();
+    let at = node("web").key_expires_at.expect("an expiry from the key");
+    assert!((t0 + 30 * 86400..=now() + 30 * 86400).contains(&at), "{at}");
+    assert_eq!(node("db").key_expires_at, None);
+
+    // Re-authentication takes the new key's expiry: none with a plain key,
+    // the key's with a key that has one.
+    ok(&admin(&server, &["nodes", "expire", "web", "--now"]));
+    assert!(node("web").expired);
+    rt.block_on(register(&c, &m1, &proto::b64_key(&[1; 32]), &plain, "web"));
+    assert_eq!((node("web").key_expires_at, node("web").expired), (None, false));
+    ok(&admin(&server, &["nodes", "expire", "db", "--now"]));
+    let t1 = now();
+    rt.block_on(register(&c, &m2, &proto::b64_key(&[2; 32]), &created.key, "db"));
+    let at = node("db").key_expires_at.expect("the key's expiry");
+    assert!((t1 + 30 * 86400..=now() + 30 * 86400).contains(&at) && !node("db").expired, "{at}");
+    drop(server);
+}
+
+#[test]
+fn tailnet_cli_nodes_expire_sets_clears_and_expires_node_keys() {
+    nodes_expire_sets_clears_and_expires_node_keys(&Store::sqlite("cli-nodes-expire-sets-clears"));
+}
+
+#[test]
+fn tailnet_cli_nodes_expire_sets_clears_and_expires_node_keys_on_postgres() {
+    if let Some(store) = Store::postgres("tailnet_cli_nodes_expire_sets_clears_and_expires_node_keys_on_postgres") {
+        nodes_expire_sets_clears_and_expires_node_keys(&store);
+    }
+}
+
+#[test]
+fn tailnet_cli_logout_removes_only_the_signing_machine() {
+    logout_removes_only_the_signing_machine(&Store::sqlite("cli-logout-removes-only-the-"));
+}
+
+#[test]
+fn tailnet_cli_logout_removes_only_the_signing_machine_on_postgres() {
+    if let Some(store) = Store::postgres("tailnet_cli_logout_removes_only_the_signing_machine_on_postgres") {
+        logout_removes_only_the_signing_machine(&store);
+    }
+}
+
+#[test]
+fn tailnet_cli_keys_with_a_key_expiry_give_their_nodes_one() {
+    keys_with_a_key_expiry_give_their_nodes_one(&Store::sqlite("cli-keys-with-a-key-expiry-g"));
+}
+
+#[test]
+fn tailnet_cli_keys_with_a_key_expiry_give_their_nodes_one_on_postgres() {
+    if let Some(store) = Store::postgres("tailnet_cli_keys_with_a_key_expiry_give_their_nodes_one_on_postgres") {
+        keys_with_a_key_expiry_give_their_nodes_one(&store);
+    }
 }

@@ -169,6 +169,10 @@ enum KeysCommand {
         /// The user (login) its untagged nodes belong to.
         #[arg(long)]
         user: Option<String>,
+        /// Nodes registered with the key must re-authenticate this long
+        /// after registering, e.g. 30d (default: never).
+        #[arg(long)]
+        key_expiry: Option<String>,
         /// Print the key and its description as JSON.
         #[arg(long)]
         json: bool,
@@ -395,10 +399,11 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
 fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
     let path = format!("{}/admin/keys", proto::API);
     match cmd {
-        KeysCommand::Create { admin, reusable, ephemeral, tags, expiry, user, json } => {
+        KeysCommand::Create { admin, reusable, ephemeral, tags, expiry, user, key_expiry, json } => {
             let (client, token) = admin_client(&admin)?;
             let expiry_secs = expiry.as_deref().map(parse_duration).transpose()?;
-            let req = CreateKeyRequest { reusable, ephemeral, tags, expiry_secs, user };
+            let node_key_expiry_secs = key_expiry.as_deref().map(parse_duration).transpose()?;
+            let req = CreateKeyRequest { reusable, ephemeral, tags, expiry_secs, user, node_key_expiry_secs };
             let k: CreatedKey = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
                 .map_err(|e| e.to_string())?;
             if json {
@@ -412,8 +417,9 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             let keys: Vec<AuthKeyInfo> = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
                 .map_err(|e| e.to_string())?;
             for k in keys {
+                let node_expiry = k.node_key_expiry_secs.map(|s| format!(" key-expiry={s}s")).unwrap_or_default();
                 println!(
-                    "{}  {}…  reusable={} ephemeral={} uses={} spent={} revoked={} tags=[{}]",
+                    "{}  {}…  reusable={} ephemeral={} uses={} spent={} revoked={} tags=[{}]{node_expiry}",
                     k.id,
                     k.prefix,
                     k.reusable,

@@ -102,6 +102,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
             key_der {blob} NOT NULL
         );",
     ),
+    // Auth keys may give the nodes registered with them a node key expiry
+    // (seconds after registration; NULL: never). Added by the node-agent/CLI
+    // work (`wiremesh keys create --key-expiry`).
+    (5, "ALTER TABLE auth_keys ADD COLUMN node_key_expiry_secs {int};"),
 ];
 
 /// Where the state lives: `--state DIR` or `--state postgres://…`.
@@ -480,6 +484,21 @@ impl Db {
         self.conn.query(&format!("{KEY_SELECT} ORDER BY k.id"), &[])?.iter().map(key_row).collect()
     }
 
+    /// Sets the node key expiry (seconds after registration; `None`: never)
+    /// that key `id` gives the nodes it registers from now on.
+    pub fn set_auth_key_node_key_expiry(&mut self, id: i64, secs: Option<u64>) -> Result<AuthKeyInfo, ApiError> {
+        if secs.is_some_and(|s| s == 0 || s > 10 * 365 * 86400) {
+            return Err(ApiError::bad_request("key expiry must be between 1 second and 10 years".into()));
+        }
+        let secs = secs.map(|s| s as i64);
+        let n = self
+            .write(|c| c.execute("UPDATE auth_keys SET node_key_expiry_secs = $2 WHERE id = $1", params![id, secs]))?;
+        if n == 0 {
+            return Err(ApiError::not_found("no such key"));
+        }
+        self.auth_key(id)?.ok_or_else(|| ApiError::not_found("no such key"))
+    }
+
     /// Revokes a key; false if there is no such key.
     pub fn revoke_auth_key(&mut self, id: i64) -> Result<bool, ApiError> {
         let n = self.write(|c| {
@@ -516,7 +535,12 @@ impl Db {
                         // Re-authentication: a valid auth key is spent, the
                         // expiry cleared; addresses, name and tags stay.
                         let key = check_auth_key(c, &reg.auth_key, now)?;
-                        c.execute("UPDATE nodes SET key_expires_at = NULL WHERE id = $1", params![id])?;
+                        // The new key's node key expiry, if it has one.
+                        c.execute(
+                            "UPDATE nodes SET key_expires_at =
+                               (SELECT $2 + node_key_expiry_secs FROM auth_keys WHERE id = $3) WHERE id = $1",
+                            params![id, now, key.id],
+                        )?;
                         c.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = $1", params![key.id])?;
                     }
                     update_node_key(c, id, &reg.node_key)?;
@@ -526,7 +550,16 @@ impl Db {
                     )?;
                     Ok(id)
                 }
-                None => insert_node(c, reg, &endpoints, now),
+                None => {
+                    let id = insert_node(c, reg, &endpoints, now)?;
+                    // The key's node key expiry, if it has one.
+                    c.execute(
+                        "UPDATE nodes SET key_expires_at = (SELECT $2 + k.node_key_expiry_secs FROM auth_keys k
+                           WHERE k.id = nodes.auth_key_id) WHERE id = $1",
+                        params![id, now],
+                    )?;
+                    Ok(id)
+                }
             }
         })?;
         self.node(id)?.ok_or_else(|| ApiError::internal("node vanished".into()))
@@ -858,7 +891,7 @@ fn user_row(r: &Row) -> Result<UserInfo, ApiError> {
 }
 
 const KEY_SELECT: &str = "SELECT k.id, k.prefix, k.reusable, k.ephemeral, k.tags, k.created_at, k.expires_at, k.uses,
-    k.revoked_at, u.login FROM auth_keys k LEFT JOIN users u ON u.id = k.user_id";
+    k.revoked_at, u.login, k.node_key_expiry_secs FROM auth_keys k LEFT JOIN users u ON u.id = k.user_id";
 
 fn key_row(r: &Row) -> Result<AuthKeyInfo, ApiError> {
     let reusable = r.bool(2)?;
@@ -875,6 +908,7 @@ fn key_row(r: &Row) -> Result<AuthKeyInfo, ApiError> {
         spent: !reusable && uses > 0,
         revoked: r.opt_int(8)?.is_some(),
         user: r.opt_text(9)?,
+        node_key_expiry_secs: r.opt_int(10)?.and_then(|s| u64::try_from(s).ok()),
     })
 }
 

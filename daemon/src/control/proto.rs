@@ -293,6 +293,10 @@ pub struct CreateKeyRequest {
     /// The login of the user its (untagged) nodes belong to (none: `admin`).
     #[serde(default)]
     pub user: Option<String>,
+    /// Nodes registered with it get a node key expiring this many seconds
+    /// after registration (none: never).
+    #[serde(default)]
+    pub node_key_expiry_secs: Option<u64>,
 }
 
 /// An auth key as the admin API lists it (never the key itself).
@@ -321,6 +325,9 @@ pub struct AuthKeyInfo {
     /// The login of the user its untagged nodes belong to.
     #[serde(default)]
     pub user: Option<String>,
+    /// The node key expiry its nodes get, in seconds after registration.
+    #[serde(default)]
+    pub node_key_expiry_secs: Option<u64>,
 }
 
 /// A user of the tailnet: owns the untagged nodes registered with its keys.

@@ -703,7 +703,15 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
                         ),
                         None => None,
                     };
-                    db.create_auth_key(r.reusable, r.ephemeral, &r.tags, r.expiry_secs, user)
+                    if r.node_key_expiry_secs.is_some_and(|s| s == 0 || s > 10 * 365 * 86400) {
+                        return Err(ApiError::bad_request("key expiry must be between 1 second and 10 years".into()));
+                    }
+                    let (key, info) = db.create_auth_key(r.reusable, r.ephemeral, &r.tags, r.expiry_secs, user)?;
+                    match r.node_key_expiry_secs {
+                        // The key is not shown to anyone yet, so a second step is safe.
+                        Some(s) => Ok((key, db.set_auth_key_node_key_expiry(info.id, Some(s))?)),
+                        None => Ok((key, info)),
+                    }
                 })
                 .await?;
             Ok(json_response(200, &proto::CreatedKey { key, info }))
