@@ -12,6 +12,7 @@
 //!   server does before it accepts a policy, and `wiremesh policy check`).
 
 pub mod compile;
+mod error;
 pub mod hujson;
 pub mod model;
 pub mod wire;
@@ -20,60 +21,11 @@ pub mod wire;
 mod tests;
 
 pub use compile::{compile, run_tests, CapGrant, Node, NodePolicy};
+pub use error::{ErrorKind, PolicyError};
 pub use model::Policy;
-
-use hujson::Pos;
-use std::fmt;
 
 /// Largest policy file accepted, in bytes.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
-
-/// What kind of problem a policy has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Not huJSON.
-    Syntax,
-    /// A section or value is malformed or names something undefined.
-    Invalid,
-    /// Something wiremesh does not implement (refused rather than ignored).
-    Unsupported,
-    /// A test in `tests` failed.
-    TestFailed,
-}
-
-impl ErrorKind {
-    /// The machine-readable code the API answers with.
-    pub fn code(self) -> &'static str {
-        match self {
-            ErrorKind::Syntax => "policy_syntax",
-            ErrorKind::Invalid => "policy_invalid",
-            ErrorKind::Unsupported => "policy_unsupported",
-            ErrorKind::TestFailed => "policy_test_failed",
-        }
-    }
-}
-
-/// Why a policy was refused, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyError {
-    /// Where in the file (none for the file as a whole).
-    pub pos: Option<Pos>,
-    /// What kind of problem.
-    pub kind: ErrorKind,
-    /// What, for people.
-    pub message: String,
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.pos {
-            Some(p) => write!(f, "{p}: {}", self.message),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for PolicyError {}
 
 /// Parses and checks a policy file without running its tests.
 pub fn parse(text: &str) -> Result<Policy, PolicyError> {
