@@ -198,3 +198,60 @@ fn tailnet_names_resolve_through_the_agents_resolver() {
     );
     drop(lab.server.take());
 }
+
+/// What `cat /etc/resolv.conf` shows in `n`'s namespace.
+fn resolv_conf(n: &Node) -> String {
+    String::from_utf8_lossy(&n.ns.exec(&["cat", "/etc/resolv.conf"]).stdout).into_owned()
+}
+
+#[test]
+fn tailnet_accept_dns_points_the_node_at_the_resolver_and_restores_the_original() {
+    if !netns::require_or_skip("tailnet_accept_dns_points_the_node_at_the_resolver_and_restores_the_original") {
+        return;
+    }
+    let host_conf = std::fs::read("/etc/resolv.conf").ok();
+    let mut lab = Lab::new();
+    let key = lab.new_key(true);
+    let alpha = lab.spawn_node("alpha", &key);
+    // beta's namespace gets its own resolv.conf (bind-mounted over
+    // /etc/resolv.conf by `ip netns exec`) before its agent starts, so the
+    // agent rewrites that one and never the host's.
+    let mut beta = lab.new_node("beta");
+    let original = "# beta's own\nnameserver 192.0.2.53\n";
+    let _conf = ResolvConf::write(&beta.ns, original);
+    assert_eq!(resolv_conf(&beta), original, "the namespace's resolv.conf is its own");
+    lab.start_agent_with(&mut beta, "beta", &key, &["--accept-dns"]);
+    let pointed = |n: &Node| resolv_conf(n).contains("nameserver 100.100.100.100\nsearch wiremesh.internal\n");
+    wait_until(Duration::from_secs(20), "beta's map", || peer_count(&beta) == 1, || beta.log());
+    wait_until(Duration::from_secs(5), "resolv.conf pointed", || pointed(&beta), || beta.log());
+    // Ordinary programs in beta's namespace now resolve tailnet names with
+    // nothing else configured.
+    let alpha4 = alpha.ipv4();
+    let (ok, text) = getent(&beta, "ahostsv4", "alpha");
+    assert!(ok && text.contains(&alpha4), "{text}\n{}", beta.log());
+
+    // down restores the original, up points it again.
+    assert!(beta.cli(&["down"]).status.success());
+    assert_eq!(resolv_conf(&beta), original);
+    assert!(beta.cli(&["up"]).status.success());
+    wait_until(Duration::from_secs(5), "pointed again", || pointed(&beta), || beta.log());
+    // A clean exit restores it and leaves no backup.
+    drop(beta.proc.take());
+    assert_eq!(resolv_conf(&beta), original);
+    assert!(!beta.state.join("resolv.conf.orig").exists());
+
+    // A killed agent cannot restore it; the next one does, from its backup.
+    lab.start_agent_with(&mut beta, "beta", &key, &["--accept-dns"]);
+    wait_until(Duration::from_secs(10), "pointed after restart", || pointed(&beta), || beta.log());
+    beta.proc.as_mut().unwrap().kill9();
+    assert!(pointed(&beta) && beta.state.join("resolv.conf.orig").exists());
+    // (The killed agent's TUN device goes away a moment after it.)
+    let tun_gone = || !beta.ns.exec(&["ip", "link", "show", &beta.tun]).status.success();
+    wait_until(Duration::from_secs(5), "the old TUN device gone", tun_gone, String::new);
+    lab.start_agent_with(&mut beta, "beta", &key, &["--accept-dns"]);
+    wait_until(Duration::from_secs(10), "connected again", || beta.status()["connected"] == true, || beta.log());
+    drop(beta.proc.take());
+    assert_eq!(resolv_conf(&beta), original);
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), host_conf, "the host's resolv.conf is untouched");
+    drop(lab.server.take());
+}

@@ -77,6 +77,11 @@ enum Command {
         /// Local API socket for the CLI (default /var/run/wiremesh/<tun>.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Point /etc/resolv.conf at the tailnet's resolver (100.100.100.100,
+        /// searching the tailnet domain) while connected; the original is
+        /// restored on down, logout and exit.
+        #[arg(long)]
+        accept_dns: bool,
         #[command(flatten)]
         userspace: UserspaceArgs,
     },
@@ -121,7 +126,7 @@ fn main() -> ExitCode {
             let opts = wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace, presence_timeout };
             exit(wiremesh_daemon::control::server::run(&opts))
         }
-        Command::Node { control, auth_key, hostname, state, tun, listen_port, mtu, socket, userspace } => {
+        Command::Node { control, auth_key, hostname, state, tun, listen_port, mtu, socket, accept_dns, userspace } => {
             let control = match control.parse() {
                 Ok(c) => c,
                 Err(e) => {
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
                 userspace: userspace
                     .userspace
                     .then(|| wiremesh_daemon::node::userspace::Userspace { proxies: userspace.proxies() }),
+                accept_dns,
             };
             exit(wiremesh_daemon::node::run(opts))
         }

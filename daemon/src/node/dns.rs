@@ -370,6 +370,8 @@ pub struct Stats {
     pub malformed: AtomicU64,
     /// TCP connections closed at once because too many were open.
     pub tcp_refused: AtomicU64,
+    /// TCP connections being served now.
+    pub tcp_open: AtomicUsize,
 }
 
 /// Bounds on the TCP side (RFC 7766 section 6.2 leaves them to the server).
@@ -423,6 +425,11 @@ impl Resolver {
         *self.zone.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(zone);
     }
 
+    /// Whether [`Resolver::serve`] has bound its sockets.
+    pub fn serving(&self) -> bool {
+        *self.serving.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The zone answered from now.
     pub fn zone(&self) -> Arc<Zone> {
         self.zone.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -460,7 +467,6 @@ impl Resolver {
     /// Accepts TCP connections, each served on its own thread, at most
     /// `limits.max_connections` at once.
     fn run_tcp(self: Arc<Self>, listener: TcpListener, limits: TcpLimits) {
-        let open = Arc::new(AtomicUsize::new(0));
         loop {
             let (stream, from) = match listener.accept() {
                 Ok(c) => c,
@@ -472,15 +478,16 @@ impl Resolver {
                     continue;
                 }
             };
+            let open = &self.stats.tcp_open;
             if open.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
                 open.fetch_sub(1, Ordering::SeqCst);
                 self.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
                 continue; // dropping the stream closes it
             }
-            let (me, count) = (self.clone(), open.clone());
+            let me = self.clone();
             let spawned = std::thread::Builder::new().name("dns-conn".into()).spawn(move || {
                 me.serve_tcp(stream, from, limits.idle);
-                count.fetch_sub(1, Ordering::SeqCst);
+                me.stats.tcp_open.fetch_sub(1, Ordering::SeqCst);
             });
             if spawned.is_err() {
                 open.fetch_sub(1, Ordering::SeqCst);
@@ -539,6 +546,105 @@ impl Resolver {
                 None => self.dropped(from),
             }
         }
+    }
+}
+
+/// `wiremeshd node --accept-dns`: points the host at the resolver by
+/// rewriting its resolv.conf (`nameserver 100.100.100.100`, `search
+/// <domain>`), and puts the original back when the node leaves the tailnet
+/// (down, logout) or the agent exits. The original is first copied to a
+/// backup in the agent's state directory, so an agent that was killed
+/// restores it when it starts again. The file is rewritten in place (not
+/// replaced), so a bind-mounted resolv.conf (`ip netns exec`, containers)
+/// works; a symlinked one has its target rewritten.
+#[derive(Debug)]
+pub struct HostDns {
+    path: std::path::PathBuf,
+    backup: std::path::PathBuf,
+    /// The domain written, while the file points at the resolver.
+    pointed: Mutex<Option<String>>,
+}
+
+/// What the backup holds when there was no resolv.conf at all.
+const ABSENT: &[u8] = b"# wiremesh: there was no resolv.conf\n";
+
+impl HostDns {
+    /// Manages `path` (normally `/etc/resolv.conf`), keeping the original in `backup`.
+    pub fn new(path: impl Into<std::path::PathBuf>, backup: impl Into<std::path::PathBuf>) -> HostDns {
+        HostDns { path: path.into(), backup: backup.into(), pointed: Mutex::new(None) }
+    }
+
+    /// What the file says while it points at the resolver.
+    pub fn contents(domain: &str) -> String {
+        format!(
+            "# written by wiremeshd node --accept-dns; the original comes back when it stops\n\
+             nameserver {RESOLVER_V4}\nsearch {domain}\n"
+        )
+    }
+
+    fn write_in_place(&self, bytes: &[u8]) -> Result<(), String> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.path)
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    /// Points the file at the resolver with `domain` as the search list
+    /// (saving the original first); does nothing if it already does.
+    pub fn point(&self, domain: &str) -> Result<(), String> {
+        let mut pointed = self.pointed.lock().unwrap_or_else(|e| e.into_inner());
+        if pointed.as_deref() == Some(domain) {
+            return Ok(());
+        }
+        if domain.is_empty() || !domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+            return Err(format!("not a domain to search: {domain:?}"));
+        }
+        if !self.backup.exists() {
+            let original = match std::fs::read(&self.path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ABSENT.to_vec(),
+                Err(e) => return Err(format!("{}: {e}", self.path.display())),
+            };
+            let tmp = self.backup.with_extension("tmp");
+            std::fs::write(&tmp, &original)
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &self.backup))
+                .map_err(|e| format!("{}: {e}", self.backup.display()))?;
+        }
+        self.write_in_place(Self::contents(domain).as_bytes())?;
+        *pointed = Some(domain.to_string());
+        Ok(())
+    }
+
+    /// Puts the original back if a backup is there (left by this agent, or
+    /// by one that did not exit cleanly).
+    pub fn restore(&self) -> Result<(), String> {
+        let mut pointed = self.pointed.lock().unwrap_or_else(|e| e.into_inner());
+        let original = match std::fs::read(&self.backup) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                *pointed = None;
+                return Ok(());
+            }
+            Err(e) => return Err(format!("{}: {e}", self.backup.display())),
+        };
+        if original == ABSENT {
+            match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    // A mount point cannot be removed: leave it empty.
+                    self.write_in_place(b"")?;
+                }
+                _ => {}
+            }
+        } else {
+            self.write_in_place(&original)?;
+        }
+        std::fs::remove_file(&self.backup).map_err(|e| format!("{}: {e}", self.backup.display()))?;
+        *pointed = None;
+        Ok(())
     }
 }
 
@@ -898,20 +1004,60 @@ mod tests {
         assert_eq!(bad.read(&mut [0u8; 1]).unwrap_or(0), 0);
         assert_eq!(r.stats.malformed.load(Ordering::Relaxed), 1);
         // With two connections held open, a third is closed at once.
+        let settled = |n: usize| {
+            let t0 = Instant::now();
+            while r.stats.tcp_open.load(Ordering::SeqCst) != n {
+                assert!(t0.elapsed() < Duration::from_secs(5), "{n} connections open");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        settled(0);
         let hold: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        std::thread::sleep(Duration::from_millis(50));
+        settled(2);
         let mut third = TcpStream::connect(addr).unwrap();
         third.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let t0 = Instant::now();
         assert_eq!(third.read(&mut [0u8; 1]).unwrap_or(0), 0);
-        assert!(t0.elapsed() < Duration::from_millis(250), "closed at once, not after the idle time");
-        assert_eq!(r.stats.tcp_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(r.stats.tcp_refused.load(Ordering::Relaxed), 1, "closed as refused, not after the idle time");
         drop(hold);
-        // Once they are gone (idle), new connections are served again.
-        std::thread::sleep(Duration::from_millis(100));
+        // Once they are gone, new connections are served again.
+        settled(0);
         let answers = tcp_exchange(addr, &qs[..1], 1);
         assert_eq!(decode(&qs[0], &answers[0]).2, vec![(TYPE_A, vec![100, 64, 0, 1])]);
         assert_eq!(r.stats.answered.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn host_dns_points_at_the_resolver_and_restores_the_original() {
+        let dir = std::env::temp_dir().join(format!("wiremesh-hostdns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (conf, backup) = (dir.join("resolv.conf"), dir.join("resolv.conf.orig"));
+        std::fs::write(&conf, "nameserver 192.0.2.53\n").unwrap();
+        let h = HostDns::new(&conf, &backup);
+        h.point("wiremesh.internal").unwrap();
+        let text = std::fs::read_to_string(&conf).unwrap();
+        assert!(text.contains("nameserver 100.100.100.100\nsearch wiremesh.internal\n"), "{text}");
+        // Pointing again (another map) keeps the first backup.
+        h.point("other.internal").unwrap();
+        assert_eq!(std::fs::read_to_string(&backup).unwrap(), "nameserver 192.0.2.53\n");
+        assert!(h.point("bad domain\nnameserver 6.6.6.6").is_err());
+        h.restore().unwrap();
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), "nameserver 192.0.2.53\n");
+        assert!(!backup.exists());
+        h.restore().unwrap();
+        // A backup left by a killed agent is restored by the next one.
+        h.point("wiremesh.internal").unwrap();
+        drop(h);
+        HostDns::new(&conf, &backup).restore().unwrap();
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), "nameserver 192.0.2.53\n");
+        // No resolv.conf at first: none after.
+        std::fs::remove_file(&conf).unwrap();
+        let h = HostDns::new(&conf, &backup);
+        h.point("wiremesh.internal").unwrap();
+        assert!(conf.exists());
+        h.restore().unwrap();
+        assert!(!conf.exists() && !backup.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

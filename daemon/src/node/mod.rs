@@ -51,6 +51,9 @@ pub struct Options {
     pub socket: PathBuf,
     /// Run on the userspace netstack instead of TUN (`--userspace`).
     pub userspace: Option<userspace::Userspace>,
+    /// Point the host's /etc/resolv.conf at the resolver while on the
+    /// tailnet, restoring the original after (`--accept-dns`).
+    pub accept_dns: bool,
 }
 
 /// What the local API reads.
@@ -93,6 +96,8 @@ struct Agent {
     reconciler: Mutex<Reconciler>,
     addresses: Mutex<Option<(IpAddr, IpAddr)>>,
     dns: Arc<dns::Resolver>,
+    /// `--accept-dns`: the host's resolv.conf, pointed at the resolver.
+    host_dns: Option<dns::HostDns>,
     /// The userspace netstack (`--userspace`): it holds the addresses, no TUN.
     netstack: Option<wiremesh_dataplane::netstack::Netstack>,
 }
@@ -124,6 +129,11 @@ pub fn run(opts: Options) -> Result<(), String> {
         .mode(0o700)
         .create(&opts.state)
         .map_err(|e| format!("{}: {e}", opts.state.display()))?;
+    let host_dns = opts.accept_dns.then(|| dns::HostDns::new("/etc/resolv.conf", opts.state.join("resolv.conf.orig")));
+    if let Some(h) = &host_dns {
+        // A backup left by an agent that was killed.
+        h.restore().map_err(|e| format!("cannot restore the host's resolv.conf: {e}"))?;
+    }
     let machine = keys::MachineKey::load_or_create(&opts.state.join("machine.key"))?;
     let node_private = keys::load_or_create_node_key(&opts.state.join("node.key"))?;
     let node_key = proto::b64_key(&node_private.public_key().0);
@@ -138,6 +148,7 @@ pub fn run(opts: Options) -> Result<(), String> {
 
     let initial = if opts.state.join(DOWN_MARK).exists() { AgentState::Down } else { AgentState::Up };
     let agent = Arc::new(Agent {
+        host_dns,
         client: Client::new(opts.control.clone()),
         auth_key: Mutex::new(opts.auth_key.clone()),
         key_from_cli: false.into(),
@@ -167,6 +178,9 @@ pub fn run(opts: Options) -> Result<(), String> {
     };
     let result = proxies.and_then(|()| rt.block_on(agent.clone().main()));
     let _ = std::fs::remove_file(&agent.opts.socket);
+    if let Some(Err(e)) = agent.host_dns.as_ref().map(dns::HostDns::restore) {
+        eprintln!("wiremeshd node: cannot restore the host's resolv.conf: {e}");
+    }
     dp.stop();
     result
 }
@@ -269,6 +283,9 @@ impl Agent {
     fn disconnect(&self, to: AgentState) {
         if let Err(e) = self.apply_none() {
             eprintln!("wiremeshd node: cannot remove the peers: {e}");
+        }
+        if let Some(Err(e)) = self.host_dns.as_ref().map(dns::HostDns::restore) {
+            eprintln!("wiremeshd node: cannot restore the host's resolv.conf: {e}");
         }
         self.nudge.store(true, std::sync::atomic::Ordering::SeqCst);
         if to == AgentState::LoggedOut {
@@ -435,6 +452,12 @@ impl Agent {
             &map.domain,
             hosts.map(|n| dns::Host { name: n.name.clone(), ipv4: n.ipv4, ipv6: n.ipv6 }),
         ));
+        // Only a resolver that answers is worth pointing the host at.
+        if let Some(h) = self.host_dns.as_ref().filter(|_| self.dns.serving()) {
+            if let Err(e) = h.point(&map.domain) {
+                eprintln!("wiremeshd node: --accept-dns: {e}");
+            }
+        }
         {
             let mut rec = lock(&self.reconciler);
             // The filter first, so that new peers never meet an old, wider one.

@@ -215,6 +215,13 @@ impl Lab {
 
     /// A namespace on the bridge with a node agent that was given `key`.
     pub fn spawn_node(&mut self, name: &str, key: &str) -> Node {
+        let mut node = self.new_node(name);
+        self.start_agent(&mut node, name, key);
+        node
+    }
+
+    /// A namespace on the bridge, its agent not started yet.
+    pub fn new_node(&mut self, name: &str) -> Node {
         let ns = Netns::new();
         let host = self.next_host;
         self.next_host += 1;
@@ -222,13 +229,16 @@ impl Lab {
         let tun = crate::netns::unique_ifname("wmn");
         let state = tmpdir(name);
         let socket = state.join("api.sock");
-        let mut node = Node { ns, _link: link, tun, state, socket, proc: None };
-        self.start_agent(&mut node, name, key);
-        node
+        Node { ns, _link: link, tun, state, socket, proc: None }
     }
 
     pub fn start_agent(&self, node: &mut Node, name: &str, key: &str) {
-        let args = [
+        self.start_agent_with(node, name, key, &[]);
+    }
+
+    /// Starts the agent with `extra` arguments.
+    pub fn start_agent_with(&self, node: &mut Node, name: &str, key: &str, extra: &[&str]) {
+        let mut args = vec![
             WIREMESHD,
             "node",
             "--control",
@@ -244,6 +254,7 @@ impl Lab {
             "--socket",
             node.socket.to_str().unwrap(),
         ];
+        args.extend_from_slice(extra);
         let mut child = node.ns.spawn(&args);
         let out = Output::attach(&mut child);
         node.proc = Some(Proc { child, out });
