@@ -47,11 +47,15 @@ pub const FLOW_SLOTS: usize = 4096;
 /// Slots a flow may occupy from its hash position: lookups read at most this many.
 const PROBES: usize = 8;
 
-/// An IP prefix: an address with its host bits cleared and a length.
+/// An IP prefix: an address with its host bits cleared and a length. The
+/// address and its mask are kept as integers, so a match is one masked
+/// comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Prefix {
-    addr: IpAddr,
+    v6: bool,
+    bits: u128,
     len: u8,
+    mask: u128,
 }
 
 impl Prefix {
@@ -62,23 +66,24 @@ impl Prefix {
         if len > width {
             return None;
         }
-        let bits = bits(addr) & mask(len, width);
-        Some(Prefix { addr: from_bits(bits, addr.is_ipv6()), len })
+        let mask = mask(len, width);
+        Some(Prefix { v6: addr.is_ipv6(), bits: bits(addr) & mask, len, mask })
     }
 
     /// The prefix holding only `addr`.
     pub fn host(addr: IpAddr) -> Prefix {
-        Prefix { addr, len: width(addr) }
+        let width = width(addr);
+        Prefix { v6: addr.is_ipv6(), bits: bits(addr), len: width, mask: mask(width, width) }
     }
 
     /// Every IPv4 address.
-    pub const ANY_V4: Prefix = Prefix { addr: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED), len: 0 };
+    pub const ANY_V4: Prefix = Prefix { v6: false, bits: 0, len: 0, mask: 0 };
     /// Every IPv6 address.
-    pub const ANY_V6: Prefix = Prefix { addr: IpAddr::V6(core::net::Ipv6Addr::UNSPECIFIED), len: 0 };
+    pub const ANY_V6: Prefix = Prefix { v6: true, bits: 0, len: 0, mask: 0 };
 
     /// The network address.
     pub fn addr(&self) -> IpAddr {
-        self.addr
+        from_bits(self.bits, self.v6)
     }
 
     /// The prefix length in bits.
@@ -94,21 +99,31 @@ impl Prefix {
     /// Whether `addr` lies in the prefix (never across address families).
     #[inline]
     pub fn contains(&self, addr: IpAddr) -> bool {
-        if addr.is_ipv6() != self.addr.is_ipv6() {
-            return false;
-        }
-        (bits(addr) ^ bits(self.addr)) & mask(self.len, width(addr)) == 0
+        self.contains_bits(bits(addr), addr.is_ipv6())
+    }
+
+    #[inline]
+    fn contains_bits(&self, bits: u128, v6: bool) -> bool {
+        v6 == self.v6 && (bits ^ self.bits) & self.mask == 0
     }
 
     /// Whether every address of `other` lies in this prefix.
     pub fn covers(&self, other: &Prefix) -> bool {
-        other.len >= self.len && self.contains(other.addr)
+        other.len >= self.len && other.v6 == self.v6 && (other.bits ^ self.bits) & self.mask == 0
     }
 }
 
 impl core::fmt::Display for Prefix {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
+        write!(f, "{}/{}", self.addr(), self.len)
+    }
+}
+
+fn width_of(v6: bool) -> u8 {
+    if v6 {
+        128
+    } else {
+        32
     }
 }
 
@@ -176,7 +191,7 @@ pub fn has_ports(proto: u8) -> bool {
 }
 
 /// One accept rule.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// Where the packet may come from.
     pub sources: Vec<Prefix>,
@@ -194,24 +209,52 @@ impl Rule {
     /// destination port, read only for protocols that have ports).
     #[inline]
     pub fn accepts(&self, source: IpAddr, destination: IpAddr, protocol: u8, port: u16) -> bool {
+        source.is_ipv6() == destination.is_ipv6()
+            && self.accepts_bits((bits(source), bits(destination), source.is_ipv6()), protocol, port)
+    }
+
+    /// [`Rule::accepts`] with the addresses as integers of one family.
+    #[inline]
+    fn accepts_bits(&self, (source, destination, v6): (u128, u128, bool), protocol: u8, port: u16) -> bool {
         (self.protocols.is_empty() || self.protocols.contains(&protocol))
             && (!has_ports(protocol) || self.ports.iter().any(|r| r.contains(port)))
-            && self.sources.iter().any(|p| p.contains(source))
-            && self.destinations.iter().any(|p| p.contains(destination))
+            && self.sources.iter().any(|p| p.contains_bits(source, v6))
+            && self.destinations.iter().any(|p| p.contains_bits(destination, v6))
     }
 }
 
-/// The rules a node accepts inbound packets by.
+/// The rules a node accepts inbound packets by, indexed by source: the rules
+/// that name a source address as a host are found by a binary search on that
+/// address, so a packet reads only the rules for its own source (plus those
+/// with wider source prefixes), however many rules there are.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
     rules: Vec<Rule>,
+    /// (family is v6, host address, rule index), sorted.
+    by_host: Vec<(bool, u128, u32)>,
+    /// Rules with a source wider than one host, by index.
+    wide: Vec<u32>,
 }
 
 impl Filter {
     /// A filter of these rules (none: every packet is denied unless it
     /// belongs to a flow the node opened).
     pub fn new(rules: Vec<Rule>) -> Filter {
-        Filter { rules }
+        let mut by_host = Vec::new();
+        let mut wide = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            let i = i as u32;
+            for p in &r.sources {
+                if p.mask == mask(width_of(p.v6), width_of(p.v6)) {
+                    by_host.push((p.v6, p.bits, i));
+                } else if wide.last() != Some(&i) {
+                    wide.push(i);
+                }
+            }
+        }
+        by_host.sort_unstable();
+        by_host.dedup();
+        Filter { rules, by_host, wide }
     }
 
     /// A filter accepting every packet.
@@ -232,7 +275,15 @@ impl Filter {
     /// Whether any rule accepts a packet with these fields, disregarding state.
     #[inline]
     pub fn accepts(&self, source: IpAddr, destination: IpAddr, protocol: u8, port: u16) -> bool {
-        self.rules.iter().any(|r| r.accepts(source, destination, protocol, port))
+        if source.is_ipv6() != destination.is_ipv6() {
+            return false;
+        }
+        let (src, v6) = (bits(source), source.is_ipv6());
+        let addrs = (src, bits(destination), v6);
+        let check = |i: u32| self.rules[i as usize].accepts_bits(addrs, protocol, port);
+        let first = self.by_host.partition_point(|&(f, b, _)| (f, b) < (v6, src));
+        self.by_host[first..].iter().take_while(|&&(f, b, _)| (f, b) == (v6, src)).any(|&(_, _, i)| check(i))
+            || self.wide.iter().any(|&i| check(i))
     }
 
     /// Whether any rule accepts this (parsed) packet, disregarding state.
