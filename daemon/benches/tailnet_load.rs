@@ -1,22 +1,31 @@
-//! Load benchmark (a bench target, not a test): N simulated nodes
-//! register with a real `wiremeshd control` on loopback and all hold map
-//! streams; then one more node registers and we measure how long until every
-//! stream has it, the bytes of one full map, and the server's memory per
-//! streaming node. Run with
+//! Load benchmark (a bench target, not a test): N simulated nodes register
+//! with a real `wiremeshd control` on loopback, on SQLite or on PostgreSQL
+//! (a private throwaway cluster), and all hold map streams (version 2: a full
+//! map, then deltas); one more stream per run is a version 1 observer (full
+//! maps). Then one more node registers and we measure how long until every
+//! stream has it, the bytes that change costs per stream as a full map (v1)
+//! and as a delta (v2), and the server's memory per streaming node. Run with
 //!
 //! ```sh
-//! WIREMESH_LOAD_NODES=100,1000 cargo bench -p wiremesh-daemon --bench tailnet_load
+//! WIREMESH_LOAD_NODES=1000,5000 WIREMESH_LOAD_STORES=sqlite,postgres \
+//!     cargo bench -p wiremesh-daemon --bench tailnet_load
 //! ```
+//!
+//! (defaults: 100 nodes, both stores; PostgreSQL is skipped when it is not
+//! installed).
 
 use http_body_util::BodyExt;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wiremesh_daemon::control::client::{Client, ControlUrl};
-use wiremesh_daemon::control::proto::{self, MapRequest, RegisterRequest, StreamMessage};
+use wiremesh_daemon::control::client::Client;
+use wiremesh_daemon::control::proto::{self, MapRequest, RegisterRequest};
 use wiremesh_daemon::node::keys::MachineKey;
+
+#[path = "../tests/support/control.rs"]
+mod control_server;
+
+use control_server::Store;
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -51,14 +60,30 @@ async fn register(c: Client, key: String, i: usize) -> (MachineKey, String) {
     (machine, node_key)
 }
 
-/// Opens a stream; counts its first map, then the first map naming the new node.
+/// What the streams saw.
+#[derive(Default)]
+struct Counters {
+    /// Streams that got their first map.
+    started: AtomicUsize,
+    /// Streams that got a line naming the new node.
+    reached: AtomicUsize,
+    /// Lines received by all streams (to tell when the ramp-up settled).
+    lines: AtomicUsize,
+    /// Bytes of the line that brought the new node, as a delta (v2) and as a full map (v1).
+    delta_bytes: AtomicUsize,
+    full_bytes: AtomicUsize,
+    /// Bytes of the first (full) map of a v2 stream.
+    first_map_bytes: AtomicUsize,
+}
+
+/// Opens a stream (`version` 1 or 2) and counts what it receives.
 async fn follow(
     new_key: Arc<std::sync::Mutex<Option<String>>>,
     c: Client,
     machine: MachineKey,
     node_key: String,
-    done: Arc<AtomicUsize>,
-    bytes: Arc<AtomicUsize>,
+    version: u32,
+    counters: Arc<Counters>,
 ) {
     let challenge = c.challenge().await.unwrap();
     let mut req = MapRequest {
@@ -69,7 +94,9 @@ async fn follow(
         signature: String::new(),
     };
     req.signature = machine.sign_hex(&proto::map_message(&challenge, &c.url().fingerprint, &req));
-    let resp = c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+    let path = format!("/api/v1/map?version={version}");
+    let resp = c.send(hyper::Method::POST, &path, serde_json::to_vec(&req).unwrap(), None).await.unwrap();
+    assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut buf = Vec::new();
     let mut first = true;
@@ -80,25 +107,111 @@ async fn follow(
         }
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
-            // Parsing every map here would measure the client; the first map
-            // is parsed, later ones only searched for the new node's key.
+            counters.lines.fetch_add(1, Ordering::Relaxed);
+            // Parsing every line here would measure the client: lines are
+            // only searched for the new node's key.
             if first {
-                assert!(matches!(serde_json::from_slice(&line), Ok(StreamMessage::Map(_))));
+                assert!(line.starts_with(b"{\"map\":"), "the first line is a full map");
                 first = false;
-                bytes.store(line.len(), Ordering::Relaxed);
-                done.fetch_add(1, Ordering::SeqCst);
+                if version == 2 {
+                    counters.first_map_bytes.store(line.len(), Ordering::Relaxed);
+                    counters.started.fetch_add(1, Ordering::SeqCst);
+                }
                 continue;
             }
             let key = new_key.lock().unwrap().clone();
             if let Some(k) = key.filter(|_| !seen) {
                 if std::str::from_utf8(&line).is_ok_and(|l| l.contains(k.as_str())) {
                     seen = true;
-                    bytes.store(line.len(), Ordering::Relaxed);
-                    done.fetch_add(1, Ordering::SeqCst);
+                    if version == 2 {
+                        counters.delta_bytes.store(line.len(), Ordering::Relaxed);
+                        counters.reached.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        counters.full_bytes.store(line.len(), Ordering::Relaxed);
+                    }
                 }
             }
         }
     }
+}
+
+/// Waits until `f` is true, at most `limit`.
+async fn wait_for(what: &str, limit: Duration, f: impl Fn() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what}: not done after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    t0.elapsed()
+}
+
+fn run(store: &Store, n: usize) {
+    let server = store.start();
+    let token = server.token.clone().unwrap();
+    let pid = server.child.id();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let c = Client::new(server.url.clone());
+        let req = proto::CreateKeyRequest { reusable: true, ..Default::default() };
+        let k: proto::CreatedKey =
+            c.json(hyper::Method::POST, "/api/v1/admin/keys", Some(&req), Some(&token)).await.unwrap();
+        let t0 = Instant::now();
+        let mut nodes = Vec::with_capacity(n + 1);
+        for chunk in (0..=n).collect::<Vec<_>>().chunks(32) {
+            let tasks: Vec<_> = chunk.iter().map(|&i| tokio::spawn(register(c.clone(), k.key.clone(), i))).collect();
+            for t in tasks {
+                nodes.push(t.await.unwrap());
+            }
+        }
+        let reg_time = t0.elapsed();
+        let observer = nodes.pop().unwrap();
+        let rss0 = rss_kib(pid);
+        let new_key = Arc::new(std::sync::Mutex::new(None));
+        let counters = Arc::new(Counters::default());
+        let t0 = Instant::now();
+        for (machine, node_key) in nodes {
+            tokio::spawn(follow(new_key.clone(), c.clone(), machine, node_key, 2, counters.clone()));
+        }
+        let open_time =
+            wait_for("streams open", Duration::from_secs(1800), || counters.started.load(Ordering::SeqCst) == n).await;
+        // The ramp-up settles (every node's online state reaching every stream).
+        let mut last = usize::MAX;
+        let settle = loop {
+            let now = counters.lines.load(Ordering::SeqCst);
+            if now == last {
+                break t0.elapsed() - Duration::from_secs(1);
+            }
+            last = now;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let rss1 = rss_kib(pid);
+        tokio::spawn(follow(new_key.clone(), c.clone(), observer.0, observer.1, 1, counters.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        *new_key.lock().unwrap() = Some(sim_node_key(n + 1));
+        let t0 = Instant::now();
+        register(c.clone(), k.key.clone(), n + 1).await;
+        wait_for("change reaches all", Duration::from_secs(600), || counters.reached.load(Ordering::SeqCst) == n).await;
+        // From the registration's start: the change may reach streams before its answer comes back.
+        let fanout = t0.elapsed();
+        let _ = wait_for("the v1 observer", Duration::from_secs(60), || counters.full_bytes.load(Ordering::SeqCst) > 0)
+            .await;
+        let full = counters.full_bytes.load(Ordering::Relaxed);
+        let delta = counters.delta_bytes.load(Ordering::Relaxed);
+        println!(
+            "store={} nodes={n} register_all={reg_time:.2?} ({:.2?}/node) open_all_streams={open_time:.2?} \
+             settled_after={settle:.2?} change_reaches_all={fanout:.2?} ({:.1?}/stream) \
+             first_map_bytes={} change_bytes_full_v1={full} change_bytes_delta_v2={delta} \
+             server_rss={} MiB (+{} KiB/stream while streaming)",
+            store.name(),
+            reg_time / n as u32,
+            fanout / n as u32,
+            counters.first_map_bytes.load(Ordering::Relaxed),
+            rss1 / 1024,
+            rss1.saturating_sub(rss0) / n as u64,
+        );
+    });
+    drop(rt);
+    drop(server);
 }
 
 fn main() {
@@ -107,74 +220,18 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    for n in sizes {
-        let dir = std::env::temp_dir().join(format!("wiremesh-load-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
-            .args(["control", "--listen", "127.0.0.1:0", "--state"])
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok);
-        let token = lines.next().unwrap().rsplit(' ').next().unwrap().to_string();
-        let url: ControlUrl =
-            lines.find_map(|l| l.strip_prefix("control URL: ").map(str::to_string)).unwrap().parse().unwrap();
-        let pid = child.id();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async {
-            let c = Client::new(url);
-            let req = proto::CreateKeyRequest { reusable: true, ..Default::default() };
-            let k: proto::CreatedKey =
-                c.json(hyper::Method::POST, "/api/v1/admin/keys", Some(&req), Some(&token)).await.unwrap();
-            let t0 = Instant::now();
-            let mut nodes = Vec::with_capacity(n);
-            for chunk in (0..n).collect::<Vec<_>>().chunks(32) {
-                let tasks: Vec<_> =
-                    chunk.iter().map(|&i| tokio::spawn(register(c.clone(), k.key.clone(), i))).collect();
-                for t in tasks {
-                    nodes.push(t.await.unwrap());
-                }
-            }
-            let reg_time = t0.elapsed();
-            let rss0 = rss_kib(pid);
-            let new_key = Arc::new(std::sync::Mutex::new(None));
-            let done = Arc::new(AtomicUsize::new(0));
-            let bytes = Arc::new(AtomicUsize::new(0));
-            let t0 = Instant::now();
-            for (machine, node_key) in nodes {
-                tokio::spawn(follow(new_key.clone(), c.clone(), machine, node_key, done.clone(), bytes.clone()));
-            }
-            while done.load(Ordering::SeqCst) < n {
-                assert!(t0.elapsed() < Duration::from_secs(600), "streams did not all start");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let open_time = t0.elapsed();
-            // Let the online-state churn of the ramp-up settle.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let rss1 = rss_kib(pid);
-            *new_key.lock().unwrap() = Some(sim_node_key(n));
-            done.store(0, Ordering::SeqCst);
-            let t0 = Instant::now();
-            register(c.clone(), k.key.clone(), n).await;
-            while done.load(Ordering::SeqCst) < n {
-                assert!(t0.elapsed() < Duration::from_secs(600), "change did not reach every stream");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            let fanout = t0.elapsed();
-            println!(
-                "nodes={n} register_all={reg_time:.2?} ({:.2?}/node) open_all_streams={open_time:.2?} \
-                 change_reaches_all={fanout:.2?} ({:.1?}/node) full_map_bytes={} server_rss_per_stream={} KiB",
-                reg_time / n as u32,
-                fanout / n as u32,
-                bytes.load(Ordering::Relaxed),
-                rss1.saturating_sub(rss0) / n as u64,
-            );
-        });
-        drop(rt);
-        let _ = child.kill();
-        let _ = child.wait();
-        let _ = std::fs::remove_dir_all(&dir);
+    let stores = std::env::var("WIREMESH_LOAD_STORES").unwrap_or_else(|_| "sqlite,postgres".into());
+    for store in stores.split(',').map(str::trim) {
+        for &n in &sizes {
+            let s = match store {
+                "sqlite" => Store::sqlite(&format!("load-{n}")),
+                "postgres" => match Store::postgres("tailnet_load") {
+                    Some(s) => s,
+                    None => break,
+                },
+                other => panic!("WIREMESH_LOAD_STORES: unknown store {other:?} (sqlite, postgres)"),
+            };
+            run(&s, n);
+        }
     }
 }

@@ -152,6 +152,10 @@ pub struct App {
     challenges: Mutex<HashMap<[u8; 32], Instant>>,
     presence: Mutex<HashMap<i64, usize>>,
     publish_lock: Mutex<()>,
+    /// Wakes the publisher task ([`App::request_publish`]); `publisher`
+    /// says whether one runs.
+    publish_wanted: tokio::sync::Notify,
+    publisher: std::sync::atomic::AtomicBool,
     version: AtomicU64,
     snapshot: watch::Sender<Arc<Snapshot>>,
     ephemeral_grace: Duration,
@@ -203,6 +207,8 @@ impl App {
             challenges: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             publish_lock: Mutex::new(()),
+            publish_wanted: tokio::sync::Notify::new(),
+            publisher: std::sync::atomic::AtomicBool::new(false),
             version: AtomicU64::new(start),
             snapshot,
             ephemeral_grace,
@@ -223,7 +229,7 @@ impl App {
             tokio::time::sleep(app.ephemeral_grace + Duration::from_millis(1100)).await;
             let (timeout, grace) = (app.presence_timeout, app.ephemeral_grace);
             match app.with_db(move |db| db.sweep(timeout, grace)).await {
-                Ok(swept) if swept != db::Swept::default() => app.publish(),
+                Ok(swept) if swept != db::Swept::default() => app.request_publish(),
                 Ok(_) => {}
                 Err(e) => eprintln!("wiremeshd control: cannot remove ephemeral node {id}: {e}"),
             }
@@ -249,7 +255,20 @@ impl App {
         for n in &mut nodes {
             n.online = online.contains(&n.id);
         }
-        let json = nodes.iter().map(|n| Arc::from(serde_json::to_string(n).unwrap_or_default())).collect();
+        // A node whose JSON did not change keeps the previous snapshot's Arc,
+        // so streams tell unchanged peers apart by pointer, not by content.
+        let previous = self.snapshot();
+        let old: HashMap<i64, &Arc<str>> = previous.nodes.iter().map(|n| n.id).zip(&previous.json).collect();
+        let json = nodes
+            .iter()
+            .map(|n| {
+                let j = serde_json::to_string(n).unwrap_or_default();
+                match old.get(&n.id) {
+                    Some(o) if ***o == *j => Arc::clone(o),
+                    _ => Arc::from(j),
+                }
+            })
+            .collect();
         let now = db::unix_now();
         let expired = key_expiries.iter().filter(|(_, &at)| at <= now).map(|(&id, _)| id).collect();
         let grants = policy.map(|(text, policy_version)| {
@@ -277,6 +296,33 @@ impl App {
         let version = self.with_db(move |db| db.set_policy(&text)).await?;
         self.publish();
         Ok(version)
+    }
+
+    /// Asks for a snapshot to be published soon. Requests made while one is
+    /// being built are served by one more build, so a burst of changes (many
+    /// streams opening, notifications from other replicas) costs a few
+    /// rebuilds, not one each. Without a publisher task, publishes at once.
+    pub fn request_publish(&self) {
+        if self.publisher.load(Ordering::SeqCst) {
+            self.publish_wanted.notify_one();
+        } else {
+            self.publish();
+        }
+    }
+
+    /// Runs the publisher task that serves [`App::request_publish`].
+    fn start_publisher(self: &Arc<Self>) {
+        let app = self.clone();
+        app.publisher.store(true, Ordering::SeqCst);
+        tokio::spawn(async move {
+            loop {
+                app.publish_wanted.notified().await;
+                let a = app.clone();
+                if tokio::task::spawn_blocking(move || a.publish()).await.is_err() {
+                    eprintln!("wiremeshd control: publishing a snapshot failed");
+                }
+            }
+        });
     }
 
     /// The current snapshot.
@@ -409,7 +455,7 @@ async fn heartbeat(app: Arc<App>) {
             .await;
         match r {
             Ok((true, swept)) if swept == db::Swept::default() => {}
-            Ok(_) => app.publish(),
+            Ok(_) => app.request_publish(),
             Err(e) => eprintln!("wiremeshd control: heartbeat: {e}"),
         }
         tokio::time::sleep(period).await;
@@ -445,7 +491,7 @@ fn listen(app: &App, url: &str, replica: &str) -> Result<(), String> {
     let mut client = super::store::connect_postgres(url).map_err(|e| e.to_string())?;
     client.batch_execute(&format!("LISTEN {}", super::store::CHANGES_CHANNEL)).map_err(|e| e.to_string())?;
     // Whatever was committed while not listening.
-    app.publish();
+    app.request_publish();
     loop {
         let first = client.notifications().timeout_iter(Duration::from_secs(10)).next().map_err(|e| e.to_string())?;
         let Some(first) = first else {
@@ -461,7 +507,7 @@ fn listen(app: &App, url: &str, replica: &str) -> Result<(), String> {
         }
         // This replica published its own changes when it made them.
         if others {
-            app.publish();
+            app.request_publish();
         }
     }
 }
@@ -543,6 +589,7 @@ async fn serve(opts: &Options) -> Result<(), String> {
     let app = App::with_presence_timeout(db, identity.fingerprint, opts.ephemeral_grace, opts.presence_timeout);
     // Replicas that stopped (this one's earlier life, after a restart) and
     // ephemeral nodes left offline go on the first sweep.
+    app.start_publisher();
     tokio::spawn(heartbeat(app.clone()));
     if let db::Location::Postgres(url) = &opts.state {
         listen_for_changes(app.clone(), url.clone(), replica);
@@ -883,7 +930,7 @@ impl Presence {
         // Owned from here, so a failed write below still counts down.
         let presence = Presence { app: app.clone(), id };
         app.write_presence(id).await?;
-        app.publish();
+        app.request_publish();
         Ok(presence)
     }
 }
@@ -923,7 +970,7 @@ impl Drop for Presence {
             if let Err(e) = app.write_presence(id).await {
                 eprintln!("wiremeshd control: cannot record node {id} offline: {e}");
             }
-            app.publish();
+            app.request_publish();
             let ephemeral = app.snapshot().nodes.iter().any(|n| n.id == id && n.ephemeral);
             if offline && ephemeral {
                 app.expire_if_offline(id);
@@ -1006,7 +1053,8 @@ impl Sent {
                 continue;
             }
             current.insert(n.id);
-            if self.peers.get(&n.id).is_some_and(|old| old == j) {
+            // Unchanged nodes keep their Arc across snapshots: a pointer compare.
+            if self.peers.get(&n.id).is_some_and(|old| Arc::ptr_eq(old, j) || old == j) {
                 continue;
             }
             if !upsert.is_empty() {
