@@ -388,6 +388,9 @@ struct Peer<K> {
     timers: Timers,
     endpoint: Option<SocketAddr>,
     persistent_keepalive: Option<u16>,
+    /// Whether authenticated datagrams from a new address move the endpoint
+    /// (WireGuard roaming); off while path discovery chooses the endpoint.
+    roaming: bool,
     /// Plaintext packets waiting for a session; an empty one is a keepalive.
     staged: VecDeque<Vec<u8>>,
     in_flush_queue: bool,
@@ -525,6 +528,7 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
             timers,
             endpoint: config.endpoint,
             persistent_keepalive: config.persistent_keepalive.filter(|&k| k != 0),
+            roaming: true,
             staged: VecDeque::new(),
             in_flush_queue: false,
             stats: PeerStats::default(),
@@ -609,6 +613,14 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
     /// Sets a peer's endpoint.
     pub fn set_peer_endpoint(&mut self, id: PeerId, endpoint: Option<SocketAddr>) -> Result<(), ConfigError> {
         self.peer_mut_opt(id).ok_or(ConfigError::NoSuchPeer)?.endpoint = endpoint;
+        Ok(())
+    }
+
+    /// Turns WireGuard roaming for a peer on (the default) or off. With it
+    /// off only [`Device::set_peer_endpoint`] moves the endpoint, as when
+    /// [`crate::disco::Disco`] chooses the path.
+    pub fn set_peer_roaming(&mut self, id: PeerId, roaming: bool) -> Result<(), ConfigError> {
+        self.peer_mut_opt(id).ok_or(ConfigError::NoSuchPeer)?.roaming = roaming;
         Ok(())
     }
 
@@ -1116,7 +1128,7 @@ impl<R: rand_core::RngCore + rand_core::CryptoRng, P: CryptoProvider> Device<R, 
 
     fn set_endpoint(&mut self, id: PeerId, endpoint: SocketAddr) {
         let peer = self.peer_mut(id);
-        if peer.endpoint != Some(endpoint) {
+        if peer.roaming && peer.endpoint != Some(endpoint) {
             peer.endpoint = Some(endpoint);
             self.push_event(Event::EndpointChanged { peer: id, endpoint });
         }

@@ -39,7 +39,9 @@
 //!
 //! * `alloc`: the multi-peer [`device`], the [`routing`] table and the
 //!   inbound packet [`filter`] (set with [`device::Device::set_filter`]; a
-//!   device without one lets every decrypted packet through).
+//!   device without one lets every decrypted packet through), and the
+//!   path state machine [`disco::Disco`] (probe formats and [`stun`] need
+//!   no allocation).
 //! * `std` (default): implies `alloc`.
 //! * `ring` (default): the fast transport AEAD provider [`crypto::Ring`].
 //!
@@ -62,6 +64,7 @@ pub mod cookie;
 pub mod crypto;
 #[cfg(feature = "alloc")]
 pub mod device;
+pub mod disco;
 #[cfg(feature = "alloc")]
 pub mod filter;
 pub mod ip;
@@ -72,6 +75,7 @@ pub mod replay;
 #[cfg(feature = "alloc")]
 pub mod routing;
 pub mod session;
+pub mod stun;
 pub mod time;
 pub mod timers;
 
