@@ -6,4 +6,5 @@ pub mod conf;
 pub mod control;
 pub mod interface;
 pub mod node;
+pub mod identity;
 pub mod policy;
