@@ -12,7 +12,8 @@
 //! ```
 //!
 //! (defaults: 100 nodes, both stores; PostgreSQL is skipped when it is not
-//! installed).
+//! installed). Streams are opened 64 at a time (each waits for its first map
+//! before the next starts).
 
 use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,7 +85,12 @@ async fn follow(
     node_key: String,
     version: u32,
     counters: Arc<Counters>,
+    opening: Arc<tokio::sync::Semaphore>,
 ) {
+    // A bounded number of streams being opened at once, as nodes coming up
+    // over time would (thousands of simultaneous TLS connects overflow the
+    // listen backlog and time out).
+    let mut permit = Some(opening.acquire_owned().await.unwrap());
     let challenge = c.challenge().await.unwrap();
     let mut req = MapRequest {
         machine_key: machine.public_hex(),
@@ -113,6 +119,7 @@ async fn follow(
             if first {
                 assert!(line.starts_with(b"{\"map\":"), "the first line is a full map");
                 first = false;
+                drop(permit.take());
                 if version == 2 {
                     counters.first_map_bytes.store(line.len(), Ordering::Relaxed);
                     counters.started.fetch_add(1, Ordering::SeqCst);
@@ -169,8 +176,9 @@ fn run(store: &Store, n: usize) {
         let new_key = Arc::new(std::sync::Mutex::new(None));
         let counters = Arc::new(Counters::default());
         let t0 = Instant::now();
+        let opening = Arc::new(tokio::sync::Semaphore::new(64));
         for (machine, node_key) in nodes {
-            tokio::spawn(follow(new_key.clone(), c.clone(), machine, node_key, 2, counters.clone()));
+            tokio::spawn(follow(new_key.clone(), c.clone(), machine, node_key, 2, counters.clone(), opening.clone()));
         }
         let open_time =
             wait_for("streams open", Duration::from_secs(1800), || counters.started.load(Ordering::SeqCst) == n).await;
@@ -185,7 +193,7 @@ fn run(store: &Store, n: usize) {
             tokio::time::sleep(Duration::from_secs(1)).await;
         };
         let rss1 = rss_kib(pid);
-        tokio::spawn(follow(new_key.clone(), c.clone(), observer.0, observer.1, 1, counters.clone()));
+        tokio::spawn(follow(new_key.clone(), c.clone(), observer.0, observer.1, 1, counters.clone(), opening));
         tokio::time::sleep(Duration::from_millis(500)).await;
         *new_key.lock().unwrap() = Some(sim_node_key(n + 1));
         let t0 = Instant::now();

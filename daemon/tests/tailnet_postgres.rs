@@ -3,7 +3,8 @@
 //! one admin token; a change committed through one replica (registration,
 //! removal, key expiry, endpoints, a stream opening or closing) reaches map
 //! streams open on the other within a second; a SIGKILLed replica's nodes go
-//! offline after the presence timeout and come back through the other.
+//! offline after the presence timeout and come back through the other;
+//! connections PostgreSQL drops are opened again.
 //! No root needed; skipped outside CI when PostgreSQL is not installed.
 
 use http_body_util::BodyExt;
@@ -205,6 +206,32 @@ fn tailnet_postgres_replicas_share_every_change_within_a_second() {
              key expiry {expiry_latency:?}, endpoints {endpoint_latency:?}, offline {offline_latency:?}"
         );
 
+        // PostgreSQL ends every connection of both replicas (store and
+        // listener): the next statement reconnects, the listeners reconnect
+        // and reload, and changes flow again.
+        let admin_url = cluster.url("wiremesh");
+        let ended: i64 = tokio::task::spawn_blocking(move || {
+            let mut db = postgres::Client::connect(&admin_url, postgres::NoTls).unwrap();
+            db.query_one(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name LIKE 'wiremeshd-control%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+        })
+        .await
+        .unwrap();
+        assert!(ended >= 4, "two store and two listener connections, at least: {ended}");
+        let n5 = TestNode::new(5);
+        let t0 = Instant::now();
+        let i5 = n5.register(&ca, &key.key, "five").await;
+        map_until(&mut s1, Duration::from_secs(3), "registration via A on B after lost connections", |m| {
+            peer(m, i5.id).is_some()
+        })
+        .await;
+        eprintln!("after PostgreSQL ended {ended} connections, a registration via A reached B in {:?}", t0.elapsed());
+
         // A replica dies with a node streaming from it: the node goes offline
         // for B's streams after the presence timeout, then comes back through B.
         let mut s2 = n2.open_map(&ca, "198.51.100.2:41641").await;
@@ -272,4 +299,102 @@ fn tailnet_postgres_replicas_starting_together_on_an_empty_database_migrate_once
             assert_eq!(info.schema_version, versions.len() as i64);
         }
     });
+}
+
+/// The same calls on both stores give the same answers (ids, names,
+/// addresses, owners, errors, policy versions, presence), through the one
+/// SQL layer.
+#[test]
+fn tailnet_postgres_store_answers_as_sqlite_does() {
+    use wiremesh_daemon::control::db::{Db, Registration};
+    let Some(cluster) = pg::Cluster::start_or_skip("tailnet_postgres_store_parity") else { return };
+    let url = cluster.create_db("parity");
+    let reg = |key: &str, n: u8, host: &str| Registration {
+        auth_key: key.into(),
+        machine_key: [n; 32],
+        node_key: [n + 100; 32],
+        hostname: host.into(),
+        endpoints: vec![format!("192.0.2.{n}:41641")],
+    };
+    // Everything observable from a run of store calls, as text.
+    let script = |db: &mut Db| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut log = |what: &str, v: String| out.push(format!("{what}: {v}"));
+        let alice = db.create_user("Alice@Example.com", "Alice").unwrap();
+        log("user", format!("{} {} {}", alice.id, alice.login, alice.display_name));
+        log("dup user", format!("{:?}", db.create_user("alice@example.com", "").map_err(|e| e.status)));
+        let (k1, i1) = db.create_auth_key(false, false, &[], None, Some(alice.id)).unwrap();
+        let (k2, i2) = db.create_auth_key(true, true, &["tag:web".into()], Some(3600), None).unwrap();
+        log("keys", format!("{} {:?} {} {:?}", i1.id, i1.user, i2.id, i2.tags));
+        log(
+            "bad key user",
+            format!("{:?}", db.create_auth_key(true, false, &[], None, Some(99)).map_err(|e| e.status)),
+        );
+        for (key, n, host) in [(&k1, 1, "laptop"), (&k2, 2, "web"), (&k2, 3, "web"), (&k1, 4, "x"), (&k2, 5, "WEB")] {
+            match db.register(&reg(key, n, host)) {
+                Ok(node) => log(
+                    "node",
+                    format!(
+                        "{} {} {} {} {:?} {} {}",
+                        node.id, node.name, node.ipv4, node.owner, node.tags, node.ephemeral, node.online
+                    ),
+                ),
+                Err(e) => log("refused", format!("{} {}", e.status, e.code)),
+            }
+        }
+        log("re-register", format!("{:?}", db.register(&reg("", 1, "other")).map(|n| (n.id, n.name))));
+        log("update", format!("{:?}", db.update_node(1, &[201; 32], &["198.51.100.1:1".into()])));
+        log("node key taken", format!("{:?}", db.update_node(2, &[201; 32], &[]).map_err(|e| e.status)));
+        log("expiry", format!("{:?}", db.set_node_key_expiry("web", Some(1))));
+        log(
+            "expiries",
+            format!("{:?}", db.node_key_expiries().unwrap().into_iter().collect::<std::collections::BTreeMap<_, _>>()),
+        );
+        log("expired re-auth", format!("{:?}", db.register(&reg("", 2, "web")).map_err(|e| e.code)));
+        log("remove user", format!("{:?}", db.remove_user("alice@example.com").map_err(|e| e.status)));
+        log("remove node", format!("{:?}", db.remove_node("laptop")));
+        log("remove user", format!("{:?}", db.remove_user("ALICE@example.com")));
+        log(
+            "keys after",
+            format!(
+                "{:?}",
+                db.auth_keys()
+                    .unwrap()
+                    .iter()
+                    .map(|k| (k.id, k.uses, k.spent, k.revoked, k.user.clone()))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        log("policy", format!("{:?}", db.policy().unwrap()));
+        log("set policy", format!("{} {}", db.set_policy("{}").unwrap(), db.set_policy("// v2\n{}").unwrap()));
+        log("policy", format!("{:?}", db.policy().unwrap()));
+        db.heartbeat().unwrap();
+        db.set_presence(2, 2).unwrap();
+        db.set_presence(3, 1).unwrap();
+        db.set_presence(3, 0).unwrap();
+        let mut online: Vec<i64> = db.online(Duration::from_secs(10)).unwrap().into_iter().collect();
+        online.sort();
+        log("online", format!("{online:?}"));
+        log("sweep", format!("{:?}", db.sweep(Duration::from_secs(10), Duration::from_secs(3600)).unwrap()));
+        log(
+            "nodes",
+            format!(
+                "{:?}",
+                db.nodes().unwrap().iter().map(|n| (n.id, n.name.clone(), n.owner.clone())).collect::<Vec<_>>()
+            ),
+        );
+        log("users", format!("{:?}", db.users().unwrap().len()));
+        log("schema", format!("{}", db.schema_version().unwrap()));
+        out
+    };
+    let (mut sqlite, t1) = Db::open_in_memory().unwrap();
+    let (mut postgres, t2) = Db::open_postgres(&url).unwrap();
+    assert!(t1.is_some() && t2.is_some());
+    let (a, b) = (script(&mut sqlite), script(&mut postgres));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x, y, "SQLite and PostgreSQL differ");
+    }
+    assert_eq!(a.len(), b.len());
+    // A second open finds the tailnet made: no new admin token.
+    assert!(Db::open_postgres(&url).unwrap().1.is_none());
 }

@@ -488,21 +488,27 @@ fn listen_for_changes(app: Arc<App>, url: String, replica: String) {
 
 fn listen(app: &App, url: &str, replica: &str) -> Result<(), String> {
     use postgres::fallible_iterator::FallibleIterator;
-    let mut client = super::store::connect_postgres(url).map_err(|e| e.to_string())?;
-    client.batch_execute(&format!("LISTEN {}", super::store::CHANGES_CHANNEL)).map_err(|e| e.to_string())?;
+    let mut client = super::store::connect_postgres(url, super::store::LISTENER_NAME).map_err(|e| e.to_string())?;
+    client
+        .batch_execute(&format!("LISTEN {}", super::store::CHANGES_CHANNEL))
+        .map_err(|e| super::store::describe_postgres_error(&e))?;
     // Whatever was committed while not listening.
     app.request_publish();
     loop {
-        let first = client.notifications().timeout_iter(Duration::from_secs(10)).next().map_err(|e| e.to_string())?;
+        let first = client
+            .notifications()
+            .timeout_iter(Duration::from_secs(10))
+            .next()
+            .map_err(|e| super::store::describe_postgres_error(&e))?;
         let Some(first) = first else {
             // Quiet for a while: make sure the connection is still there.
-            client.simple_query("SELECT 1").map_err(|e| e.to_string())?;
+            client.simple_query("SELECT 1").map_err(|e| super::store::describe_postgres_error(&e))?;
             continue;
         };
         let mut others = first.payload() != replica;
         let mut notes = client.notifications();
         let mut pending = notes.iter();
-        while let Some(n) = pending.next().map_err(|e| e.to_string())? {
+        while let Some(n) = pending.next().map_err(|e| super::store::describe_postgres_error(&e))? {
             others |= n.payload() != replica;
         }
         // This replica published its own changes when it made them.

@@ -199,6 +199,15 @@ fn sqlite_error(e: rusqlite::Error) -> ApiError {
     ApiError::internal(format!("state store: {e}"))
 }
 
+/// A PostgreSQL error as a sentence: the server's message when there is one
+/// (`postgres::Error`'s own text is only "db error" then).
+pub fn describe_postgres_error(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 fn postgres_error(e: postgres::Error) -> ApiError {
     if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
         return ApiError::conflict(format!("state store: {e}"));
@@ -296,13 +305,18 @@ pub struct Conn {
     in_tx: bool,
 }
 
+/// The `application_name` of the store's connection (`pg_stat_activity`).
+pub const APPLICATION_NAME: &str = "wiremeshd-control";
+/// The `application_name` of the connection that listens for changes.
+pub const LISTENER_NAME: &str = "wiremeshd-control-listen";
+
 /// Connects to PostgreSQL (no TLS: the database is expected on the same
-/// host or a trusted network, as for the SQLite file).
-pub fn connect_postgres(url: &str) -> Result<postgres::Client, ApiError> {
+/// host or a trusted network, as for the SQLite file) as `application_name`.
+pub fn connect_postgres(url: &str, application_name: &str) -> Result<postgres::Client, ApiError> {
     let mut config: postgres::Config = url.parse().map_err(|e| {
         ApiError::internal(format!("state store: bad PostgreSQL URL: {e}")) // the error does not echo the URL
     })?;
-    config.application_name("wiremeshd-control");
+    config.application_name(application_name);
     config.connect_timeout(std::time::Duration::from_secs(10));
     config.connect(postgres::NoTls).map_err(|e| ApiError::internal(format!("state store: cannot connect: {e}")))
 }
@@ -315,7 +329,7 @@ impl Conn {
 
     /// Connects to PostgreSQL.
     pub fn postgres(url: &str) -> Result<Conn, ApiError> {
-        let client = connect_postgres(url)?;
+        let client = connect_postgres(url, APPLICATION_NAME)?;
         Ok(Conn {
             inner: Inner::Postgres { client: Box::new(client), url: url.to_string(), statements: HashMap::new() },
             in_tx: false,
@@ -335,7 +349,7 @@ impl Conn {
     fn reconnect_if_closed(&mut self) -> Result<(), ApiError> {
         if let Inner::Postgres { client, url, statements } = &mut self.inner {
             if client.is_closed() && !self.in_tx {
-                **client = connect_postgres(url)?;
+                **client = connect_postgres(url, APPLICATION_NAME)?;
                 statements.clear();
             }
         }
@@ -355,8 +369,30 @@ impl Conn {
         Ok(st)
     }
 
+    /// Whether a statement that just failed may be run again on a new
+    /// connection: the old one is gone and no transaction was open (a
+    /// statement outside a transaction here is a read or an idempotent write).
+    fn retry_on_new_connection(&self) -> bool {
+        matches!(&self.inner, Inner::Postgres { client, .. } if client.is_closed()) && !self.in_tx
+    }
+
     /// Runs one statement; returns the rows it changed.
     pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64, ApiError> {
+        match self.execute_once(sql, params) {
+            Err(_) if self.retry_on_new_connection() => self.execute_once(sql, params),
+            r => r,
+        }
+    }
+
+    /// Runs a query; returns every row.
+    pub fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, ApiError> {
+        match self.query_once(sql, params) {
+            Err(_) if self.retry_on_new_connection() => self.query_once(sql, params),
+            r => r,
+        }
+    }
+
+    fn execute_once(&mut self, sql: &str, params: &[Value]) -> Result<u64, ApiError> {
         self.reconnect_if_closed()?;
         match &mut self.inner {
             Inner::Sqlite(c) => {
@@ -371,8 +407,7 @@ impl Conn {
         }
     }
 
-    /// Runs a query; returns every row.
-    pub fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, ApiError> {
+    fn query_once(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>, ApiError> {
         self.reconnect_if_closed()?;
         match &mut self.inner {
             Inner::Sqlite(c) => {
@@ -409,6 +444,13 @@ impl Conn {
 
     /// Runs statements separated by `;`, without parameters.
     pub fn batch(&mut self, sql: &str) -> Result<(), ApiError> {
+        match self.batch_once(sql) {
+            Err(_) if self.retry_on_new_connection() => self.batch_once(sql),
+            r => r,
+        }
+    }
+
+    fn batch_once(&mut self, sql: &str) -> Result<(), ApiError> {
         self.reconnect_if_closed()?;
         match &mut self.inner {
             Inner::Sqlite(c) => c.execute_batch(sql).map_err(sqlite_error),
