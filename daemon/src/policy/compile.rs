@@ -5,7 +5,8 @@
 use super::hujson::Pos;
 use super::model::{Alias, Policy, Target};
 use super::{ErrorKind, PolicyError};
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use wiremesh_core::filter::{Filter, Prefix, Rule as FilterRule, PROTO_ICMP, PROTO_ICMPV6};
 
@@ -121,11 +122,25 @@ struct Tailnet<'a> {
     policy: &'a Policy,
     nodes: &'a [Node],
     ids: Vec<Identity<'a>>,
+    /// Aliases already expanded.
+    cache: RefCell<HashMap<String, (Bits, Option<Prefix>)>>,
 }
 
 impl Tailnet<'_> {
-    /// The nodes an alias names, and the prefixes it names beyond nodes.
+    /// The nodes an alias names, and the prefixes it names beyond nodes
+    /// (worked out once per alias: rules name the same groups, tags and
+    /// users often).
     fn expand(&self, alias: &Alias) -> (Bits, Option<Prefix>) {
+        let key = format!("{alias:?}");
+        if let Some(hit) = self.cache.borrow().get(&key) {
+            return hit.clone();
+        }
+        let out = self.expand_uncached(alias);
+        self.cache.borrow_mut().insert(key, out.clone());
+        out
+    }
+
+    fn expand_uncached(&self, alias: &Alias) -> (Bits, Option<Prefix>) {
         let mut bits = Bits::new(self.nodes.len());
         let mut raw = None;
         for (i, (n, id)) in self.nodes.iter().zip(&self.ids).enumerate() {
@@ -174,7 +189,8 @@ type Pending<'a> = (Vec<Prefix>, &'a str, &'a [serde_json::Value]);
 /// Compiles `policy` for `nodes`; the result is in the order of `nodes`.
 pub fn compile(policy: &Policy, nodes: &[Node]) -> Vec<NodePolicy> {
     let n = nodes.len();
-    let net = Tailnet { policy, nodes, ids: nodes.iter().map(|x| identity(policy, x)).collect() };
+    let net =
+        Tailnet { policy, nodes, ids: nodes.iter().map(|x| identity(policy, x)).collect(), cache: Default::default() };
     let mut filters: Vec<Vec<FilterRule>> = vec![Vec::new(); n];
     let mut peers: Vec<Bits> = vec![Bits::new(n); n];
     // Capabilities wait until every filter is known.
@@ -264,13 +280,24 @@ pub fn compile(policy: &Policy, nodes: &[Node]) -> Vec<NodePolicy> {
     for (d, (filter, mut seen)) in filters.into_iter().zip(peers).enumerate() {
         seen.clear(d);
         let mut capabilities = Vec::new();
+        // A capability opens no path: keep only callers the filter lets in.
+        // (Host prefixes looked up in a set, the rest covered by a scan.)
+        let mut hosts = HashSet::new();
+        let mut nets = Vec::new();
+        if !pending[d].is_empty() {
+            for s in filter.iter().flat_map(|r| &r.sources) {
+                if *s == Prefix::host(s.addr()) {
+                    hosts.insert(*s);
+                } else {
+                    nets.push(*s);
+                }
+            }
+            nets.sort();
+            nets.dedup();
+        }
         for (sources, name, values) in &pending[d] {
-            // A capability opens no path: keep only callers the filter lets in.
-            let reachable: Vec<Prefix> = sources
-                .iter()
-                .filter(|p| filter.iter().any(|r| r.sources.iter().any(|s| s.covers(p))))
-                .copied()
-                .collect();
+            let reachable: Vec<Prefix> =
+                sources.iter().filter(|p| hosts.contains(*p) || nets.iter().any(|s| s.covers(p))).copied().collect();
             if !reachable.is_empty() {
                 capabilities.push(CapGrant { sources: reachable, name: (*name).into(), values: values.to_vec() });
             }
@@ -284,13 +311,8 @@ pub fn compile(policy: &Policy, nodes: &[Node]) -> Vec<NodePolicy> {
 
 /// Drops exact repeats (several rules often compile to the same line).
 fn dedup(rules: &mut Vec<FilterRule>) {
-    let mut seen: Vec<FilterRule> = Vec::with_capacity(rules.len());
-    for r in rules.drain(..) {
-        if !seen.contains(&r) {
-            seen.push(r);
-        }
-    }
-    *rules = seen;
+    let mut seen = HashSet::with_capacity(rules.len());
+    rules.retain(|r| seen.insert(r.clone()));
 }
 
 /// The tailnet a policy's tests run against: one node per user, tag, host or
