@@ -106,6 +106,20 @@ const MIGRATIONS: &[(i64, &str)] = &[
     // (seconds after registration; NULL: never). Added by the node-agent/CLI
     // work (`wiremesh keys create --key-expiry`).
     (5, "ALTER TABLE auth_keys ADD COLUMN node_key_expiry_secs {int};"),
+    // Subnet routes and exit nodes (control/routes.rs, docs/routes.md):
+    // what each node offers and what an administrator approved, and the
+    // exit node each node chose.
+    (
+        6,
+        "CREATE TABLE routes (
+            node_id {int} NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+            prefix TEXT NOT NULL,
+            advertised {int} NOT NULL,
+            approved {int} NOT NULL,
+            PRIMARY KEY (node_id, prefix)
+        );
+        ALTER TABLE nodes ADD COLUMN exit_node TEXT;",
+    ),
 ];
 
 /// Where the state lives: `--state DIR` or `--state postgres://…`.
@@ -421,9 +435,14 @@ impl Db {
     }
 
     /// Runs a write transaction that announces itself to other replicas.
-    fn write<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T, ApiError>) -> Result<T, ApiError> {
+    pub(super) fn write<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T, ApiError>) -> Result<T, ApiError> {
         let replica = self.replica.clone();
         self.conn.transaction(Some(&replica), f)
+    }
+
+    /// The connection, for reads by the control modules' own queries (routes).
+    pub(super) fn conn(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 
     /// The schema version in force.
@@ -608,7 +627,7 @@ impl Db {
         self.conn.query(&format!("{NODE_SELECT} ORDER BY n.id"), &[])?.iter().map(|r| node_row(r, tailnet)).collect()
     }
 
-    fn node_id(&mut self, id_or_name: &str) -> Result<Option<i64>, ApiError> {
+    pub(super) fn node_id(&mut self, id_or_name: &str) -> Result<Option<i64>, ApiError> {
         match id_or_name.parse::<i64>() {
             Ok(id) => Ok(Some(id)),
             Err(_) => self
