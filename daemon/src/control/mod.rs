@@ -4,6 +4,7 @@
 pub mod client;
 pub mod db;
 pub mod proto;
+pub mod routes;
 pub mod server;
 pub mod store;
 pub mod tls;

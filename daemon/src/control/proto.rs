@@ -51,6 +51,23 @@ pub struct MapRequest {
     pub signature: String,
 }
 
+/// `POST /api/v1/map` from a node that routes: a [`MapRequest`] plus what
+/// it offers and uses (a plain `MapRequest` is this with neither). The
+/// signature covers both ([`map_message_with_routes`]). See docs/routes.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoutedMapRequest {
+    /// The ordinary map request.
+    #[serde(flatten)]
+    pub request: MapRequest,
+    /// Prefixes the node offers to route (`--advertise-routes`; `0.0.0.0/0`
+    /// and `::/0` for `--advertise-exit-node`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<String>,
+    /// The exit node (name) the node sends its Internet traffic through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_node: Option<String>,
+}
+
 /// `POST /api/v1/logout`: a node leaves the tailnet (the server removes it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogoutRequest {
@@ -183,6 +200,50 @@ pub struct NetworkMap {
     /// Application capabilities granted to the node, by caller.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<CapGrant>,
+    /// Prefixes beyond the tailnet this node sends through a peer (subnet
+    /// routes of each prefix's primary router, and its exit node's default
+    /// routes), by peer. See docs/routes.md.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<PeerRoutes>,
+}
+
+/// Prefixes a node routes through one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRoutes {
+    /// The peer's node id.
+    pub peer: i64,
+    /// Canonical prefixes, sorted.
+    pub prefixes: Vec<String>,
+}
+
+/// A route as the admin API lists it (`GET /api/v1/admin/routes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    /// The router's node id.
+    pub node_id: i64,
+    /// The router's name.
+    pub node: String,
+    /// The canonical prefix.
+    pub prefix: String,
+    /// The node offers it now.
+    pub advertised: bool,
+    /// An administrator approved it.
+    pub approved: bool,
+    /// The policy's `autoApprovers` approve it.
+    pub auto_approved: bool,
+    /// Whether the router is online.
+    pub online: bool,
+    /// The router is the one its peers use for this prefix (exit routes:
+    /// whenever approved and advertised, since each node picks its own).
+    pub primary: bool,
+}
+
+/// `POST /api/v1/admin/routes/<node>/approve` and `.../unapprove`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesRequest {
+    /// Prefixes (`exit` stands for `0.0.0.0/0` and `::/0`).
+    pub prefixes: Vec<String>,
 }
 
 /// One line of the map stream.
@@ -226,6 +287,9 @@ pub struct MapDelta {
     /// The node's whole new capabilities, when they changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<CapGrant>>,
+    /// The node's whole new routes through peers, when they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Vec<PeerRoutes>>,
 }
 
 /// One line of a version 2 map stream.
@@ -254,6 +318,9 @@ impl NetworkMap {
         }
         if let Some(c) = d.capabilities {
             self.capabilities = c;
+        }
+        if let Some(r) = d.routes {
+            self.routes = r;
         }
         self.peers.retain(|p| !d.remove.contains(&p.id));
         for n in d.upsert {
@@ -393,6 +460,19 @@ pub fn register_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &Regi
 pub fn map_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &MapRequest) -> Vec<u8> {
     let endpoints = req.endpoints.join(",");
     signed_message("map", challenge, cert_sha256, &[&req.machine_key, &req.node_key, &endpoints])
+}
+
+/// The bytes a machine key signs to open its map stream with routes: without
+/// routes and exit node, exactly [`map_message`]; with them, two more fields.
+pub fn map_message_with_routes(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &RoutedMapRequest) -> Vec<u8> {
+    let r = &req.request;
+    let endpoints = r.endpoints.join(",");
+    if req.routes.is_empty() && req.exit_node.is_none() {
+        return map_message(challenge, cert_sha256, r);
+    }
+    let routes = req.routes.join(",");
+    let exit = req.exit_node.as_ref().map(|e| format!("exit:{e}")).unwrap_or_default();
+    signed_message("map", challenge, cert_sha256, &[&r.machine_key, &r.node_key, &endpoints, &routes, &exit])
 }
 
 /// The bytes a machine key signs to log its node out.

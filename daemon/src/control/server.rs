@@ -75,6 +75,8 @@ pub struct Snapshot {
     /// What the policy gives each node (in the order of `nodes`); `None`
     /// when no policy is set and every node sees and reaches every other.
     pub grants: Option<Arc<Vec<NodeGrants>>>,
+    /// Subnet routes and exit nodes: primaries and each node's routes (control/routes.rs).
+    pub routing: Arc<super::routes::Routing>,
 }
 
 /// What the policy gives one node, serialized once per policy and tailnet.
@@ -95,12 +97,18 @@ fn allow_all_json() -> Arc<str> {
 
 /// Compiles the stored policy for the nodes. A stored policy that no longer
 /// parses (it was checked when set) denies everything rather than nothing.
-fn compile_grants(text: &str, nodes: &[NodeInfo]) -> Vec<NodeGrants> {
+fn compile_grants(
+    text: &str,
+    nodes: &[NodeInfo],
+    routers: &std::collections::BTreeMap<i64, Vec<wiremesh_core::filter::Prefix>>,
+) -> Vec<NodeGrants> {
     let policy = crate::policy::parse(text).unwrap_or_else(|e| {
         eprintln!("wiremeshd control: the stored policy does not parse ({e}); denying all traffic");
         crate::policy::Policy::default()
     });
-    let compiled = crate::policy::compile(&policy, &nodes.iter().map(crate::policy::wire::node_of).collect::<Vec<_>>());
+    let mut compiled =
+        crate::policy::compile(&policy, &nodes.iter().map(crate::policy::wire::node_of).collect::<Vec<_>>());
+    super::routes::extend_policy(&policy, nodes, routers, &mut compiled);
     compiled
         .into_iter()
         .map(|c| NodeGrants {
@@ -115,8 +123,13 @@ fn compile_grants(text: &str, nodes: &[NodeInfo]) -> Vec<NodeGrants> {
         .collect()
 }
 
-/// What a compiled policy depends on: its version and who each node is.
-type GrantsKey = (i64, Vec<(i64, std::net::Ipv4Addr, std::net::Ipv6Addr, Vec<String>, String)>);
+/// What a compiled policy depends on: its version, who each node is, and
+/// which routes each router serves.
+type GrantsKey = (
+    i64,
+    Vec<(i64, std::net::Ipv4Addr, std::net::Ipv6Addr, Vec<String>, String)>,
+    std::collections::BTreeMap<i64, Vec<wiremesh_core::filter::Prefix>>,
+);
 
 impl Snapshot {
     /// Whether node index `me` gets node index `i` in its peer list.
@@ -164,7 +177,7 @@ pub struct App {
     grants_cache: Mutex<Option<(GrantsKey, Arc<Vec<NodeGrants>>)>>,
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+pub(super) type Body = BoxBody<Bytes, Infallible>;
 
 /// Runs `f`, which may block on the store, off the async workers' duty: the
 /// synchronous PostgreSQL client must not run on a runtime worker as is.
@@ -243,9 +256,10 @@ impl App {
         let read = blocking(|| {
             let mut db = lock(&self.db);
             let nodes = db.nodes()?;
-            Ok::<_, ApiError>((nodes, db.node_key_expiries()?, db.online(self.presence_timeout)?, db.policy()?))
+            let routes = super::routes::load(&mut db)?;
+            Ok::<_, ApiError>((nodes, db.node_key_expiries()?, db.online(self.presence_timeout)?, db.policy()?, routes))
         });
-        let (mut nodes, key_expiries, online, policy) = match read {
+        let (mut nodes, key_expiries, online, policy, routes) = match read {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("wiremeshd control: cannot read nodes: {e}");
@@ -270,24 +284,32 @@ impl App {
             })
             .collect();
         let now = db::unix_now();
-        let expired = key_expiries.iter().filter(|(_, &at)| at <= now).map(|(&id, _)| id).collect();
+        let expired: HashSet<i64> = key_expiries.iter().filter(|(_, &at)| at <= now).map(|(&id, _)| id).collect();
+        // Routes need the parsed policy (autoApprovers, who may use them) only when there are any.
+        let parsed = match (&policy, routes.routes.is_empty()) {
+            (Some((text, _)), false) => Some(crate::policy::parse(text).unwrap_or_default()),
+            _ => None,
+        };
+        let routing =
+            Arc::new(super::routes::compute(&nodes, &expired, &routes, parsed.as_ref(), &previous.routing.primaries));
         let grants = policy.map(|(text, policy_version)| {
             let key: GrantsKey = (
                 policy_version,
                 nodes.iter().map(|n| (n.id, n.ipv4, n.ipv6, n.tags.clone(), n.owner.clone())).collect(),
+                routing.routers.clone(),
             );
             let mut cache = lock(&self.grants_cache);
             match cache.as_ref() {
                 Some((k, g)) if *k == key => g.clone(),
                 _ => {
-                    let g = Arc::new(compile_grants(&text, &nodes));
+                    let g = Arc::new(compile_grants(&text, &nodes, &routing.routers));
                     *cache = Some((key, g.clone()));
                     g
                 }
             }
         });
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
-        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json, key_expiries, expired, grants }));
+        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json, key_expiries, expired, grants, routing }));
     }
 
     /// Stores a new policy text (already checked) and publishes a snapshot
@@ -325,12 +347,23 @@ impl App {
         });
     }
 
+    /// Runs `f` on the store at once (tests).
+    #[cfg(test)]
+    pub(super) fn with_db_blocking(&self, f: &mut dyn FnMut(&mut Db)) {
+        f(&mut lock(&self.db))
+    }
+
+    /// The tailnet's settings.
+    pub(super) fn tailnet(&self) -> &Tailnet {
+        &self.tailnet
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
     }
 
-    async fn with_db<T: Send + 'static>(
+    pub(super) async fn with_db<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut Db) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
@@ -393,6 +426,11 @@ impl App {
         if &*capabilities != "[]" {
             s.push_str(",\"capabilities\":");
             s.push_str(&capabilities);
+        }
+        let routes = snap.routing.json_of(me);
+        if &*routes != "[]" {
+            s.push_str(",\"routes\":");
+            s.push_str(&routes);
         }
         Some(s)
     }
@@ -653,7 +691,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     })
 }
 
-fn json_response(status: u16, body: &impl Serialize) -> Response<Body> {
+pub(super) fn json_response(status: u16, body: &impl Serialize) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     Response::builder()
         .status(status)
@@ -663,7 +701,7 @@ fn json_response(status: u16, body: &impl Serialize) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+pub(super) async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -832,6 +870,7 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
             let version = app.set_policy(text.clone()).await?;
             Ok(json_response(200, &proto::PolicyInfo { policy: Some(text), version }))
         }
+        (["routes", ..], _) => super::routes::admin(&app, &segments[1..], req).await,
         (["tailnet" | "keys" | "nodes" | "users" | "policy", ..], _) => {
             Err(ApiError::new(405, "method_not_allowed", "method not allowed"))
         }
@@ -1032,6 +1071,7 @@ struct Sent {
     peers: HashMap<i64, Arc<str>>,
     filter: Arc<str>,
     capabilities: Arc<str>,
+    routes: Arc<str>,
 }
 
 impl Sent {
@@ -1046,7 +1086,7 @@ impl Sent {
             .map(|(_, (n, j))| (n.id, j.clone()))
             .collect();
         let (filter, capabilities) = snap.grants_json(me);
-        Sent { me: snap.json[me].clone(), peers, filter, capabilities }
+        Sent { me: snap.json[me].clone(), peers, filter, capabilities, routes: snap.routing.json_of(me) }
     }
 
     /// The delta line bringing the last map to `snap`'s, or `None` if nothing
@@ -1078,7 +1118,15 @@ impl Sent {
         let (filter, capabilities) = snap.grants_json(me);
         let filter_changed = self.filter != filter;
         let capabilities_changed = self.capabilities != capabilities;
-        if !self_changed && upsert.is_empty() && remove.is_empty() && !filter_changed && !capabilities_changed {
+        let routes = snap.routing.json_of(me);
+        let routes_changed = self.routes != routes;
+        if !self_changed
+            && upsert.is_empty()
+            && remove.is_empty()
+            && !filter_changed
+            && !capabilities_changed
+            && !routes_changed
+        {
             return None;
         }
         let mut out = format!("{{\"delta\":{{\"version\":{}", snap.version);
@@ -1106,18 +1154,29 @@ impl Sent {
             out.push_str(&capabilities);
             self.capabilities = capabilities;
         }
+        if routes_changed {
+            out.push_str(",\"routes\":");
+            out.push_str(&routes);
+            self.routes = routes;
+        }
         out.push_str("}}\n");
         Some(Bytes::from(out))
     }
 }
 
-async fn map_stream(app: Arc<App>, r: proto::MapRequest, version: u32) -> Result<Response<Body>, ApiError> {
+async fn map_stream(app: Arc<App>, rr: proto::RoutedMapRequest, version: u32) -> Result<Response<Body>, ApiError> {
+    let r = &rr.request;
     let machine_key = parse_machine_key(&r.machine_key)?;
     let node_key = parse_node_key(&r.node_key)?;
     check_endpoints(&r.endpoints)?;
+    let advertised = super::routes::parse_routes(&rr.routes, &app.tailnet)?;
+    if rr.exit_node.as_ref().is_some_and(|e| e.is_empty() || e.len() > 255) {
+        return Err(ApiError::bad_request("exit_node must be a node name".into()));
+    }
     let challenge = app.consume_challenge(&r.challenge)?;
-    verify(&machine_key, &proto::map_message(&challenge, &app.fingerprint, &r), &r.signature)?;
+    verify(&machine_key, &proto::map_message_with_routes(&challenge, &app.fingerprint, &rr), &r.signature)?;
     let endpoints = r.endpoints.clone();
+    let exit_node = rr.exit_node.clone();
     let id = app
         .with_db(move |db| {
             let node = db
@@ -1127,6 +1186,7 @@ async fn map_stream(app: Arc<App>, r: proto::MapRequest, version: u32) -> Result
                 return Err(node_expired());
             }
             db.update_node(node.id, &node_key, &endpoints)?;
+            super::routes::set_advertised(db, node.id, &advertised, exit_node.as_deref())?;
             Ok(node.id)
         })
         .await?;
@@ -1230,6 +1290,7 @@ mod tests {
                 peers: snap.nodes.iter().filter(|n| n.id != node.id).cloned().collect(),
                 filter: proto::FilterRule::allow_all(),
                 capabilities: Vec::new(),
+                routes: Vec::new(),
             };
             assert_eq!(*map, want);
         }

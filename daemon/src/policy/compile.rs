@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use wiremesh_core::filter::{Filter, Prefix, Rule as FilterRule, PROTO_ICMP, PROTO_ICMPV6};
 
+pub mod routes;
+
 /// How deep tag ownership may chain through tags owning tags.
 const MAX_TAG_OWNER_DEPTH: usize = 8;
 
@@ -124,6 +126,13 @@ struct Tailnet<'a> {
     ids: Vec<Identity<'a>>,
     /// Aliases already expanded.
     cache: RefCell<HashMap<String, (Bits, Option<Prefix>)>>,
+}
+
+impl<'a> Tailnet<'a> {
+    /// The tailnet of `nodes` under `policy` (also what `routes` builds on).
+    fn new(policy: &'a Policy, nodes: &'a [Node]) -> Tailnet<'a> {
+        Tailnet { policy, nodes, ids: nodes.iter().map(|x| identity(policy, x)).collect(), cache: Default::default() }
+    }
 }
 
 impl Tailnet<'_> {

@@ -17,7 +17,6 @@ pub const DEFAULT_PROTOCOLS: [u8; 4] = [PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_
 const UNSUPPORTED_SECTIONS: &[&str] = &[
     "ssh",
     "nodeAttrs",
-    "autoApprovers",
     "postures",
     "derpMap",
     "disableIPv4",
@@ -148,6 +147,19 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// The tests.
     pub tests: Vec<Test>,
+    /// `autoApprovers`: who may have routes approved without an administrator.
+    pub auto_approvers: AutoApprovers,
+}
+
+/// `autoApprovers`: routes a node advertises are approved when the node is
+/// one of the approvers of a prefix covering them (`routes`), and its exit
+/// routes when it is one of `exitNode`. See docs/routes.md.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AutoApprovers {
+    /// Prefixes with who may route them (users, groups, tags, autogroups).
+    pub routes: Vec<(Prefix, Vec<Target>)>,
+    /// Who may be an exit node.
+    pub exit_node: Vec<Target>,
 }
 
 fn err(pos: Pos, kind: ErrorKind, message: String) -> PolicyError {
@@ -367,6 +379,40 @@ impl Reader {
         Ok(IpSpec { protocols, ports })
     }
 
+    /// Reads `autoApprovers` (`routes`: prefix to approvers; `exitNode`: approvers).
+    fn auto_approvers(&self, v: &Value) -> Result<AutoApprovers, PolicyError> {
+        let mut out = AutoApprovers::default();
+        for (k, v) in object(v, "autoApprovers")? {
+            match k.name.as_str() {
+                "routes" => {
+                    for (p, who) in object(v, "autoApprovers.routes")? {
+                        let prefix = parse_prefix(&p.name).filter(|_| p.name.contains('/')).ok_or_else(|| {
+                            invalid(p.pos, format!("{:?} is no canonical prefix (a.b.c.d/n)", p.name))
+                        })?;
+                        out.routes.push((prefix, self.approvers(who, &p.name)?));
+                    }
+                }
+                "exitNode" => out.exit_node = self.approvers(v, "exitNode")?,
+                other => {
+                    return Err(err(
+                        k.pos,
+                        ErrorKind::Unsupported,
+                        format!("autoApprovers.{other} is not supported (wiremesh reads routes and exitNode)"),
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn approvers(&self, v: &Value, what: &str) -> Result<Vec<Target>, PolicyError> {
+        let list = self.targets(v, what, false)?;
+        if let Some(t) = list.iter().find(|t| matches!(t.alias, Alias::Any | Alias::Prefix(_))) {
+            return Err(invalid(t.pos, format!("{:?}: approvers are users, groups, tags or autogroups", t.text)));
+        }
+        Ok(list)
+    }
+
     fn acl(&self, v: &Value) -> Result<Rule, PolicyError> {
         let f = fields(v, "an ACL", &["action", "src", "dst", "proto"], &["users", "ports", "srcPosture"])?;
         let action = f.get("action").ok_or_else(|| invalid(v.pos, "an ACL needs \"action\"".into()))?;
@@ -472,7 +518,7 @@ impl Reader {
 /// Reads a policy from a parsed huJSON document.
 pub fn from_value(doc: &Value) -> Result<Policy, PolicyError> {
     let top = object(doc, "the policy")?;
-    const KNOWN: &[&str] = &["groups", "tagOwners", "hosts", "acls", "grants", "tests"];
+    const KNOWN: &[&str] = &["groups", "tagOwners", "hosts", "acls", "grants", "tests", "autoApprovers"];
     let mut sections = BTreeMap::new();
     for (k, v) in top {
         if UNSUPPORTED_SECTIONS.contains(&k.name.as_str()) {
@@ -566,5 +612,9 @@ pub fn from_value(doc: &Value) -> Result<Policy, PolicyError> {
             tests.push(r.test(v)?);
         }
     }
-    Ok(Policy { groups: r.groups, tag_owners, hosts: r.hosts, rules, tests })
+    let auto_approvers = match sections.get("autoApprovers") {
+        Some(a) => r.auto_approvers(a)?,
+        None => AutoApprovers::default(),
+    };
+    Ok(Policy { groups: r.groups, tag_owners, hosts: r.hosts, rules, tests, auto_approvers })
 }
