@@ -130,7 +130,12 @@ fn tailnet_keeps_flowing_through_a_control_sigkill_and_resumes_after_restart() {
     }
     let mut lab = Lab::new();
     let key = lab.new_key(true);
-    let nodes: Vec<Node> = ["one", "two", "three"].iter().map(|n| lab.spawn_node(n, &key)).collect();
+    let mut nodes: Vec<Node> = ["one", "two"].iter().map(|n| lab.spawn_node(n, &key)).collect();
+    // "three" asks for map-stream version 1 (full maps on every change), as
+    // an agent facing a server without deltas would get.
+    let mut three = lab.new_node("three");
+    lab.start_agent_with(&mut three, "three", &key, &["--map-version", "1"]);
+    nodes.push(three);
     let all: Vec<&Node> = nodes.iter().collect();
     for n in &nodes {
         wait_until(Duration::from_secs(20), "three-node maps", || peer_count(n) == 2, || logs(&all));
@@ -172,5 +177,15 @@ fn tailnet_keeps_flowing_through_a_control_sigkill_and_resumes_after_restart() {
     // Addresses are stable across the crash.
     let again: Vec<String> = nodes.iter().map(Node::ipv4).collect();
     assert_eq!(again, ips);
+    // The version 1 node followed every change with full maps, the others
+    // with deltas after their first map.
+    let log = nodes[2].log();
+    assert!(log.contains("map stream open (version 1)") && !log.contains("version 2"), "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("delta ")), "{log}");
+    assert!(
+        log.lines().any(|l| l.starts_with("map ") && l.contains(": 3 peers (1 added")),
+        "four by a full map: {log}"
+    );
+    assert!(nodes[0].log().lines().any(|l| l.starts_with("delta ") && l.contains(" peers (1 added")));
     drop(lab.server.take());
 }

@@ -82,6 +82,11 @@ enum Command {
         /// restored on down, logout and exit.
         #[arg(long)]
         accept_dns: bool,
+        /// The map-stream version to ask for: 2 (a full map, then deltas) or
+        /// 1 (a full map on every change).
+        #[arg(long, default_value_t = wiremesh_daemon::control::proto::MAP_VERSION,
+              value_parser = clap::value_parser!(u32).range(1..=2))]
+        map_version: u32,
         #[command(flatten)]
         userspace: UserspaceArgs,
     },
@@ -126,7 +131,19 @@ fn main() -> ExitCode {
             let opts = wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace, presence_timeout };
             exit(wiremesh_daemon::control::server::run(&opts))
         }
-        Command::Node { control, auth_key, hostname, state, tun, listen_port, mtu, socket, accept_dns, userspace } => {
+        Command::Node {
+            control,
+            auth_key,
+            hostname,
+            state,
+            tun,
+            listen_port,
+            mtu,
+            socket,
+            accept_dns,
+            map_version,
+            userspace,
+        } => {
             let control = match control.parse() {
                 Ok(c) => c,
                 Err(e) => {
@@ -147,6 +164,7 @@ fn main() -> ExitCode {
                     .userspace
                     .then(|| wiremesh_daemon::node::userspace::Userspace { proxies: userspace.proxies() }),
                 accept_dns,
+                map_version,
             };
             exit(wiremesh_daemon::node::run(opts))
         }

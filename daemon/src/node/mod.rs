@@ -54,6 +54,9 @@ pub struct Options {
     /// Point the host's /etc/resolv.conf at the resolver while on the
     /// tailnet, restoring the original after (`--accept-dns`).
     pub accept_dns: bool,
+    /// The map-stream version to ask for: [`proto::MAP_VERSION`] (deltas),
+    /// or 1 (full maps only) (`--map-version`).
+    pub map_version: u32,
 }
 
 /// What the local API reads.
@@ -392,7 +395,7 @@ impl Agent {
         };
         req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &self.opts.control.fingerprint, &req));
         let body = serde_json::to_vec(&req).map_err(|e| ClientError::Transport(e.to_string()))?;
-        let path = format!("{}/map?version={}", proto::API, proto::MAP_VERSION);
+        let path = format!("{}/map?version={}", proto::API, self.opts.map_version);
         let resp = self.client.send(hyper::Method::POST, &path, body, None).await?;
         if resp.status().is_success() {
             return Ok(resp);
