@@ -52,7 +52,7 @@
 //! device endpoint; [`RELAY_ENDPOINT`] stands for the relay). The session is
 //! not touched, so it survives every path change.
 
-use crate::crypto::{aead_open, aead_seal, dh, hash, kdf, KEY_LEN, TAG_LEN};
+use crate::crypto::{aead_open, aead_seal, dh, hash, hmac, kdf, KEY_LEN, TAG_LEN};
 use crate::keys::{PrivateKey, PublicKey};
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use core::time::Duration;
@@ -325,6 +325,30 @@ impl PairKeys {
         Body::parse(plain)
     }
 }
+
+/// The proof a relay client gives that it holds the private key of the
+/// node key it claims: HMAC-BLAKE2s keyed with the X25519 of the client's
+/// and the relay's keys, over a label, both public keys and the relay's
+/// fresh nonce. Either side computes it with its own private key and the
+/// other's public key; nobody else can. `client` names the client's key.
+pub fn relay_proof(
+    own: &PrivateKey,
+    other: &PublicKey,
+    client: &PublicKey,
+    nonce: &[u8; KEY_LEN],
+) -> Result<[u8; KEY_LEN], DiscoError> {
+    let own_pub = own.public_key();
+    if own_pub == *other {
+        return Err(DiscoError::BadKey);
+    }
+    let relay = if own_pub == *client { *other } else { own_pub };
+    let mut shared = dh(&own.secret(), &other.0).ok_or(DiscoError::BadKey)?;
+    let proof = hmac(&shared, &[RELAY_LABEL, &relay.0, &client.0, nonce]);
+    shared.zeroize();
+    Ok(proof)
+}
+
+const RELAY_LABEL: &[u8] = b"wiremesh relay auth v1";
 
 /// Timing of the path state machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -935,6 +959,19 @@ mod tests {
                 assert!(kb.open(&t[..n]).is_err(), "flip at {i}");
             }
         }
+    }
+
+    #[test]
+    fn relay_proof_agrees_only_for_the_key_holder() {
+        let (client, relay, thief) = (key(1), key(2), key(3));
+        let nonce = [5u8; 32];
+        let c = relay_proof(&client, &relay.public_key(), &client.public_key(), &nonce).unwrap();
+        let r = relay_proof(&relay, &client.public_key(), &client.public_key(), &nonce).unwrap();
+        assert_eq!(c, r);
+        // Someone claiming the client's key with their own private key.
+        let t = relay_proof(&thief, &relay.public_key(), &client.public_key(), &nonce).unwrap();
+        assert_ne!(t, r);
+        assert_ne!(relay_proof(&client, &relay.public_key(), &client.public_key(), &[6; 32]).unwrap(), r);
     }
 
     #[test]

@@ -8,3 +8,4 @@ pub mod interface;
 pub mod node;
 pub mod identity;
 pub mod policy;
+pub mod relay;

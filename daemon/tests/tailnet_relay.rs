@@ -1,0 +1,228 @@
+//! The relay over real TLS on loopback: frames between two proven node
+//! keys, a client claiming a key it does not hold, malformed and oversized
+//! frames, the per-client rate limit, the STUN responder, and the relayed
+//! throughput figure docs/nat.md quotes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wiremesh_core::keys::PrivateKey;
+use wiremesh_daemon::relay::client::{self, RelayError};
+use wiremesh_daemon::relay::{self, Limits, Relay, MAX_PAYLOAD};
+
+fn key() -> PrivateKey {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut b).unwrap();
+    PrivateKey::from_bytes(b)
+}
+
+struct Server {
+    relay: Arc<Relay>,
+    addr: SocketAddr,
+    fp: [u8; 32],
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn server(limits: Limits) -> Server {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("wiremesh-relay-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let identity = wiremesh_daemon::control::tls::load_or_create(&dir).unwrap();
+    let (relay, addr) = relay::start("127.0.0.1:0".parse().unwrap(), identity.config, limits).await.unwrap();
+    Server { relay, addr, fp: identity.fingerprint, _dir: TempDir(dir) }
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_flow_between_proven_keys() {
+    let s = server(Limits::default()).await;
+    let (a, b) = (key(), key());
+    let (mut a_tx, mut a_rx) = client::connect(s.addr, s.fp, &a).await.unwrap();
+    let (mut b_tx, mut b_rx) = client::connect(s.addr, s.fp, &b).await.unwrap();
+    settle().await;
+    assert_eq!(s.relay.clients(), 2);
+    let mut buf = vec![0u8; MAX_PAYLOAD];
+    // Opaque bytes are forwarded as they are, tagged with the sender's key.
+    for len in [1usize, 148, 1452, MAX_PAYLOAD] {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+        a_tx.send(&b.public_key(), &payload).await.unwrap();
+        let (from, n) = b_rx.recv(&mut buf).await.unwrap().unwrap();
+        assert_eq!(from, a.public_key());
+        assert_eq!(&buf[..n], &payload[..]);
+    }
+    b_tx.send(&a.public_key(), b"back").await.unwrap();
+    let (from, n) = a_rx.recv(&mut buf).await.unwrap().unwrap();
+    assert_eq!((from, &buf[..n]), (b.public_key(), &b"back"[..]));
+    // To a key that is not connected: counted, not an error for the sender.
+    a_tx.send(&key().public_key(), b"nobody").await.unwrap();
+    settle().await;
+    let st = s.relay.stats.snapshot();
+    assert_eq!((st.accepted, st.forwarded, st.no_peer, st.auth_failed, st.malformed), (2, 5, 1, 0, 0));
+    // Payloads the client refuses to frame.
+    assert!(matches!(a_tx.send(&b.public_key(), &[]).await, Err(RelayError::BadLength(0))));
+    assert!(matches!(a_tx.send(&b.public_key(), &vec![0; MAX_PAYLOAD + 1]).await, Err(RelayError::BadLength(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_claiming_a_key_it_does_not_hold_is_refused() {
+    let s = server(Limits::default()).await;
+    let (victim, thief, other) = (key(), key(), key());
+    let (_v_tx, mut v_rx) = client::connect(s.addr, s.fp, &victim).await.unwrap();
+    let (mut o_tx, _o_rx) = client::connect(s.addr, s.fp, &other).await.unwrap();
+    let r = client::connect_claiming(s.addr, s.fp, &thief, victim.public_key()).await;
+    assert!(matches!(r, Err(RelayError::Refused)), "impostor accepted");
+    settle().await;
+    let st = s.relay.stats.snapshot();
+    assert_eq!((st.accepted, st.auth_failed), (2, 1));
+    // The victim's connection still receives its frames.
+    o_tx.send(&victim.public_key(), b"still yours").await.unwrap();
+    let mut buf = vec![0u8; MAX_PAYLOAD];
+    let (from, n) = v_rx.recv(&mut buf).await.unwrap().unwrap();
+    assert_eq!((from, &buf[..n]), (other.public_key(), &b"still yours"[..]));
+    // A client pinning another certificate does not connect at all.
+    assert!(client::connect(s.addr, [0u8; 32], &thief).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_frames_close_the_connection() {
+    let s = server(Limits::default()).await;
+    let (a, b) = (key(), key());
+    let (_b_tx, mut b_rx) = client::connect(s.addr, s.fp, &b).await.unwrap();
+    let mut buf = vec![0u8; MAX_PAYLOAD];
+    let bad_frames: Vec<Vec<u8>> = vec![
+        // Oversized: length MAX_PAYLOAD + 1.
+        [&[relay::FRAME_SEND][..], &b.public_key().0, &((MAX_PAYLOAD + 1) as u16).to_be_bytes(), &[0u8; 8]].concat(),
+        // Unknown type.
+        [&[9u8][..], &b.public_key().0, &4u16.to_be_bytes(), b"abcd"].concat(),
+        // A relay-to-client frame sent by a client.
+        [&[relay::FRAME_RECV][..], &b.public_key().0, &4u16.to_be_bytes(), b"abcd"].concat(),
+        // Empty payload.
+        [&[relay::FRAME_SEND][..], &b.public_key().0, &0u16.to_be_bytes()].concat(),
+    ];
+    for (i, frame) in bad_frames.iter().enumerate() {
+        let (mut a_tx, mut a_rx) = client::connect(s.addr, s.fp, &a).await.unwrap();
+        a_tx.write_raw(frame).await.unwrap();
+        // The relay hangs up on us.
+        let r = tokio::time::timeout(Duration::from_secs(5), a_rx.recv(&mut buf)).await.expect("closed in time");
+        assert!(matches!(r, Ok(None) | Err(_)), "frame {i}: connection still open");
+        assert_eq!(s.relay.stats.snapshot().malformed, i as u64 + 1);
+    }
+    // Nothing reached b.
+    assert!(tokio::time::timeout(Duration::from_millis(200), b_rx.recv(&mut buf)).await.is_err());
+    assert_eq!(s.relay.stats.snapshot().forwarded, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_bounds_one_client() {
+    // 64 KiB/s with a 64 KiB burst: 1 MiB sent at once mostly drops.
+    let limits = Limits { rate_bytes_per_sec: 64 << 10, burst_bytes: 64 << 10, queue_frames: 4096 };
+    let s = server(limits).await;
+    let (a, b) = (key(), key());
+    let (mut a_tx, _a_rx) = client::connect(s.addr, s.fp, &a).await.unwrap();
+    let (_b_tx, mut b_rx) = client::connect(s.addr, s.fp, &b).await.unwrap();
+    let frame = vec![0x42u8; 1024];
+    for _ in 0..1024 {
+        a_tx.queue(&b.public_key(), &frame).await.unwrap();
+    }
+    a_tx.flush().await.unwrap();
+    let mut buf = vec![0u8; MAX_PAYLOAD];
+    let mut got = 0u64;
+    while let Ok(Ok(Some(_))) = tokio::time::timeout(Duration::from_millis(300), b_rx.recv(&mut buf)).await {
+        got += 1;
+    }
+    let st = s.relay.stats.snapshot();
+    assert_eq!(st.forwarded + st.rate_limited, 1024);
+    assert!(st.rate_limited >= 900, "{st:?}");
+    assert!((64..=100).contains(&got), "{got} frames passed a 64 KiB burst");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_drops_instead_of_blocking_the_sender() {
+    // The receiver never reads: its queue fills, the rest is dropped and
+    // counted, and the sender's other destination is still served.
+    let limits = Limits { queue_frames: 16, ..Limits::default() };
+    let s = server(limits).await;
+    let (a, b, c) = (key(), key(), key());
+    let (mut a_tx, _a_rx) = client::connect(s.addr, s.fp, &a).await.unwrap();
+    let (_b_tx, _b_rx_never_read) = client::connect(s.addr, s.fp, &b).await.unwrap();
+    let (_c_tx, mut c_rx) = client::connect(s.addr, s.fp, &c).await.unwrap();
+    let frame = vec![1u8; MAX_PAYLOAD];
+    for _ in 0..4096 {
+        a_tx.queue(&b.public_key(), &frame).await.unwrap();
+    }
+    a_tx.send(&c.public_key(), b"for c").await.unwrap();
+    let mut buf = vec![0u8; MAX_PAYLOAD];
+    let (from, n) = tokio::time::timeout(Duration::from_secs(10), c_rx.recv(&mut buf)).await.unwrap().unwrap().unwrap();
+    assert_eq!((from, &buf[..n]), (a.public_key(), &b"for c"[..]));
+    assert!(s.relay.stats.snapshot().queue_full > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_reports_the_requesters_address() {
+    use wiremesh_core::stun;
+    let s = server(Limits::default()).await;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tx = [0x5au8; 12];
+    let mut req = [0u8; stun::BINDING_REQUEST_LEN];
+    stun::encode_binding_request(&tx, &mut req).unwrap();
+    // Garbage first: ignored, the responder keeps going.
+    sock.send_to(b"not stun at all, not even close", s.addr).await.unwrap();
+    sock.send_to(&req, s.addr).await.unwrap();
+    let mut buf = [0u8; 128];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(from, s.addr);
+    let m = stun::parse(&buf[..n]).unwrap();
+    assert_eq!((m.class, m.transaction_id, m.mapped), (stun::Class::Success, tx, Some(sock.local_addr().unwrap())));
+    assert_eq!(s.relay.stats.snapshot().stun_answered, 1);
+}
+
+/// Relayed throughput over loopback TLS: one sender, one receiver, frames of
+/// a WireGuard packet's size, for about a second. Prints the figure
+/// docs/nat.md quotes; asserts only that it is not absurdly low.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_throughput() {
+    let s = server(Limits { rate_bytes_per_sec: u64::MAX / 4, burst_bytes: u64::MAX / 4, queue_frames: 4096 }).await;
+    let (a, b) = (key(), key());
+    let (mut a_tx, _a_rx) = client::connect(s.addr, s.fp, &a).await.unwrap();
+    let (_b_tx, mut b_rx) = client::connect(s.addr, s.fp, &b).await.unwrap();
+    const FRAME: usize = 1452;
+    const DURATION: Duration = Duration::from_secs(1);
+    let bkey = b.public_key();
+    let sender = tokio::spawn(async move {
+        let frame = vec![0xa5u8; FRAME];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < DURATION {
+            for _ in 0..64 {
+                a_tx.queue(&bkey, &frame).await.unwrap();
+            }
+            a_tx.flush().await.unwrap();
+            sent += 64;
+        }
+        (sent, a_tx)
+    });
+    let mut buf = vec![0u8; MAX_PAYLOAD];
+    let start = Instant::now();
+    let mut got = 0u64;
+    while let Ok(Ok(Some(_))) = tokio::time::timeout(Duration::from_millis(500), b_rx.recv(&mut buf)).await {
+        got += 1;
+    }
+    let elapsed = start.elapsed().saturating_sub(Duration::from_millis(500));
+    let (sent, _keep) = sender.await.unwrap();
+    let mbit = (got * FRAME as u64 * 8) as f64 / elapsed.as_secs_f64() / 1e6;
+    println!("relayed: {got} of {sent} frames of {FRAME} bytes in {elapsed:?}: {mbit:.0} Mbit/s");
+    assert!(got > 0 && got <= sent);
+    assert!(mbit > 20.0, "{mbit} Mbit/s");
+}
