@@ -95,6 +95,52 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Subnet routes and exit nodes (admin; docs/routes.md).
+    Routes {
+        #[command(subcommand)]
+        command: RoutesCommand,
+    },
+    /// Changes this node's preferences through the running agent.
+    Set {
+        /// Send Internet traffic through this exit node (a node name; "" for none).
+        #[arg(long)]
+        exit_node: Option<String>,
+        /// While using an exit node, keep the local networks reachable directly.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        exit_node_allow_lan_access: Option<bool>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoutesCommand {
+    /// Lists every advertised or approved route, with its router and state.
+    List {
+        #[command(flatten)]
+        admin: Admin,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approves routes of a node (`exit` for both exit routes).
+    Approve {
+        #[command(flatten)]
+        admin: Admin,
+        /// The node's id or name.
+        node: String,
+        /// Prefixes, e.g. 10.1.0.0/24, or `exit`.
+        #[arg(required = true)]
+        prefixes: Vec<String>,
+    },
+    /// Withdraws the approval of routes of a node.
+    Unapprove {
+        #[command(flatten)]
+        admin: Admin,
+        /// The node's id or name.
+        node: String,
+        /// Prefixes, e.g. 10.1.0.0/24, or `exit`.
+        #[arg(required = true)]
+        prefixes: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -245,6 +291,14 @@ fn main() -> ExitCode {
         Command::Nodes { command } => nodes(command),
         Command::Users { command } => users(command),
         Command::Policy { command } => policy(command),
+        Command::Routes { command } => routes(command),
+        Command::Set { exit_node, exit_node_allow_lan_access } => {
+            if exit_node.is_none() && exit_node_allow_lan_access.is_none() {
+                Err("nothing to set: give --exit-node NAME and/or --exit-node-allow-lan-access".into())
+            } else {
+                done(&socket, &LocalRequest::Set { exit_node, exit_node_allow_lan_access })
+            }
+        }
     };
     match result {
         Ok(code) => code,
@@ -394,6 +448,57 @@ fn admin_client(a: &Admin) -> Result<(Client, String), String> {
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     Ok(rt.block_on(f))
+}
+
+fn print_routes(list: &[proto::RouteInfo], json: bool) -> Result<(), String> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    for r in list {
+        let approval = match (r.approved, r.auto_approved) {
+            (true, _) => "approved",
+            (false, true) => "auto-approved",
+            (false, false) => "not approved",
+        };
+        println!(
+            "{}  {} (id {})  {}  {}  {}{}",
+            r.prefix,
+            r.node,
+            r.node_id,
+            if r.advertised { "advertised" } else { "not advertised" },
+            approval,
+            if r.online { "online" } else { "offline" },
+            if r.primary { "  primary" } else { "" },
+        );
+    }
+    Ok(())
+}
+
+/// `POST /admin/routes/<node>/<action>`, printing the node's routes after.
+fn approve(admin: &Admin, node: &str, prefixes: Vec<String>, action: &str) -> Result<(), String> {
+    let (client, token) = admin_client(admin)?;
+    let path = format!("{}/admin/routes/{node}/{action}", proto::API);
+    let req = proto::RoutesRequest { prefixes };
+    let list: Vec<proto::RouteInfo> =
+        block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?.map_err(|e| e.to_string())?;
+    print_routes(&list, false)
+}
+
+fn routes(cmd: RoutesCommand) -> Result<ExitCode, String> {
+    let path = format!("{}/admin/routes", proto::API);
+    match cmd {
+        RoutesCommand::List { admin, json } => {
+            let (client, token) = admin_client(&admin)?;
+            let list: Vec<proto::RouteInfo> =
+                block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
+                    .map_err(|e| e.to_string())?;
+            print_routes(&list, json)?;
+        }
+        RoutesCommand::Approve { admin, node, prefixes } => approve(&admin, &node, prefixes, "approve")?,
+        RoutesCommand::Unapprove { admin, node, prefixes } => approve(&admin, &node, prefixes, "unapprove")?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {

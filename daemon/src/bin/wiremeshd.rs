@@ -50,6 +50,30 @@ enum Command {
         /// Seconds after which a silent replica is taken for dead and its nodes go offline.
         #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
         presence_timeout_secs: u64,
+        /// The embedded relay and STUN server (TCP+UDP, one port): ADDR,
+        /// `auto` (the listen address, port + 1; port 0 stays 0) or `off`.
+        #[arg(long, default_value = "auto")]
+        relay: String,
+    },
+    /// A relay: forwards WireGuard and probe frames between nodes by node
+    /// key over TLS, and answers STUN on the same UDP port (docs/nat.md).
+    Relay {
+        /// Address to listen on (TLS on TCP, STUN on UDP).
+        #[arg(long, default_value = "0.0.0.0:3340")]
+        listen: std::net::SocketAddr,
+        /// Directory for the TLS certificate (made at first start; its
+        /// fingerprint is printed).
+        #[arg(long, default_value = "/var/lib/wiremesh-relay")]
+        state: PathBuf,
+        /// Payload bytes per second one client may send.
+        #[arg(long, default_value_t = 64 << 20)]
+        rate_limit: u64,
+        /// Payload bytes one client may send in a burst.
+        #[arg(long, default_value_t = 4 << 20)]
+        burst: u64,
+        /// Frames queued towards one client before more are dropped.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        queue: u64,
     },
     /// The node agent: joins the tailnet and keeps the data plane on its map.
     Node {
@@ -88,8 +112,24 @@ enum Command {
               value_parser = clap::value_parser!(u32).range(1..=2))]
         map_version: u32,
         #[command(flatten)]
+        routes: RouteArgs,
+        #[command(flatten)]
         userspace: UserspaceArgs,
     },
+}
+
+/// Subnet routes and exit nodes offered by the node (docs/routes.md).
+#[derive(clap::Args)]
+struct RouteArgs {
+    /// Offer routes to these prefixes (e.g. 10.1.0.0/24,192.168.0.0/16); an admin or autoApprovers approves them.
+    #[arg(long, value_delimiter = ',', conflicts_with = "userspace")]
+    advertise_routes: Vec<String>,
+    /// Offer to be an exit node (0.0.0.0/0 and ::/0).
+    #[arg(long, conflicts_with = "userspace")]
+    advertise_exit_node: bool,
+    /// Masquerade traffic forwarded to routed networks (false keeps the tailnet source addresses).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    snat_subnet_routes: bool,
 }
 
 /// `--userspace` and the local ways into the tailnet it offers.
@@ -125,11 +165,31 @@ const READY_FD_ENV: &str = "WIREMESHD_READY_FD";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Control { listen, state, ephemeral_grace_secs, presence_timeout_secs } => {
+        Command::Control { listen, state, ephemeral_grace_secs, presence_timeout_secs, relay } => {
             let ephemeral_grace = std::time::Duration::from_secs(ephemeral_grace_secs);
             let presence_timeout = std::time::Duration::from_secs(presence_timeout_secs);
-            let opts = wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace, presence_timeout };
+            let relay = match relay.as_str() {
+                "off" => None,
+                "auto" => {
+                    let port = if listen.port() == 0 { 0 } else { listen.port().checked_add(1).unwrap_or(0) };
+                    Some(std::net::SocketAddr::new(listen.ip(), port))
+                }
+                other => match other.parse() {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        eprintln!("wiremeshd: --relay: {other}: {e} (ADDR:PORT, auto or off)");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            let opts =
+                wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace, presence_timeout, relay };
             exit(wiremesh_daemon::control::server::run(&opts))
+        }
+        Command::Relay { listen, state, rate_limit, burst, queue } => {
+            let limits =
+                wiremesh_daemon::relay::Limits { rate_bytes_per_sec: rate_limit, burst_bytes: burst, queue_frames: queue as usize };
+            exit(wiremesh_daemon::relay::run(&wiremesh_daemon::relay::Options { listen, state, limits }))
         }
         Command::Node {
             control,
@@ -142,6 +202,7 @@ fn main() -> ExitCode {
             socket,
             accept_dns,
             map_version,
+            routes,
             userspace,
         } => {
             let control = match control.parse() {
@@ -165,6 +226,11 @@ fn main() -> ExitCode {
                     .then(|| wiremesh_daemon::node::userspace::Userspace { proxies: userspace.proxies() }),
                 accept_dns,
                 map_version,
+                routes: wiremesh_daemon::node::routes::RouteOptions {
+                    advertise: routes.advertise_routes,
+                    exit_node: routes.advertise_exit_node,
+                    snat: routes.snat_subnet_routes,
+                },
             };
             exit(wiremesh_daemon::node::run(opts))
         }

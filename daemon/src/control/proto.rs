@@ -205,6 +205,23 @@ pub struct NetworkMap {
     /// routes), by peer. See docs/routes.md.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<PeerRoutes>,
+    /// Relays (each also a STUN server) the node may use when no direct
+    /// path to a peer works. See docs/nat.md.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<RelayInfo>,
+}
+
+/// A relay and STUN server nodes may use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// Host to connect to; absent: the control server's own host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// TCP port of its TLS listener; STUN answers on the same UDP port.
+    pub port: u16,
+    /// SHA-256 of its certificate in hex; absent: the control server's pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// Prefixes a node routes through one peer.

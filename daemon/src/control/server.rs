@@ -52,6 +52,9 @@ pub struct Options {
     /// A replica whose heartbeat is this old is taken for dead: its nodes go
     /// offline (it beats every third of this).
     pub presence_timeout: Duration,
+    /// Where the embedded relay (TLS on TCP, STUN on UDP, the same port)
+    /// listens; `None`: no relay. See docs/nat.md.
+    pub relay: Option<SocketAddr>,
 }
 
 /// The default for [`Options::presence_timeout`].
@@ -175,6 +178,8 @@ pub struct App {
     presence_timeout: Duration,
     /// The last compiled policy, reused while neither it nor the nodes change.
     grants_cache: Mutex<Option<(GrantsKey, Arc<Vec<NodeGrants>>)>>,
+    /// The relays every map names, as JSON (unset: none).
+    relays_json: std::sync::OnceLock<String>,
 }
 
 pub(super) type Body = BoxBody<Bytes, Infallible>;
@@ -227,9 +232,17 @@ impl App {
             ephemeral_grace,
             presence_timeout,
             grants_cache: Mutex::new(None),
+            relays_json: std::sync::OnceLock::new(),
         });
         app.publish();
         app
+    }
+
+    /// Names the relays every map carries from now on (set once, at start).
+    pub fn set_relays(&self, relays: &[proto::RelayInfo]) {
+        if let Ok(j) = serde_json::to_string(relays) {
+            let _ = self.relays_json.set(j);
+        }
     }
 
     /// Sweeps once the grace period after ephemeral node `id` went offline
@@ -432,6 +445,10 @@ impl App {
             s.push_str(",\"routes\":");
             s.push_str(&routes);
         }
+        if let Some(relays) = self.relays_json.get() {
+            s.push_str(",\"relays\":");
+            s.push_str(relays);
+        }
         Some(s)
     }
 }
@@ -631,6 +648,21 @@ async fn serve(opts: &Options) -> Result<(), String> {
         std::fs::write(dir.join("cert.sha256"), format!("{fp}\n")).map_err(|e| e.to_string())?;
     }
     let app = App::with_presence_timeout(db, identity.fingerprint, opts.ephemeral_grace, opts.presence_timeout);
+    // The embedded relay shares the control channel's certificate, so the
+    // nodes' pin covers it; a port it cannot bind disables it, not the server.
+    let relay_addr = match opts.relay {
+        Some(at) => match crate::relay::start(at, identity.config.clone(), crate::relay::Limits::default()).await {
+            Ok((_relay, bound)) => {
+                app.set_relays(&[proto::RelayInfo { host: None, port: bound.port(), fingerprint: None }]);
+                Some(bound)
+            }
+            Err(e) => {
+                eprintln!("wiremeshd control: relay disabled: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     // Replicas that stopped (this one's earlier life, after a restart) and
     // ephemeral nodes left offline go on the first sweep.
     app.start_publisher();
@@ -644,6 +676,9 @@ async fn serve(opts: &Options) -> Result<(), String> {
             let _ = writeln!(out, "admin token (shown once, stored hashed): {token}");
         }
         let _ = writeln!(out, "listening on {addr}");
+        if let Some(r) = relay_addr {
+            let _ = writeln!(out, "relay listening on {r} (tcp, TLS) and {r} (udp, STUN)");
+        }
         let _ = writeln!(out, "control URL: https://{addr}#sha256={fp}");
         let _ = out.flush();
     }
@@ -1291,6 +1326,7 @@ mod tests {
                 filter: proto::FilterRule::allow_all(),
                 capabilities: Vec::new(),
                 routes: Vec::new(),
+                relays: Vec::new(),
             };
             assert_eq!(*map, want);
         }

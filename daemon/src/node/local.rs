@@ -42,6 +42,16 @@ pub enum LocalRequest {
     /// agent forgets its registration (a new node key; an auth key is needed
     /// to join again).
     Logout,
+    /// Change the node's preferences (`wiremesh set`): the exit node (an
+    /// empty name: none) and LAN access while using it. See docs/routes.md.
+    Set {
+        /// The exit node's name.
+        #[serde(default)]
+        exit_node: Option<String>,
+        /// Keep the local networks reachable directly.
+        #[serde(default)]
+        exit_node_allow_lan_access: Option<bool>,
+    },
 }
 
 /// What the agent is doing, as `up`, `down` and `logout` set it.

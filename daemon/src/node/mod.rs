@@ -9,6 +9,7 @@ pub mod keys;
 pub mod local;
 pub mod proxy;
 pub mod reconcile;
+pub mod routes;
 pub mod userspace;
 
 use crate::control::client::{Client, ClientError, ControlUrl};
@@ -57,6 +58,9 @@ pub struct Options {
     /// The map-stream version to ask for: [`proto::MAP_VERSION`] (deltas),
     /// or 1 (full maps only) (`--map-version`).
     pub map_version: u32,
+    /// Subnet routes and exit node offered (`--advertise-routes`,
+    /// `--advertise-exit-node`, `--snat-subnet-routes`).
+    pub routes: routes::RouteOptions,
 }
 
 /// What the local API reads.
@@ -103,6 +107,14 @@ struct Agent {
     host_dns: Option<dns::HostDns>,
     /// The userspace netstack (`--userspace`): it holds the addresses, no TUN.
     netstack: Option<wiremesh_dataplane::netstack::Netstack>,
+    /// Kernel routes, forwarding and masquerade for subnet routes and exit nodes.
+    host_routes: routes::HostRoutes,
+    /// `wiremesh set`'s choices (exit node), kept in the state directory.
+    prefs: Mutex<routes::Prefs>,
+    /// Reopens the map stream (the exit node choice travels in its request).
+    reopen: tokio::sync::Notify,
+    /// The control server's addresses, kept off the exit node.
+    control_addrs: Vec<IpAddr>,
 }
 
 /// Why following the map stopped.
@@ -142,7 +154,13 @@ pub fn run(opts: Options) -> Result<(), String> {
     let node_key = proto::b64_key(&node_private.public_key().0);
 
     let mut config = DeviceConfig::default();
-    let setup = format!("private_key={}\nlisten_port={}\n", proto::hex(&node_private.to_bytes()), opts.listen_port);
+    // The fwmark lets the tunnel's own packets skip an exit node's routes.
+    let setup = format!(
+        "private_key={}\nlisten_port={}\nfwmark={}\n",
+        proto::hex(&node_private.to_bytes()),
+        opts.listen_port,
+        routes::FWMARK
+    );
     config.apply(&parse_set(&setup).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     drop(setup);
     // The TUN worker, or the userspace netstack; either serves the wg(8) socket.
@@ -150,6 +168,22 @@ pub fn run(opts: Options) -> Result<(), String> {
     let (control, listen_port) = (dp.control(), dp.listen_port());
 
     let initial = if opts.state.join(DOWN_MARK).exists() { AgentState::Down } else { AgentState::Up };
+    let prefs = routes::Prefs::load(&opts.state)?;
+    let host_routes = routes::HostRoutes::new(&opts.tun, opts.routes.clone());
+    if dp.netstack().is_none() {
+        if let Err(e) = host_routes.start_router() {
+            host_routes.cleanup();
+            dp.stop();
+            return Err(format!("cannot set up routing: {e}"));
+        }
+    }
+    let control_addrs: Vec<IpAddr> = {
+        use std::net::ToSocketAddrs;
+        (opts.control.host.as_str(), opts.control.port)
+            .to_socket_addrs()
+            .map(|a| a.map(|s| s.ip()).collect())
+            .unwrap_or_default()
+    };
     let agent = Arc::new(Agent {
         host_dns,
         client: Client::new(opts.control.clone()),
@@ -169,6 +203,10 @@ pub fn run(opts: Options) -> Result<(), String> {
         addresses: Mutex::new(None),
         dns: Arc::default(),
         netstack: dp.netstack(),
+        host_routes,
+        prefs: Mutex::new(prefs),
+        reopen: tokio::sync::Notify::new(),
+        control_addrs,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -181,6 +219,7 @@ pub fn run(opts: Options) -> Result<(), String> {
     };
     let result = proxies.and_then(|()| rt.block_on(agent.clone().main()));
     let _ = std::fs::remove_file(&agent.opts.socket);
+    agent.host_routes.cleanup();
     if let Some(Err(e)) = agent.host_dns.as_ref().map(dns::HostDns::restore) {
         eprintln!("wiremeshd node: cannot restore the host's resolv.conf: {e}");
     }
@@ -247,6 +286,8 @@ impl Agent {
             let stop = tokio::select! {
                 biased;
                 _ = want.wait_for(|w| *w != AgentState::Up) => None,
+                // `wiremesh set` changed what the map request carries.
+                _ = self.reopen.notified() => None,
                 stop = self.follow(&mut got_map) => Some(stop),
             };
             lock(&self.shared).connected = false;
@@ -287,6 +328,7 @@ impl Agent {
         if let Err(e) = self.apply_none() {
             eprintln!("wiremeshd node: cannot remove the peers: {e}");
         }
+        self.host_routes.clear();
         if let Some(Err(e)) = self.host_dns.as_ref().map(dns::HostDns::restore) {
             eprintln!("wiremeshd node: cannot restore the host's resolv.conf: {e}");
         }
@@ -386,14 +428,20 @@ impl Agent {
 
     async fn open_map(&self, endpoints: &[String]) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let challenge = self.client.challenge().await?;
-        let mut req = MapRequest {
+        let request = MapRequest {
             machine_key: self.machine.public_hex(),
             node_key: lock(&self.node_key).clone(),
             endpoints: endpoints.to_vec(),
             challenge: proto::hex(&challenge),
             signature: String::new(),
         };
-        req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &self.opts.control.fingerprint, &req));
+        let mut req = proto::RoutedMapRequest {
+            request,
+            routes: self.opts.routes.reported(),
+            exit_node: lock(&self.prefs).exit_node.clone(),
+        };
+        let fp = &self.opts.control.fingerprint;
+        req.request.signature = self.machine.sign_hex(&proto::map_message_with_routes(&challenge, fp, &req));
         let body = serde_json::to_vec(&req).map_err(|e| ClientError::Transport(e.to_string()))?;
         let path = format!("{}/map?version={}", proto::API, self.opts.map_version);
         let resp = self.client.send(hyper::Method::POST, &path, body, None).await?;
@@ -478,6 +526,12 @@ impl Agent {
                 println!("{kind} {}: {} peers ({a} added, {c} changed, {r} removed)", map.version, plan.next.len());
             }
             rec.commit(plan);
+        }
+        if self.netstack.is_none() {
+            let prefs = lock(&self.prefs).clone();
+            if let Err(e) = self.host_routes.apply(&map, &prefs, &self.control_addrs) {
+                eprintln!("wiremeshd node: routes: {e}");
+            }
         }
         if self.nudge.swap(false, std::sync::atomic::Ordering::SeqCst) {
             self.nudge_peers(&map);
@@ -595,7 +649,42 @@ impl Agent {
                 Ok(m) => LocalResponse::Done(m),
                 Err(e) => LocalResponse::Error(e),
             },
+            LocalRequest::Set { exit_node, exit_node_allow_lan_access } => {
+                match self.set_prefs(exit_node, exit_node_allow_lan_access) {
+                    Ok(m) => LocalResponse::Done(m),
+                    Err(e) => LocalResponse::Error(e),
+                }
+            }
         }
+    }
+
+    /// `wiremesh set`: the exit node (an empty name clears it) and LAN
+    /// access; saved, then the map stream reopens to carry the choice.
+    fn set_prefs(&self, exit_node: Option<String>, allow_lan: Option<bool>) -> Result<String, String> {
+        if self.netstack.is_some() && exit_node.as_deref().is_some_and(|e| !e.is_empty()) {
+            return Err("exit nodes need a TUN device (not --userspace)".into());
+        }
+        let mut prefs = lock(&self.prefs).clone();
+        if let Some(e) = exit_node {
+            let e = e.trim().to_ascii_lowercase();
+            let me = lock(&self.shared).map.as_ref().map(|m| m.self_node.name.clone());
+            if me.as_deref() == Some(e.as_str()) {
+                return Err("a node cannot be its own exit node".into());
+            }
+            prefs.exit_node = (!e.is_empty()).then_some(e);
+        }
+        if let Some(lan) = allow_lan {
+            prefs.exit_node_allow_lan_access = lan;
+        }
+        prefs.save(&self.opts.state)?;
+        *lock(&self.prefs) = prefs.clone();
+        self.reopen.notify_one();
+        Ok(match &prefs.exit_node {
+            Some(e) => {
+                format!("exit node {e} (LAN access {})", if prefs.exit_node_allow_lan_access { "on" } else { "off" })
+            }
+            None => "no exit node".into(),
+        })
     }
 
     /// Asks the map follower for `to` and waits until it got there.

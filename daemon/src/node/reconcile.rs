@@ -63,7 +63,12 @@ impl Reconciler {
                     continue;
                 }
                 let endpoint = p.endpoints.iter().find_map(|e| e.parse::<SocketAddr>().ok());
-                next.insert(key, PeerState { endpoint, allowed_ips: p.allowed_ips.clone() });
+                let mut allowed_ips = p.allowed_ips.clone();
+                // Prefixes the map routes through this peer (docs/routes.md).
+                for r in map.routes.iter().filter(|r| r.peer == p.id) {
+                    allowed_ips.extend(r.prefixes.iter().cloned());
+                }
+                next.insert(key, PeerState { endpoint, allowed_ips });
             }
         }
         let mut body = String::new();
