@@ -6,7 +6,8 @@
 #
 # Installs:
 #   * Debian packages: wireguard-go wireguard-tools iperf3 iproute2
-#     iputils-ping procps postgresql curl (the PostgreSQL control-store tests
+#     iputils-ping procps postgresql curl nftables (nft: the subnet-router and
+#     exit-node tests; the PostgreSQL control-store tests
 #     start their own throwaway cluster from its binaries; the packaged
 #     cluster's service is not needed)
 #   * two wireguard-go versions side by side, for interop tests:
@@ -24,7 +25,7 @@ set -euo pipefail
 CI_LIB=/usr/local/lib/wiremesh-ci
 WG_GO_STABLE=0.0.20220316
 WG_GO_BACKPORTS=0.0.20231211
-PACKAGES=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping procps postgresql curl)
+PACKAGES=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping procps postgresql curl nftables)
 BPO_SOURCES=/etc/apt/sources.list.d/wiremesh-backports.sources
 APT_OPTS=(-o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
 
