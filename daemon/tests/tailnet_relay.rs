@@ -226,3 +226,94 @@ async fn relayed_throughput() {
     assert!(got > 0 && got <= sent);
     assert!(mbit > 20.0, "{mbit} Mbit/s");
 }
+
+/// `wiremeshd control` embeds the relay by default on the next port (here
+/// an ephemeral one), with the control channel's certificate: a node that
+/// pinned the control server reaches the relay and its STUN responder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_embeds_the_relay() {
+    use std::io::BufRead;
+    let dir = TempDir(std::env::temp_dir().join(format!("wiremesh-relay-embedded-{}", std::process::id())));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
+        .args(["control", "--listen", "127.0.0.1:0", "--state"])
+        .arg(&dir.0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let out = child.stdout.take().unwrap();
+    let _guard = Kill(child);
+    let (relay_addr, url) = tokio::task::spawn_blocking(move || {
+        let mut relay = None;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.unwrap();
+            if let Some(r) = line.strip_prefix("relay listening on ") {
+                relay = Some(r.split(' ').next().unwrap().parse::<SocketAddr>().unwrap());
+            }
+            if let Some(u) = line.strip_prefix("control URL: ") {
+                let url: wiremesh_daemon::control::client::ControlUrl = u.parse().unwrap();
+                return (relay, url);
+            }
+        }
+        panic!("control server exited");
+    })
+    .await
+    .unwrap();
+    let relay_addr = relay_addr.expect("the control server started its relay");
+    assert_ne!(relay_addr.port(), url.port, "a second port");
+    let (a, b) = (key(), key());
+    let (mut a_tx, _a_rx) = client::connect(relay_addr, url.fingerprint, &a).await.unwrap();
+    let (_b_tx, mut b_rx) = client::connect(relay_addr, url.fingerprint, &b).await.unwrap();
+    a_tx.send(&b.public_key(), b"through the embedded relay").await.unwrap();
+    let mut buf = vec![0u8; MAX_PAYLOAD];
+    let (from, n) = tokio::time::timeout(Duration::from_secs(5), b_rx.recv(&mut buf)).await.unwrap().unwrap().unwrap();
+    assert_eq!((from, &buf[..n]), (a.public_key(), &b"through the embedded relay"[..]));
+    // STUN on the same port, UDP.
+    use wiremesh_core::stun;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut req = [0u8; stun::BINDING_REQUEST_LEN];
+    stun::encode_binding_request(&[1; 12], &mut req).unwrap();
+    sock.send_to(&req, relay_addr).await.unwrap();
+    let mut r = [0u8; 128];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut r)).await.unwrap().unwrap();
+    assert_eq!(stun::parse(&r[..n]).unwrap().mapped, Some(sock.local_addr().unwrap()));
+}
+
+/// Every map names the relays the server set, in full maps.
+#[test]
+fn maps_name_the_relays() {
+    use wiremesh_daemon::control::db::{Db, Registration};
+    use wiremesh_daemon::control::proto::{RelayInfo, StreamMessage};
+    use wiremesh_daemon::control::server::App;
+    let (mut db, _) = Db::open_in_memory().unwrap();
+    let (auth, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
+    for n in 1..=2u8 {
+        let reg = Registration {
+            auth_key: auth.clone(),
+            machine_key: [n; 32],
+            node_key: [n + 10; 32],
+            hostname: format!("n{n}"),
+            endpoints: vec![],
+        };
+        db.register(&reg).unwrap();
+    }
+    let app = App::new(db, [0; 32], Duration::from_secs(1));
+    let snap = app.snapshot();
+    let id = snap.nodes[0].id;
+    let parse = |body: String| {
+        let line = format!("{{\"map\":{{\"version\":1,{body}}}}}");
+        let StreamMessage::Map(m) = serde_json::from_str(&line).unwrap() else { panic!("not a map") };
+        m
+    };
+    assert!(parse(app.map_body(&snap, id).unwrap()).relays.is_empty());
+    let relay = RelayInfo { host: None, port: 8444, fingerprint: None };
+    app.set_relays(std::slice::from_ref(&relay));
+    assert_eq!(parse(app.map_body(&snap, id).unwrap()).relays, vec![relay]);
+}

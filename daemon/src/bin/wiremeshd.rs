@@ -187,8 +187,11 @@ fn main() -> ExitCode {
             exit(wiremesh_daemon::control::server::run(&opts))
         }
         Command::Relay { listen, state, rate_limit, burst, queue } => {
-            let limits =
-                wiremesh_daemon::relay::Limits { rate_bytes_per_sec: rate_limit, burst_bytes: burst, queue_frames: queue as usize };
+            let limits = wiremesh_daemon::relay::Limits {
+                rate_bytes_per_sec: rate_limit,
+                burst_bytes: burst,
+                queue_frames: queue as usize,
+            };
             exit(wiremesh_daemon::relay::run(&wiremesh_daemon::relay::Options { listen, state, limits }))
         }
         Command::Node {
