@@ -1,13 +1,17 @@
-//! The tailnet policy end to end, in network namespaces (root only; skipped
-//! elsewhere, failing in CI): a control server and three node agents with
-//! TUN devices; the policy is set with the CLI and checked with real TCP
-//! connections (iperf3) and pings between the namespaces.
+//! The tailnet policy end to end: the admin API against a real `wiremeshd
+//! control` on loopback (no root needed), and in network namespaces (root
+//! only; skipped elsewhere, failing in CI) a control server and three node
+//! agents with TUN devices, the policy set with the CLI and checked with
+//! real TCP connections (iperf3) and pings between the namespaces.
 
 #[path = "../../testsupport/netns.rs"]
 mod netns;
 
 #[path = "support/tailnet.rs"]
 mod tailnet;
+
+#[path = "support/control.rs"]
+mod control_server;
 
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -153,4 +157,71 @@ fn tailnet_policy_allows_only_what_it_says_and_changes_live() {
     assert_eq!(peer_names(alpha), ["beta", "gamma"]);
     assert!(tcp_works(beta, &a, 22), "the refused policy changed nothing\n{}", logs(&all));
     assert!(!tcp_works(alpha, &b, 22));
+}
+
+/// `PUT /api/v1/admin/policy` with a raw body: status and answer.
+fn put(server: &control_server::Server, body: Vec<u8>, token: Option<&str>) -> (u16, serde_json::Value) {
+    use wiremesh_daemon::control::{client::Client, proto};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let c = Client::new(server.url.clone());
+    let (status, answer) = rt
+        .block_on(c.raw(hyper::Method::PUT, &format!("{}/admin/policy", proto::API), body, token))
+        .expect("the server answers");
+    (status, serde_json::from_slice(&answer).unwrap_or(serde_json::Value::Null))
+}
+
+fn get(server: &control_server::Server, method: hyper::Method) -> (u16, serde_json::Value) {
+    use wiremesh_daemon::control::{client::Client, proto};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let c = Client::new(server.url.clone());
+    let (status, answer) = rt
+        .block_on(c.raw(method, &format!("{}/admin/policy", proto::API), Vec::new(), server.token.as_deref()))
+        .expect("the server answers");
+    (status, serde_json::from_slice(&answer).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn policy_api_sets_atomically_and_refuses_bad_files_with_their_place() {
+    let state = control_server::state_dir("policy-api");
+    let server = control_server::start(&state);
+    let token = server.token.clone().expect("a fresh server prints its token");
+    let (status, body) = get(&server, hyper::Method::GET);
+    assert_eq!((status, &body), (200, &serde_json::json!({"policy": null, "version": 0})));
+    let good = "// ok\n{\"acls\": [{\"action\": \"accept\", \"src\": [\"a@\"], \"dst\": [\"b@:22\"]},],\n \"tests\": [{\"src\": \"a@\", \"accept\": [\"b@:22\"]}]}";
+    let (status, body) = put(&server, good.into(), Some(&token));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], 1);
+    let refused: &[(&str, u16, &str, &str)] = &[
+        ("{\"acls\": [\n  {\"action\": \"accept\",, }]}", 400, "policy_syntax", "line 2, column 23"),
+        ("{\n\"ssh\": []}", 400, "policy_unsupported", "line 2, column 1: section \"ssh\" is not supported"),
+        (
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"group:x\"], \"dst\": [\"*:*\"]}]}",
+            400,
+            "policy_invalid",
+            "group \"x\" is not defined",
+        ),
+        (
+            "{\"acls\": [],\n \"tests\": [{\"src\": \"a@\", \"accept\": [\"b@:22\"]}]}",
+            400,
+            "policy_test_failed",
+            "test at line 2 failed",
+        ),
+    ];
+    for (text, status, code, what) in refused {
+        let (s, body) = put(&server, text.as_bytes().to_vec(), Some(&token));
+        assert_eq!((s, body["code"].as_str()), (*status, Some(*code)), "{text}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(what), "{text}: {body}");
+    }
+    assert_eq!(put(&server, good.into(), None).0, 401);
+    assert_eq!(put(&server, good.into(), Some("wrong")).0, 401);
+    assert_eq!(put(&server, vec![0xff, 0xfe, b'{', b'}'], Some(&token)).0, 400);
+    let big = format!("{{\"acls\": []}}{}", " ".repeat(wiremesh_daemon::policy::MAX_POLICY_BYTES));
+    assert_eq!(put(&server, big.into_bytes(), Some(&token)).0, 413);
+    assert_eq!(get(&server, hyper::Method::POST).0, 405);
+    // Nothing refused changed anything.
+    let (status, body) = get(&server, hyper::Method::GET);
+    assert_eq!(status, 200);
+    assert_eq!(body, serde_json::json!({"policy": good, "version": 1}));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&state);
 }
