@@ -225,3 +225,34 @@ fn forged_and_replayed_probes_are_refused_and_counted() {
     assert_eq!(s.nodes[1].disco.stats().replayed, after.replayed + 1);
     assert!(both_direct(&s));
 }
+
+#[test]
+fn unblocking_mid_transfer_moves_to_direct_without_loss() {
+    // A starts behind a symmetric NAT facing a port-restricted one: relayed.
+    // Mid-transfer its NAT becomes endpoint-independent (the block lifted):
+    // the pair moves to the direct path, and every packet of the transfer
+    // arrives, in one session.
+    let mut s = pair(110, Some((AddressAndPort, AddressAndPort)), Some((Independent, AddressAndPort)));
+    s.run_for(10 * SECOND);
+    assert_eq!(s.path(0, 1), Some(Path::Relay));
+    let before = s.nodes[1].delivered.len();
+    let mut sent = 0;
+    for round in 0..40 {
+        if round == 10 {
+            let nat = s.nodes[0].nat.as_mut().unwrap();
+            nat.mapping = Independent;
+            nat.random_ports = false;
+            nat.rebind();
+        }
+        for _ in 0..10 {
+            s.send_ip(0, 1, &[round as u8; 200]);
+            sent += 1;
+            s.run_for(Duration::from_millis(100));
+        }
+    }
+    s.run_for(SECOND);
+    assert!(both_direct(&s), "not direct after the block was lifted: {:?}", s.traffic);
+    assert_eq!(s.nodes[1].delivered.len() - before, sent, "packets lost across the path change");
+    assert!(s.traffic.relayed_data > 0 && s.traffic.direct_data > 0);
+    assert_eq!((s.nodes[0].handshakes, s.nodes[1].handshakes), (1, 1));
+}
