@@ -319,9 +319,21 @@ pub fn compile(policy: &Policy, nodes: &[Node]) -> Vec<NodePolicy> {
 }
 
 /// Drops exact repeats (several rules often compile to the same line).
+/// Rules are hashed in place (no copy of their long source lists); equal
+/// hashes are confirmed by comparing with the rules kept.
 fn dedup(rules: &mut Vec<FilterRule>) {
-    let mut seen = HashSet::with_capacity(rules.len());
-    rules.retain(|r| seen.insert(r.clone()));
+    use std::hash::BuildHasher;
+    let hasher = std::collections::hash_map::RandomState::new();
+    let mut kept: Vec<FilterRule> = Vec::with_capacity(rules.len());
+    let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::with_capacity(rules.len());
+    for r in rules.drain(..) {
+        let same = by_hash.entry(hasher.hash_one(&r)).or_default();
+        if !same.iter().any(|&i| kept[i] == r) {
+            same.push(kept.len());
+            kept.push(r);
+        }
+    }
+    *rules = kept;
 }
 
 /// The tailnet a policy's tests run against: one node per user, tag, host or
