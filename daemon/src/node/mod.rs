@@ -299,7 +299,7 @@ impl Agent {
                     // again, waiting for another; the agent runs on.
                     eprintln!("wiremeshd node: {e}");
                     lock(&self.shared).last_error = Some(e);
-                    *lock(&self.auth_key) = None;
+                    self.forget_auth_key();
                     self.want.send_replace(AgentState::LoggedOut);
                     continue;
                 }
@@ -687,6 +687,11 @@ impl Agent {
         })
     }
 
+    /// Drops the auth key, wiping its bytes.
+    fn forget_auth_key(&self) {
+        wipe(lock(&self.auth_key).take());
+    }
+
     /// Asks the map follower for `to` and waits until it got there.
     async fn switch(&self, to: AgentState) {
         self.want.send_replace(to);
@@ -700,7 +705,7 @@ impl Agent {
         let _one = self.commands.lock().await;
         let state = *self.want.borrow();
         if let Some(key) = auth_key {
-            *lock(&self.auth_key) = Some(key);
+            wipe(lock(&self.auth_key).replace(key));
             self.key_from_cli.store(true, std::sync::atomic::Ordering::SeqCst);
         } else if state == AgentState::LoggedOut {
             return Err("logged out: give an auth key to join again (wiremesh up --auth-key KEY)".into());
@@ -767,7 +772,7 @@ impl Agent {
             }
             return Err(format!("logout failed: {e}"));
         }
-        *lock(&self.auth_key) = None;
+        self.forget_auth_key();
         self.key_from_cli.store(false, std::sync::atomic::Ordering::SeqCst);
         let _ = std::fs::remove_file(self.opts.state.join(DOWN_MARK));
         let path = self.opts.state.join("node.key");
@@ -787,6 +792,15 @@ impl Agent {
 }
 
 use tokio::io::AsyncReadExt as _;
+
+/// Overwrites a secret string's bytes before it is freed.
+fn wipe(secret: Option<String>) {
+    if let Some(s) = secret {
+        let mut bytes = s.into_bytes();
+        bytes.fill(0);
+        std::hint::black_box(&bytes);
+    }
+}
 
 fn run_ip(args: &[&str]) -> Result<(), String> {
     let out = std::process::Command::new("ip")
