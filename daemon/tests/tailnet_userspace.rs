@@ -210,3 +210,97 @@ fn tailnet_userspace_node_talks_with_a_tun_node_and_proxies_by_name() {
     assert_eq!(peer["node"]["name"], "beta", "{st}");
     assert!(peer["rx_bytes"].as_u64().unwrap() > 0 && peer["tx_bytes"].as_u64().unwrap() > 0, "{st}");
 }
+
+/// What the embedded node saw, sent back to the test thread.
+#[derive(Debug)]
+struct Seen {
+    /// The name and node key `node_of` gave for beta's connection.
+    caller: Option<(String, String)>,
+    /// The page fetched from beta through the embedded netstack.
+    fetched: String,
+    /// The node key `peer_of` gave for beta's address.
+    beta_key: Option<String>,
+}
+
+#[test]
+fn tailnet_embedded_node_joins_with_an_auth_key_and_knows_its_callers() {
+    let test = "tailnet_embedded_node_joins_with_an_auth_key_and_knows_its_callers";
+    if !netns::require_or_skip(test) {
+        return;
+    }
+    let mut lab = Lab::new();
+    let key = lab.new_key(true);
+    let beta = lab.spawn_node("beta", &key);
+    let _beta_web = WebServer::start(&beta.ns, "[::]:8000", "hello from beta");
+    // The embedded node lives in this test process, on a thread moved into
+    // a namespace on the lab's bridge.
+    let gamma_ns = Netns::new();
+    let host = lab.next_host;
+    lab.next_host += 1;
+    let _gamma_link = Lab::attach(&lab.hub, &gamma_ns, &lab.subnet.v4_cidr(host));
+    let state = tmpdir("gamma");
+    let mut opts = wiremesh_daemon::node::userspace::join_options(
+        lab.url.parse().unwrap(),
+        Some(key.clone()),
+        "gamma",
+        state.clone(),
+    );
+    opts.tun = netns::unique_ifname("wme");
+    let ns_path = format!("/run/netns/{}", gamma_ns.name());
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    let beta_v4: std::net::IpAddr = {
+        wait_until(Duration::from_secs(20), "beta registered", || !beta.status()["self"].is_null(), || beta.log());
+        beta.ipv4().parse().unwrap()
+    };
+    let worker = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns_path).unwrap();
+        // SAFETY: setns on a namespace file we hold open; it moves only this
+        // thread, and the runtime's threads are made here after it.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let node = wiremesh_daemon::node::userspace::join(opts).await.expect("join");
+            let addrs = node.ready(Duration::from_secs(20)).await.expect("ready");
+            let listener = node.netstack().listen_tcp(80).unwrap();
+            addr_tx.send(addrs).unwrap();
+            // A caller, known by the key its packets came with, named by the map.
+            let (mut conn, from) = listener.accept().await.unwrap();
+            let caller = node.node_of(from.ip()).map(|n| (n.name, n.node_key));
+            let mut buf = vec![0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
+            let body = format!("{caller:?}\n");
+            let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            conn.write_all(resp.as_bytes()).await.unwrap();
+            conn.shutdown().await.unwrap();
+            // And out: a page from beta's web server over the netstack.
+            let mut s = node.netstack().connect_tcp((beta_v4, 8000).into()).await.unwrap();
+            s.write_all(b"GET /embedded HTTP/1.1\r\nhost: beta\r\n\r\n").await.unwrap();
+            let mut fetched = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut fetched)).await.unwrap().unwrap();
+            let beta_key =
+                node.netstack().peer_of(beta_v4).map(|p| wiremesh_daemon::control::proto::b64_key(&p.public_key.0));
+            let fetched = String::from_utf8_lossy(&fetched).into_owned();
+            seen_tx.send(Seen { caller, fetched, beta_key }).unwrap();
+            node.shutdown().await;
+        });
+    });
+    let (gamma4, gamma6) = addr_rx.recv_timeout(Duration::from_secs(40)).expect("the embedded node joined");
+    assert!(gamma4.is_ipv4() && gamma6.is_ipv6());
+    // beta's map lists gamma, with the addresses the embedded node holds.
+    wait_until(Duration::from_secs(20), "beta sees gamma", || peer_count(&beta) == 1, || beta.log());
+    let st = beta.status();
+    assert_eq!(st["peers"][0]["node"]["name"], "gamma", "{st}");
+    assert_eq!(st["peers"][0]["node"]["ipv4"], gamma4.to_string(), "{st}");
+    let beta_key = st["self"]["node_key"].as_str().unwrap().to_string();
+    let (ok, body, err) = curl(&beta.ns, &[&format!("http://{gamma4}/")]);
+    assert!(ok, "{err}\n{}", beta.log());
+    let seen = seen_rx.recv_timeout(Duration::from_secs(30)).expect("the embedded node's report");
+    worker.join().unwrap();
+    assert_eq!(seen.caller, Some(("beta".to_string(), beta_key.clone())), "{body}");
+    assert_eq!(body, format!("{:?}\n", seen.caller));
+    assert_eq!(seen.beta_key.as_deref(), Some(beta_key.as_str()));
+    assert!(seen.fetched.ends_with("hello from beta /embedded\n"), "{}", seen.fetched);
+    let _ = std::fs::remove_dir_all(&state);
+}

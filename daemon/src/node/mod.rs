@@ -136,8 +136,9 @@ pub fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-/// Runs the agent until SIGTERM or SIGINT, or until it cannot go on.
-pub fn run(opts: Options) -> Result<(), String> {
+/// Everything before following the map: the state directory and keys, the
+/// data plane and the agent (shared by [`run`] and [`userspace::join`]).
+fn start(opts: Options) -> Result<(Arc<Agent>, userspace::DataPlane), String> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -208,6 +209,12 @@ pub fn run(opts: Options) -> Result<(), String> {
         reopen: tokio::sync::Notify::new(),
         control_addrs,
     });
+    Ok((agent, dp))
+}
+
+/// Runs the agent until SIGTERM or SIGINT, or until it cannot go on.
+pub fn run(opts: Options) -> Result<(), String> {
+    let (agent, dp) = start(opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -157,7 +157,7 @@ async fn socks5(mut client: tokio::net::TcpStream, dialer: &Dialer) -> io::Resul
         }
     };
     socks5_reply(&mut client, rep::SUCCEEDED, Some(remote.local_addr())).await?;
-    tokio::io::copy_bidirectional(&mut client, &mut remote).await?;
+    relay(&mut client, &mut remote).await?;
     Ok(())
 }
 
@@ -335,7 +335,7 @@ async fn http_proxy(mut client: tokio::net::TcpStream, dialer: &Dialer) -> io::R
         };
         client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?;
         remote.write_all(&rest).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut remote).await?;
+        relay(&mut client, &mut remote).await?;
         return Ok(());
     }
     // An absolute URI: http://authority/path, sent on in origin form.
@@ -372,7 +372,7 @@ async fn http_proxy(mut client: tokio::net::TcpStream, dialer: &Dialer) -> io::R
     };
     remote.write_all(out.as_bytes()).await?;
     remote.write_all(&rest).await?;
-    tokio::io::copy_bidirectional(&mut client, &mut remote).await?;
+    relay(&mut client, &mut remote).await?;
     Ok(())
 }
 
@@ -386,6 +386,20 @@ async fn dial_error(client: &mut tokio::net::TcpStream, e: DialError) -> io::Res
     http_error(client, status, code, &e.to_string()).await
 }
 
+/// Bytes each direction of a relay moves per read: large, so each pass
+/// through the netstack's lock carries many segments (tokio's default of
+/// 8 KiB costs about a third of the throughput).
+const RELAY_BUF: usize = 256 * 1024;
+
+/// Copies both ways between a local socket and a tunnel stream until both close.
+async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUF, RELAY_BUF).await
+}
+
 /// Serves one `--forward` rule until the runtime ends.
 pub async fn serve_forward(listener: wiremesh_dataplane::netstack::TcpListener, target: SocketAddr) {
     loop {
@@ -393,7 +407,7 @@ pub async fn serve_forward(listener: wiremesh_dataplane::netstack::TcpListener, 
         tokio::spawn(async move {
             match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
                 Ok(Ok(mut local)) => {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut local).await;
+                    let _ = relay(&mut inbound, &mut local).await;
                 }
                 // The local service is not there: the tailnet client sees a reset.
                 _ => inbound.abort(),

@@ -6,14 +6,18 @@
 //! [`super::proxy`].
 //!
 //! Embedding: [`open_config`] starts a node from a `wg setconf` file and its
-//! addresses; [`super::run`] with [`Userspace`] joins a control server. Both
-//! give a [`Netstack`] with `listen_tcp`, `connect_tcp`, `bind_udp` and
-//! `peer_of`.
+//! addresses; [`join`] joins a control server with an auth key and follows
+//! its map inside the calling process (a service such as the identity
+//! service holds its own tailnet address this way). Both give a
+//! [`Netstack`] with `listen_tcp`, `connect_tcp`, `bind_udp` and `peer_of`;
+//! [`Embedded::node_of`] answers which tailnet node a connection is from.
 
 use super::proxy::{self, Dialer, Proxies};
 use super::{lock, Agent, Options};
+use crate::control::proto::{self, NodeInfo};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use wiremesh_dataplane::driver::{Control, Worker};
 use wiremesh_dataplane::netstack::{self, Netstack};
 use wiremesh_dataplane::tun::{Options as TunOptions, Tun};
@@ -63,6 +67,10 @@ impl DataPlane {
     /// The data plane `opts` asks for, configured with `config`.
     pub(super) fn start(opts: &Options, config: DeviceConfig) -> Result<DataPlane, String> {
         if opts.userspace.is_some() {
+            // No kernel routes follow the netstack, so no mark is needed
+            // (and setting one takes CAP_NET_ADMIN, which --userspace must not).
+            let mut config = config;
+            config.fwmark = 0;
             let options = netstack::Options { mtu: opts.mtu as usize, ..netstack::Options::default() };
             return start_netstack(&opts.tun, config, options);
         }
@@ -224,4 +232,122 @@ pub fn run_interface(ifname: &str, config: DeviceConfig, us: &Interface, ready: 
     dp.stop();
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     result
+}
+
+/// Options for [`join`]: the control server, an auth key (for the first
+/// registration), a host name and a state directory (keys); the rest as
+/// `wiremeshd node --userspace` has them by default.
+pub fn join_options(
+    control: crate::control::client::ControlUrl,
+    auth_key: Option<String>,
+    hostname: &str,
+    state: std::path::PathBuf,
+) -> Options {
+    Options {
+        control,
+        auth_key,
+        hostname: hostname.to_string(),
+        socket: state.join("api.sock"),
+        state,
+        tun: format!("wm-{}", hostname.chars().take(12).collect::<String>()),
+        listen_port: 0,
+        mtu: 1280,
+        userspace: Some(Userspace::default()),
+        accept_dns: false,
+        map_version: proto::MAP_VERSION,
+        routes: super::routes::RouteOptions::default(),
+    }
+}
+
+/// A userspace node running inside this process, following its control
+/// server's map (see [`join`]).
+pub struct Embedded {
+    stack: Netstack,
+    agent: Arc<Agent>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+    dp: Mutex<Option<DataPlane>>,
+}
+
+/// Joins the tailnet from inside this process: registers with `opts.auth_key`
+/// if the state directory's machine is unknown, follows the map on the
+/// current tokio runtime and keeps the netstack on it. `opts.socket` (the
+/// CLI's local API) is not served and the host's DNS is never touched; the
+/// proxies in `opts.userspace` are served if any are set.
+pub async fn join(mut opts: Options) -> Result<Embedded, String> {
+    opts.accept_dns = false;
+    if opts.userspace.is_none() {
+        opts.userspace = Some(Userspace::default());
+    }
+    let (agent, dp) =
+        tokio::task::spawn_blocking(move || super::start(opts)).await.map_err(|e| format!("cannot start: {e}"))??;
+    let Some(stack) = dp.netstack() else { unreachable!("a userspace agent has a netstack") };
+    if let Err(e) = start_proxies(&agent, stack.clone()).await {
+        dp.stop();
+        return Err(e);
+    }
+    let follower = agent.clone();
+    let task = tokio::spawn(async move { follower.follow_forever().await });
+    Ok(Embedded { stack, agent, task, dp: Mutex::new(Some(dp)) })
+}
+
+impl Embedded {
+    /// The node's netstack: listen, connect, bind on its tailnet addresses.
+    pub fn netstack(&self) -> &Netstack {
+        &self.stack
+    }
+
+    /// Waits until the node holds its tailnet addresses (IPv4, IPv6), that
+    /// is until its first map arrived.
+    pub async fn ready(&self, timeout: Duration) -> Result<(IpAddr, IpAddr), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(addrs) = *lock(&self.agent.addresses) {
+                return Ok(addrs);
+            }
+            if self.task.is_finished() {
+                return Err(match lock(&self.agent.shared).last_error.clone() {
+                    Some(e) => format!("the node stopped: {e}"),
+                    None => "the node stopped".into(),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let why = lock(&self.agent.shared).last_error.clone().unwrap_or_else(|| "no map yet".into());
+                return Err(format!("not on the tailnet after {timeout:?}: {why}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The tailnet node that `remote` (a connection's remote address)
+    /// belongs to: the peer whose key authenticated the packets, by
+    /// cryptokey routing, as the current map describes it.
+    pub fn node_of(&self, remote: IpAddr) -> Option<NodeInfo> {
+        let peer = self.stack.peer_of(remote)?;
+        let key = proto::b64_key(&peer.public_key.0);
+        let shared = lock(&self.agent.shared);
+        shared.map.as_ref()?.peers.iter().find(|n| n.node_key == key).cloned()
+    }
+
+    /// This node as the map describes it (once [`Embedded::ready`]).
+    pub fn self_node(&self) -> Option<NodeInfo> {
+        lock(&self.agent.shared).map.as_ref().map(|m| m.self_node.clone())
+    }
+
+    /// Stops following the map and stops the netstack.
+    pub async fn shutdown(&self) {
+        self.task.abort();
+        let dp = lock(&self.dp).take();
+        if let Some(dp) = dp {
+            let _ = tokio::task::spawn_blocking(move || dp.stop()).await;
+        }
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(dp) = lock(&self.dp).take() {
+            dp.stop();
+        }
+    }
 }
