@@ -4,8 +4,8 @@
 
 pub mod conf;
 pub mod control;
+pub mod identity;
 pub mod interface;
 pub mod node;
-pub mod identity;
 pub mod policy;
 pub mod relay;
