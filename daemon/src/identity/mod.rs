@@ -15,6 +15,7 @@
 //! * [`oidc`]: the JWKS document (RFC 7517) and the OpenID Connect discovery
 //!   document.
 
+pub mod caller;
 pub mod jwt;
 pub mod keys;
 pub mod oidc;
