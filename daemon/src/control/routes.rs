@@ -23,6 +23,28 @@ use wiremesh_core::filter::{Prefix, Rule as FilterRule};
 /// Prefixes one node may advertise.
 pub const MAX_ROUTES: usize = 64;
 
+/// How often a router's map stream carries a keepalive: writing is how the
+/// server learns that a connection died, which is what failover waits for.
+pub const ROUTER_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sets TCP_USER_TIMEOUT on a connection: data unacknowledged this long
+/// aborts it (a router gone without a FIN or RST fails over in seconds, not
+/// after minutes of retransmissions). Best effort.
+pub fn set_user_timeout(tcp: &tokio::net::TcpStream, timeout: std::time::Duration) {
+    use std::os::fd::AsRawFd;
+    let ms = timeout.as_millis().min(u128::from(u32::MAX)) as libc::c_uint;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a c_uint and its size.
+    unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            &ms as *const libc::c_uint as *const libc::c_void,
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Whether `p` is an exit route (`0.0.0.0/0` or `::/0`).
 pub fn is_exit(p: &Prefix) -> bool {
     p.is_empty()
@@ -255,9 +277,11 @@ pub fn compute(
     for (v, node) in nodes.iter().enumerate() {
         let mut per_peer: BTreeMap<i64, Vec<String>> = BTreeMap::new();
         if !expired.contains(&node.id) {
-            let own = out.routers.get(&node.id);
+            // A node never routes through others what it offers itself
+            // (approved or not): it is attached to that network.
+            let own = |p: &Prefix| stored.routes.get(&(node.id, *p)).is_some_and(|(advertised, _)| *advertised);
             for (p, &router) in &out.primaries {
-                if router == node.id || own.is_some_and(|o| o.contains(p)) || !may_use(v, p) {
+                if router == node.id || own(p) || !may_use(v, p) {
                     continue;
                 }
                 per_peer.entry(router).or_default().push(p.to_string());
@@ -457,6 +481,9 @@ mod tests {
         db(&mut |d| set_approved(d, r2, &subnet, true).unwrap());
         app.publish();
         assert_eq!(routes_of(&app, client), vec![(r2, vec!["10.1.0.0/24".to_string()])]);
+        // r1 offers the prefix too (not approved yet): it is attached to that
+        // network, so it does not route it through r2.
+        assert!(routes_of(&app, r1).is_empty());
         // Both approved: the primary stays r2 (no flapping to the lower id).
         db(&mut |d| set_approved(d, r1, &subnet, true).unwrap());
         app.publish();

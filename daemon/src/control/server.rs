@@ -704,6 +704,9 @@ async fn serve(opts: &Options) -> Result<(), String> {
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
+            // Unacknowledged data this long ends the connection, so a peer
+            // that vanished (no FIN, no RST) is noticed at its next keepalive.
+            super::routes::set_user_timeout(&tcp, super::routes::ROUTER_KEEPALIVE * 10);
             let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else {
                 return;
             };
@@ -1212,6 +1215,9 @@ async fn map_stream(app: Arc<App>, rr: proto::RoutedMapRequest, version: u32) ->
     verify(&machine_key, &proto::map_message_with_routes(&challenge, &app.fingerprint, &rr), &r.signature)?;
     let endpoints = r.endpoints.clone();
     let exit_node = rr.exit_node.clone();
+    // A router's stream is written to every second, so a router that dies
+    // is seen offline (a failed write) within seconds and its routes fail over.
+    let keepalive = if advertised.is_empty() { KEEPALIVE } else { super::routes::ROUTER_KEEPALIVE };
     let id = app
         .with_db(move |db| {
             let node = db
@@ -1276,7 +1282,7 @@ async fn map_stream(app: Arc<App>, rr: proto::RoutedMapRequest, version: u32) ->
             }
             tokio::select! {
                 r = changes.changed() => if r.is_err() { break },
-                _ = tokio::time::sleep(KEEPALIVE) => {
+                _ = tokio::time::sleep(keepalive) => {
                     if tx.send(line(&StreamMessage::Keepalive)).await.is_err() {
                         break;
                     }

@@ -103,6 +103,8 @@ impl Prefs {
 struct Installed {
     /// Subnet prefixes routed into the TUN.
     subnets: BTreeSet<String>,
+    /// Prefixes the map routes but the host already routes itself (left alone).
+    kept: BTreeSet<String>,
     /// Exit routing per family (v4, v6): (lan access, control addresses).
     exit: [Option<(bool, Vec<IpAddr>)>; 2],
 }
@@ -219,19 +221,31 @@ impl HostRoutes {
         }
         let mut inst = lock(&self.installed);
         let mut errors = Vec::new();
-        for p in inst.subnets.difference(&want) {
+        let gone: Vec<String> = inst.subnets.difference(&want).cloned().collect();
+        for p in gone {
             let fam = if p.contains(':') { "-6" } else { "-4" };
-            if let Err(e) = ip(fam, &["route", "del", p, "dev", &self.tun]) {
+            if let Err(e) = ip(fam, &["route", "del", &p, "dev", &self.tun]) {
                 errors.push(e);
             }
+            inst.subnets.remove(&p);
         }
-        for p in want.difference(&inst.subnets) {
+        for p in want.difference(&inst.subnets.clone()) {
             let fam = if p.contains(':') { "-6" } else { "-4" };
-            if let Err(e) = ip(fam, &["route", "replace", p, "dev", &self.tun]) {
-                errors.push(e);
+            // `add`, not `replace`: a route the host has for the same prefix
+            // (the network is directly attached) wins over the tunnel.
+            match ip(fam, &["route", "add", p, "dev", &self.tun]) {
+                Ok(()) => {
+                    inst.subnets.insert(p.clone());
+                }
+                Err(e) if e.contains("File exists") => {
+                    if inst.kept.insert(p.clone()) {
+                        println!("routes: {p} is already routed on this host; keeping the host's route");
+                    }
+                }
+                Err(e) => errors.push(e),
             }
         }
-        inst.subnets = want;
+        inst.kept.retain(|p| want.contains(p));
         for (f, wanted) in exit.into_iter().enumerate() {
             let addrs: Vec<IpAddr> = control.iter().copied().filter(|a| a.is_ipv6() == (f == 1)).collect();
             let target = wanted.then_some((prefs.exit_node_allow_lan_access, addrs));
