@@ -19,7 +19,9 @@
 # Environment:
 #   SIZE       bytes per transfer                 default 1073741824 (1 GiB)
 #   REPS       interleaved repetitions            default 3
-#   CONFIGS    comma list of tun-tun,us-tun,tun-us,us-us (sender B - receiver A)
+#   CONFIGS    comma list of veth,tun-tun,us-tun,tun-us,us-us (sender B - receiver A;
+#              veth: no tunnel, the same server and curl over the bare veth, the
+#              ceiling of the measuring tools themselves)
 #   WIREMESHD  default <repo>/target/release/wiremeshd
 set -euo pipefail
 
@@ -27,7 +29,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 SIZE=${SIZE:-1073741824}
 REPS=${REPS:-3}
-CONFIGS=${CONFIGS:-tun-tun,us-tun,tun-us,us-us}
+CONFIGS=${CONFIGS:-veth,tun-tun,us-tun,tun-us,us-us}
 WIREMESHD=${WIREMESHD:-$REPO_ROOT/target/release/wiremeshd}
 
 ID=$$
@@ -163,6 +165,14 @@ start_end() {
     N=$((N + 1))
     IFNAME=wmus${ID}${side}$N
     if [ "$side" = a ]; then ns=$NS_A addr=$TUN_A conf=$TMP/a.conf; else ns=$NS_B addr=$TUN_B conf=$TMP/b.conf; fi
+    # A TUN worker's UDP socket can outlive its process for a moment (its
+    # io_uring is torn down asynchronously): wait for the port to be free.
+    local port=$PORT_A deadline=$((SECONDS + 10))
+    [ "$side" = b ] && port=$PORT_B
+    while [ -n "$(ip netns exec "$ns" ss -Hlun "sport = :$port")" ]; do
+        [ "$SECONDS" -lt "$deadline" ] || die "UDP port $port still in use in $ns"
+        sleep 0.1
+    done
     local args=("$WIREMESHD" interface "$IFNAME" --foreground --config "$conf")
     if [ "$mode" = us ]; then
         args+=(--userspace --address "$addr/24")
@@ -170,7 +180,7 @@ start_end() {
     fi
     ip netns exec "$ns" "${args[@]}" >"$TMP/$IFNAME.log" 2>&1 &
     PIDS+=($!)
-    local deadline=$((SECONDS + 10))
+    deadline=$((SECONDS + 10))
     while [ ! -S "/var/run/wireguard/$IFNAME.sock" ]; do
         [ "$SECONDS" -lt "$deadline" ] || die "$IFNAME did not start: $(cat "$TMP/$IFNAME.log")"
         sleep 0.05
@@ -189,9 +199,10 @@ start_end() {
 
 # fetch MODE_A BYTES: curl in A for BYTES from B; prints bytes/s.
 fetch() {
-    local via=()
+    local via=() host=$TUN_B
     [ "$1" = us ] && via=(--socks5-hostname "$SOCKS")
-    in_a curl -sS --max-time 120 "${via[@]}" -o /dev/null -w '%{speed_download}' "http://$TUN_B:$HTTP_PORT/$2"
+    [ "$1" = veth ] && host=$UNDER_B
+    in_a curl -sS --max-time 120 "${via[@]}" -o /dev/null -w '%{speed_download}' "http://$host:$HTTP_PORT/$2"
 }
 
 RESULTS=$TMP/results
@@ -201,10 +212,14 @@ for rep in $(seq 1 "$REPS"); do
     for config in "${CONFIG_LIST[@]}"; do
         mode_b=${config%-*}
         mode_a=${config#*-}
-        case "$mode_a$mode_b" in tuntun | tunus | ustun | usus) ;; *) die "unknown config $config" ;; esac
-        start_end a "$mode_a"
-        start_end b "$mode_b"
-        if [ "$mode_b" = us ]; then bind=127.0.0.1; else bind=$TUN_B; fi
+        case "$mode_a$mode_b" in vethveth | tuntun | tunus | ustun | usus) ;; *) die "unknown config $config" ;; esac
+        if [ "$config" = veth ]; then
+            bind=$UNDER_B
+        else
+            start_end a "$mode_a"
+            start_end b "$mode_b"
+            if [ "$mode_b" = us ]; then bind=127.0.0.1; else bind=$TUN_B; fi
+        fi
         in_b "$PYTHON" "$TMP/server.py" "$bind" "$HTTP_PORT" &
         server=$!
         PIDS+=("$server")
@@ -237,7 +252,7 @@ if "tun-tun" in by:
     print("| config | median ratio to tun-tun (paired per repetition) |")
     print("|---|---|")
     for c, v in by.items():
-        if c == "tun-tun":
+        if c in ("tun-tun", "veth"):
             continue
         r = [v[k] / by["tun-tun"][k] for k in v if k in by["tun-tun"] and by["tun-tun"][k] > 0]
         if r:

@@ -30,6 +30,13 @@ pub struct TcpStream {
     own_port: Option<u16>,
 }
 
+fn unspecified(like: std::net::IpAddr) -> std::net::IpAddr {
+    match like {
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
 fn endpoint(ep: IpEndpoint) -> SocketAddr {
     SocketAddr::new(ep.addr.into(), ep.port)
 }
@@ -133,7 +140,8 @@ impl TcpStream {
         let mut stream = TcpStream {
             stack: stack.clone(),
             handle: Some(handle),
-            local: SocketAddr::new(remote.ip(), port),
+            // The source address is smoltcp's choice, known once connected.
+            local: SocketAddr::new(unspecified(remote.ip()), port),
             remote,
             own_port: Some(port),
         };
