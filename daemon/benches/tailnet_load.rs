@@ -139,6 +139,11 @@ async fn follow(
                 }
             }
         }
+        // A full map of thousands of nodes is megabytes: keep that capacity
+        // for one stream, not thousands (the client would measure itself).
+        if buf.capacity() > 256 * 1024 && buf.len() < 64 * 1024 {
+            buf.shrink_to(64 * 1024);
+        }
     }
 }
 
