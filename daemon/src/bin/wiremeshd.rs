@@ -54,6 +54,25 @@ enum Command {
         /// `auto` (the listen address, port + 1; port 0 stays 0) or `off`.
         #[arg(long, default_value = "auto")]
         relay: String,
+        /// The identity service (workload tokens, OIDC) as a tailnet node
+        /// of its own: `on` or `off`. See docs/identity.md.
+        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+        identity: String,
+        /// How often the identity service's signing key rotates (e.g. 24h, 30m, 90s, 7d).
+        #[arg(long, default_value = "24h", value_parser = wiremesh_daemon::identity::service::parse_duration)]
+        identity_key_rotation: std::time::Duration,
+        /// The signing algorithm of new identity keys: ES256 or EdDSA.
+        #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
+        identity_alg: String,
+        /// Workload token lifetime when a request names none.
+        #[arg(long, default_value = "10m", value_parser = wiremesh_daemon::identity::service::parse_duration)]
+        identity_token_lifetime: std::time::Duration,
+        /// The longest workload token lifetime a request may ask for.
+        #[arg(long, default_value = "1h", value_parser = wiremesh_daemon::identity::service::parse_duration)]
+        identity_max_token_lifetime: std::time::Duration,
+        /// The tokens' issuer URL (default: https://<listen address>).
+        #[arg(long)]
+        identity_issuer: Option<String>,
     },
     /// A relay: forwards WireGuard and probe frames between nodes by node
     /// key over TLS, and answers STUN on the same UDP port (docs/nat.md).
@@ -165,7 +184,33 @@ const READY_FD_ENV: &str = "WIREMESHD_READY_FD";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Control { listen, state, ephemeral_grace_secs, presence_timeout_secs, relay } => {
+        Command::Control {
+            listen,
+            state,
+            ephemeral_grace_secs,
+            presence_timeout_secs,
+            relay,
+            identity,
+            identity_key_rotation,
+            identity_alg,
+            identity_token_lifetime,
+            identity_max_token_lifetime,
+            identity_issuer,
+        } => {
+            let identity = match wiremesh_daemon::identity::service::settings_from_flags(
+                &identity,
+                identity_key_rotation,
+                &identity_alg,
+                identity_token_lifetime,
+                identity_max_token_lifetime,
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("wiremeshd: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+
             let ephemeral_grace = std::time::Duration::from_secs(ephemeral_grace_secs);
             let presence_timeout = std::time::Duration::from_secs(presence_timeout_secs);
             let relay = match relay.as_str() {
@@ -183,7 +228,15 @@ fn main() -> ExitCode {
                 },
             };
             let opts =
-                wiremesh_daemon::control::server::Options { listen, state, ephemeral_grace, presence_timeout, relay };
+                wiremesh_daemon::control::server::Options {
+                    listen,
+                    state,
+                    ephemeral_grace,
+                    presence_timeout,
+                    relay,
+                    identity,
+                    identity_issuer,
+                };
             exit(wiremesh_daemon::control::server::run(&opts))
         }
         Command::Relay { listen, state, rate_limit, burst, queue } => {

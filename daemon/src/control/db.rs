@@ -120,6 +120,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         );
         ALTER TABLE nodes ADD COLUMN exit_node TEXT;",
     ),
+    // The identity service (control/identity_store.rs): the signing key
+    // set, and the identity node's keys and the lease to run it.
+    (10, super::identity_store::MIGRATION),
 ];
 
 /// Where the state lives: `--state DIR` or `--state postgres://…`.

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod db;
+pub mod identity_store;
 pub mod proto;
 pub mod routes;
 pub mod server;

@@ -209,6 +209,24 @@ pub struct NetworkMap {
     /// path to a peer works. See docs/nat.md.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub relays: Vec<RelayInfo>,
+    /// Where the tailnet's identity service answers (workload tokens,
+    /// OIDC), when the control server runs one. See docs/identity.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityInfo>,
+}
+
+/// The identity service as maps name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityInfo {
+    /// Its base URL on the tailnet (`http://<IPv4>`).
+    pub url: String,
+    /// Its tailnet IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Its tailnet IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// The token issuer (`iss`), whose discovery document and JWKS the
+    /// control server also serves on its public listener.
+    pub issuer: String,
 }
 
 /// A relay and STUN server nodes may use.

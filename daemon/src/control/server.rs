@@ -55,6 +55,11 @@ pub struct Options {
     /// Where the embedded relay (TLS on TCP, STUN on UDP, the same port)
     /// listens; `None`: no relay. See docs/nat.md.
     pub relay: Option<SocketAddr>,
+    /// The identity service (`--identity on`, the default): its settings;
+    /// `None`: off. See docs/identity.md.
+    pub identity: Option<crate::identity::service::Settings>,
+    /// The token issuer (`iss`); `None`: `https://<listen address>`.
+    pub identity_issuer: Option<String>,
 }
 
 /// The default for [`Options::presence_timeout`].
@@ -180,6 +185,10 @@ pub struct App {
     grants_cache: Mutex<Option<(GrantsKey, Arc<Vec<NodeGrants>>)>>,
     /// The relays every map names, as JSON (unset: none).
     relays_json: std::sync::OnceLock<String>,
+    /// The identity service every map names, as JSON (unset: none).
+    identity_json: std::sync::OnceLock<String>,
+    /// The identity service (`--identity on`): discovery and JWKS on this listener too.
+    pub(crate) identity: std::sync::OnceLock<Arc<crate::identity::service::Service>>,
 }
 
 pub(super) type Body = BoxBody<Bytes, Infallible>;
@@ -233,9 +242,18 @@ impl App {
             presence_timeout,
             grants_cache: Mutex::new(None),
             relays_json: std::sync::OnceLock::new(),
+            identity_json: std::sync::OnceLock::new(),
+            identity: std::sync::OnceLock::new(),
         });
         app.publish();
         app
+    }
+
+    /// Names the identity service every map carries from now on (set once, at start).
+    pub fn set_identity(&self, info: &proto::IdentityInfo) {
+        if let Ok(j) = serde_json::to_string(info) {
+            let _ = self.identity_json.set(j);
+        }
     }
 
     /// Names the relays every map carries from now on (set once, at start).
@@ -449,6 +467,10 @@ impl App {
             s.push_str(",\"relays\":");
             s.push_str(relays);
         }
+        if let Some(identity) = self.identity_json.get() {
+            s.push_str(",\"identity\":");
+            s.push_str(identity);
+        }
         Some(s)
     }
 }
@@ -639,6 +661,7 @@ async fn serve(opts: &Options) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())??;
     let replica = db.replica().to_string();
+    let replica_id = replica.clone();
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
@@ -683,6 +706,25 @@ async fn serve(opts: &Options) -> Result<(), String> {
         let _ = out.flush();
     }
     tokio::spawn(expiry_timer(app.clone()));
+    // The identity service: keys now, its tailnet node once this listener
+    // answers (the node joins through it like any node).
+    let _identity = match &opts.identity {
+        Some(settings) => {
+            let issuer = opts.identity_issuer.clone().unwrap_or_else(|| format!("https://{addr}"));
+            let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+            let control = super::client::ControlUrl { host, port: addr.port(), fingerprint: identity.fingerprint };
+            let node_state = match &opts.state {
+                db::Location::Dir(dir) => dir.join("identity-node"),
+                db::Location::Postgres(_) => std::env::temp_dir().join(format!("wiremesh-identity-{}", replica_id)),
+            };
+            let running = crate::identity::service::start(app.clone(), &issuer, settings.clone(), control, node_state)
+                .await
+                .map_err(|e| format!("identity service: {e}"))?;
+            println!("identity issuer: {}", running.service.issuer());
+            Some(running)
+        }
+        None => None,
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.config);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
@@ -773,6 +815,12 @@ async fn require_admin(app: &Arc<App>, req: &Request<Incoming>) -> Result<(), Ap
 
 async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
+    if let Some(identity) = app.identity.get() {
+        // The issuer's discovery document and JWKS, for verifiers outside the tailnet.
+        if let Some(r) = identity.public(req.method(), &path) {
+            return Ok(r.map(|b| Full::new(b).boxed()));
+        }
+    }
     let Some(rest) = path.strip_prefix(proto::API) else {
         return Err(ApiError::not_found("no such endpoint"));
     };
@@ -1333,6 +1381,7 @@ mod tests {
                 capabilities: Vec::new(),
                 routes: Vec::new(),
                 relays: Vec::new(),
+                identity: None,
             };
             assert_eq!(*map, want);
         }

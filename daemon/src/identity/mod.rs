@@ -19,6 +19,8 @@ pub mod caller;
 pub mod jwt;
 pub mod keys;
 pub mod oidc;
+pub mod service;
+pub mod tokens;
 
 /// Why an identity operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
