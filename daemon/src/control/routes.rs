@@ -296,8 +296,13 @@ pub fn compute(
                 }
             }
         }
-        let list: Vec<PeerRoutes> =
-            per_peer.into_iter().map(|(peer, prefixes)| PeerRoutes { peer, prefixes }).collect();
+        let list: Vec<PeerRoutes> = per_peer
+            .into_iter()
+            .map(|(peer, mut prefixes)| {
+                prefixes.sort();
+                PeerRoutes { peer, prefixes }
+            })
+            .collect();
         out.json.push(Arc::from(serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())));
     }
     out
