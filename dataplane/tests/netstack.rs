@@ -328,3 +328,37 @@ async fn the_packet_filter_applies_to_the_netstack() {
     let ok = tokio::time::timeout(Duration::from_secs(10), a.stack.connect_tcp(addr(B4, 22))).await.unwrap();
     assert!(ok.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_every_socket_and_the_peer_sees_resets() {
+    let (a, b) = pair(8);
+    let listener = b.stack.listen_tcp(8443).unwrap();
+    let mut client = a.stack.connect_tcp(addr(B4, 8443)).await.unwrap();
+    let (mut server, _) = listener.accept().await.unwrap();
+    let udp = b.stack.bind_udp(9999).unwrap();
+    // Tasks waiting on B's sockets when it shuts down.
+    let reading = tokio::spawn(async move {
+        let mut buf = [0u8; 8];
+        server.read(&mut buf).await
+    });
+    let receiving = tokio::spawn(async move {
+        let mut buf = [0u8; 8];
+        udp.recv_from(&mut buf).await
+    });
+    let accepting = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.stack.shutdown();
+    let wait = Duration::from_secs(5);
+    let err = tokio::time::timeout(wait, reading).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    let err = tokio::time::timeout(wait, receiving).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotConnected);
+    let err = tokio::time::timeout(wait, accepting).await.unwrap().unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotConnected);
+    assert_eq!(b.stack.listen_tcp(8444).unwrap_err().kind(), ErrorKind::NotConnected);
+    assert_eq!(b.stack.connect_tcp(addr(A4, 1)).await.unwrap_err().kind(), ErrorKind::NotConnected);
+    // The RST went out before the worker stopped: A's side is reset too.
+    let mut buf = [0u8; 8];
+    let err = tokio::time::timeout(wait, client.read(&mut buf)).await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+}

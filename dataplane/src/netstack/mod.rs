@@ -207,8 +207,15 @@ impl Netstack {
         self.shared.stats.clone()
     }
 
-    /// Stops the worker and waits for it. Sockets still open stop working.
+    /// Resets every connection (their reads and writes then fail with
+    /// `ConnectionReset`), ends every listener and UDP socket (`NotConnected`),
+    /// stops the worker and waits for it.
     pub fn shutdown(&self) {
+        // Stopped first, so a task woken by the close sees it; the RSTs
+        // leave from here, through the socket the worker no longer reads.
+        if !self.shared.stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.shared.with(|inner| inner.close_all());
+        }
         self.control.stop();
         let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {

@@ -88,6 +88,11 @@ impl Shared {
         unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
+    /// Whether the netstack was shut down.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` on the locked state, pushes out what it made smoltcp want to
     /// send, and wakes the worker if a timer now falls before its wakeup.
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
@@ -301,6 +306,22 @@ impl Inner {
                 self.lingering.swap_remove(i);
             } else {
                 i += 1;
+            }
+        }
+    }
+
+    /// Resets every connection, closes every UDP socket and listener, and
+    /// wakes the tasks waiting on them (the netstack is shutting down).
+    pub(crate) fn close_all(&mut self) {
+        for (_, s) in self.sockets.iter_mut() {
+            match s {
+                smoltcp::socket::Socket::Tcp(t) => t.abort(),
+                smoltcp::socket::Socket::Udp(u) => u.close(),
+            }
+        }
+        for (_, l) in std::mem::take(&mut self.listeners) {
+            if let Some(w) = l.waker {
+                w.wake();
             }
         }
     }

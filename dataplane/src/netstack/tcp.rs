@@ -43,6 +43,9 @@ fn endpoint(ep: IpEndpoint) -> SocketAddr {
 
 impl TcpListener {
     pub(crate) fn bind(stack: &Netstack, port: u16) -> io::Result<TcpListener> {
+        if stack.is_stopped() {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "the netstack was shut down"));
+        }
         if port == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "listen_tcp needs a port"));
         }
@@ -72,6 +75,9 @@ impl TcpListener {
     pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
         let shared = &self.stack.shared;
         let mut inner = shared.lock();
+        if shared.stopped() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "the netstack was shut down")));
+        }
         let inner = &mut *inner;
         if !inner.listeners.contains_key(&self.port) {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
@@ -120,6 +126,9 @@ impl Drop for TcpListener {
 
 impl TcpStream {
     pub(crate) async fn connect(stack: &Netstack, remote: SocketAddr) -> io::Result<TcpStream> {
+        if stack.is_stopped() {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "the netstack was shut down"));
+        }
         let (handle, port) = stack.shared.with(|inner| {
             let port = inner
                 .ephemeral_port()

@@ -20,6 +20,9 @@ pub struct UdpSocket {
 
 impl UdpSocket {
     pub(crate) fn bind(stack: &Netstack, port: u16) -> io::Result<UdpSocket> {
+        if stack.is_stopped() {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "the netstack was shut down"));
+        }
         let handle = stack.shared.with(|inner| {
             let port = match port {
                 0 => inner
@@ -63,6 +66,9 @@ impl UdpSocket {
     /// Polls for one datagram.
     pub fn poll_recv_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<(usize, SocketAddr)>> {
         let mut inner = self.stack.shared.lock();
+        if self.stack.shared.stopped() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "the netstack was shut down")));
+        }
         let s = inner.sockets.get_mut::<udp::Socket>(self.handle);
         match s.recv_slice(buf) {
             Ok((n, meta)) => Poll::Ready(Ok((n, SocketAddr::new(meta.endpoint.addr.into(), meta.endpoint.port)))),
@@ -84,6 +90,9 @@ impl UdpSocket {
 
     /// Polls to send one datagram.
     pub fn poll_send_to(&self, cx: &mut Context<'_>, data: &[u8], to: SocketAddr) -> Poll<io::Result<usize>> {
+        if self.stack.shared.stopped() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotConnected, "the netstack was shut down")));
+        }
         self.stack.shared.with(|inner| {
             let s = inner.sockets.get_mut::<udp::Socket>(self.handle);
             match s.send_slice(data, IpEndpoint::new(to.ip().into(), to.port())) {
