@@ -100,6 +100,11 @@ enum Command {
         #[command(subcommand)]
         command: RoutesCommand,
     },
+    /// Trust credentials: outside issuers whose ID tokens register nodes (admin; docs/identity.md).
+    Federation {
+        #[command(subcommand)]
+        command: FederationCommand,
+    },
     /// Changes this node's preferences through the running agent.
     Set {
         /// Send Internet traffic through this exit node (a node name; "" for none).
@@ -108,6 +113,54 @@ enum Command {
         /// While using an exit node, keep the local networks reachable directly.
         #[arg(long, num_args = 0..=1, default_missing_value = "true")]
         exit_node_allow_lan_access: Option<bool>,
+    },
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// For people.
+    Text,
+    /// Machine-readable.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum FederationCommand {
+    /// Creates a trust credential and prints its client ID and the audience tokens must carry.
+    Create {
+        #[command(flatten)]
+        admin: Admin,
+        /// The issuer URL (https), exactly as its tokens' iss.
+        #[arg(long)]
+        issuer: String,
+        /// The subject pattern; `*` matches any run of characters (e.g. 'ws-1/*').
+        #[arg(long)]
+        subject: String,
+        /// The tags nodes may ask for: tag:a,tag:b.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tags: Vec<String>,
+        /// Nodes registered through it are ephemeral.
+        #[arg(long)]
+        ephemeral: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Lists trust credentials.
+    List {
+        #[command(flatten)]
+        admin: Admin,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Removes a trust credential (the nodes it registered stay).
+    Remove {
+        #[command(flatten)]
+        admin: Admin,
+        /// The credential's ID (a number, from list).
+        id: i64,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
     },
 }
 
@@ -292,6 +345,7 @@ fn main() -> ExitCode {
         Command::Users { command } => users(command),
         Command::Policy { command } => policy(command),
         Command::Routes { command } => routes(command),
+        Command::Federation { command } => federation(command),
         Command::Set { exit_node, exit_node_allow_lan_access } => {
             if exit_node.is_none() && exit_node_allow_lan_access.is_none() {
                 Err("nothing to set: give --exit-node NAME and/or --exit-node-allow-lan-access".into())
@@ -499,6 +553,82 @@ fn routes(cmd: RoutesCommand) -> Result<ExitCode, String> {
         RoutesCommand::Unapprove { admin, node, prefixes } => approve(&admin, &node, prefixes, "unapprove")?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn federation(cmd: FederationCommand) -> Result<ExitCode, String> {
+    use wiremesh_daemon::control::federation::{CreateCredentialRequest, CredentialInfo};
+    let path = format!("{}/admin/federation", proto::API);
+    let line = |c: &CredentialInfo| {
+        let c2 = &c.credential;
+        format!(
+            "{}  client-id={}  issuer={}  subject={}  tags=[{}]  ephemeral={}  audience={}",
+            c2.id,
+            c2.client_id,
+            c2.issuer,
+            c2.subject,
+            c2.tags.join(","),
+            c2.ephemeral,
+            c.audience
+        )
+    };
+    match cmd {
+        FederationCommand::Create { admin, issuer, subject, tags, ephemeral, output } => {
+            let (client, token) = admin_client(&admin)?;
+            let req = CreateCredentialRequest { issuer, subject, tags, ephemeral };
+            let c: CredentialInfo = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            match output {
+                Output::Json => println!("{}", pretty(&c)?),
+                Output::Text => println!("{}", line(&c)),
+            }
+        }
+        FederationCommand::List { admin, output } => {
+            let (client, token) = admin_client(&admin)?;
+            let list: Vec<CredentialInfo> =
+                block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
+                    .map_err(|e| e.to_string())?;
+            match output {
+                Output::Json => println!("{}", pretty(&list)?),
+                Output::Text => list.iter().for_each(|c| println!("{}", line(c))),
+            }
+        }
+        FederationCommand::Remove { admin, id, output } => {
+            let (client, token) = admin_client(&admin)?;
+            let r: serde_json::Value =
+                block_on(client.json(hyper::Method::DELETE, &format!("{path}/{id}"), None::<&()>, Some(&token)))?
+                    .map_err(|e| e.to_string())?;
+            match output {
+                Output::Json => println!("{}", pretty(&r)?),
+                Output::Text => println!("removed trust credential {id}"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token(socket: &std::path::Path, audiences: Vec<String>, lifetime: Option<u64>, json: bool) -> Result<ExitCode, String> {
+    let LocalResponse::Token(v) = ask(socket, &LocalRequest::Token { audiences, lifetime })? else {
+        return Err("unexpected answer".into());
+    };
+    if json {
+        println!("{v}");
+    } else {
+        println!("{}", v["access_token"].as_str().ok_or("the answer has no access_token")?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn idp_rotate_keys(admin: &Admin) -> Result<ExitCode, String> {
+    let (client, token) = admin_client(admin)?;
+    let path = format!("{}/admin/identity/rotate-keys", proto::API);
+    let r: serde_json::Value =
+        block_on(client.json(hyper::Method::POST, &path, None::<&()>, Some(&token)))?.map_err(|e| e.to_string())?;
+    println!("signing key rotated: now {}", r["kid"].as_str().unwrap_or("?"));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pretty(v: &impl serde::Serialize) -> Result<String, String> {
+    serde_json::to_string_pretty(v).map_err(|e| e.to_string())
 }
 
 fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {

@@ -73,6 +73,10 @@ enum Command {
         /// The tokens' issuer URL (default: https://<listen address>).
         #[arg(long)]
         identity_issuer: Option<String>,
+        /// Extra trusted CA certificates (PEM) for fetching federated
+        /// issuers' discovery documents and keys, besides the system roots.
+        #[arg(long)]
+        federation_ca: Option<PathBuf>,
     },
     /// A relay: forwards WireGuard and probe frames between nodes by node
     /// key over TLS, and answers STUN on the same UDP port (docs/nat.md).
@@ -134,7 +138,26 @@ enum Command {
         routes: RouteArgs,
         #[command(flatten)]
         userspace: UserspaceArgs,
+        #[command(flatten)]
+        federation: FederationArgs,
     },
+}
+
+/// Registering with an outside issuer's ID token (docs/identity.md, Federation).
+#[derive(clap::Args)]
+struct FederationArgs {
+    /// The trust credential's client ID (`wiremesh federation create` prints it).
+    #[arg(long, requires = "advertise_tags", conflicts_with = "auth_key")]
+    client_id: Option<String>,
+    /// The issuer's ID token (its audience: <control URL>/<client ID>).
+    #[arg(long, requires = "client_id", conflicts_with = "id_token_file")]
+    id_token: Option<String>,
+    /// A file holding the ID token, read at each registration.
+    #[arg(long, requires = "client_id")]
+    id_token_file: Option<PathBuf>,
+    /// The tags to register with (a subset of the credential's).
+    #[arg(long, value_delimiter = ',', requires = "client_id")]
+    advertise_tags: Vec<String>,
 }
 
 /// Subnet routes and exit nodes offered by the node (docs/routes.md).
@@ -196,6 +219,7 @@ fn main() -> ExitCode {
             identity_token_lifetime,
             identity_max_token_lifetime,
             identity_issuer,
+            federation_ca,
         } => {
             let identity = match wiremesh_daemon::identity::service::settings_from_flags(
                 &identity,
@@ -227,16 +251,16 @@ fn main() -> ExitCode {
                     }
                 },
             };
-            let opts =
-                wiremesh_daemon::control::server::Options {
-                    listen,
-                    state,
-                    ephemeral_grace,
-                    presence_timeout,
-                    relay,
-                    identity,
-                    identity_issuer,
-                };
+            let opts = wiremesh_daemon::control::server::Options {
+                listen,
+                state,
+                ephemeral_grace,
+                presence_timeout,
+                relay,
+                federation_ca,
+                identity,
+                identity_issuer,
+            };
             exit(wiremesh_daemon::control::server::run(&opts))
         }
         Command::Relay { listen, state, rate_limit, burst, queue } => {
@@ -260,6 +284,7 @@ fn main() -> ExitCode {
             map_version,
             routes,
             userspace,
+            federation,
         } => {
             let control = match control.parse() {
                 Ok(c) => c,
@@ -268,7 +293,23 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let federation = match (federation.client_id, federation.id_token, federation.id_token_file) {
+                (None, _, _) => None,
+                (Some(client_id), token, file) => {
+                    use wiremesh_daemon::node::IdTokenSource;
+                    let id_token = match (token, file) {
+                        (Some(t), None) => IdTokenSource::Value(t),
+                        (None, Some(f)) => IdTokenSource::File(f),
+                        _ => {
+                            eprintln!("wiremeshd: --client-id needs --id-token or --id-token-file");
+                            return ExitCode::from(2);
+                        }
+                    };
+                    Some(wiremesh_daemon::node::FederatedLogin { client_id, id_token, tags: federation.advertise_tags })
+                }
+            };
             let opts = wiremesh_daemon::node::Options {
+                federation,
                 control,
                 auth_key,
                 hostname: hostname.unwrap_or_else(wiremesh_daemon::node::system_hostname),

@@ -123,6 +123,26 @@ const MIGRATIONS: &[(i64, &str)] = &[
     // The identity service (control/identity_store.rs): the signing key
     // set, and the identity node's keys and the lease to run it.
     (10, super::identity_store::MIGRATION),
+    // Federation (control/federation.rs): trust credentials for outside
+    // issuers, the ID tokens (issuer and jti) already used, until they
+    // expire, and the credential each node registered with.
+    (
+        11,
+        "CREATE TABLE federation_credentials (
+            id {id},
+            client_id TEXT NOT NULL UNIQUE,
+            issuer TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            tags TEXT NOT NULL,
+            ephemeral {int} NOT NULL,
+            created_at {int} NOT NULL
+        );
+        CREATE TABLE federation_jtis (
+            token TEXT PRIMARY KEY,
+            expires_at {int} NOT NULL
+        );
+        ALTER TABLE nodes ADD COLUMN federation_id {int} REFERENCES federation_credentials(id) ON DELETE SET NULL;",
+    ),
 ];
 
 /// Where the state lives: `--state DIR` or `--state postgres://…`.
@@ -333,7 +353,7 @@ pub fn check_login(login: &str) -> Result<String, ApiError> {
     Ok(l)
 }
 
-fn check_tag(tag: &str) -> Result<(), ApiError> {
+pub(super) fn check_tag(tag: &str) -> Result<(), ApiError> {
     let name =
         tag.strip_prefix("tag:").ok_or_else(|| ApiError::bad_request(format!("tag {tag:?} must start with tag:")))?;
     if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')

@@ -3,6 +3,8 @@
 
 pub mod client;
 pub mod db;
+pub mod federation;
+pub mod federation_store;
 pub mod identity_store;
 pub mod proto;
 pub mod routes;

@@ -491,6 +491,40 @@ pub fn register_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &Regi
     )
 }
 
+/// `POST /api/v1/register/federated`: a node registers with an outside
+/// issuer's ID token instead of an auth key (see docs/identity.md,
+/// Federation). `request.auth_key` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederatedRegisterRequest {
+    /// The ordinary registration (machine key, node key, host name, endpoints, challenge).
+    #[serde(flatten)]
+    pub request: RegisterRequest,
+    /// The trust credential's client ID.
+    pub client_id: String,
+    /// The issuer's ID token (a JWT).
+    pub id_token: String,
+    /// The tags asked for (a subset of the credential's).
+    pub tags: Vec<String>,
+}
+
+/// The bytes a machine key signs to register with an ID token: the
+/// registration's fields, then the client ID, the token and the tags.
+pub fn federated_register_message(
+    challenge: &[u8; 32],
+    cert_sha256: &[u8; 32],
+    req: &FederatedRegisterRequest,
+) -> Vec<u8> {
+    let r = &req.request;
+    let endpoints = r.endpoints.join(",");
+    let tags = req.tags.join(",");
+    signed_message(
+        "register-federated",
+        challenge,
+        cert_sha256,
+        &[&r.machine_key, &r.node_key, &r.hostname, &endpoints, &req.client_id, &req.id_token, &tags],
+    )
+}
+
 /// The bytes a machine key signs to open its map stream.
 pub fn map_message(challenge: &[u8; 32], cert_sha256: &[u8; 32], req: &MapRequest) -> Vec<u8> {
     let endpoints = req.endpoints.join(",");

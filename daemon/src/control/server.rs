@@ -55,6 +55,8 @@ pub struct Options {
     /// Where the embedded relay (TLS on TCP, STUN on UDP, the same port)
     /// listens; `None`: no relay. See docs/nat.md.
     pub relay: Option<SocketAddr>,
+    /// Extra trusted roots (PEM) for fetching federated issuers' keys, besides the system's.
+    pub federation_ca: Option<std::path::PathBuf>,
     /// The identity service (`--identity on`, the default): its settings;
     /// `None`: off. See docs/identity.md.
     pub identity: Option<crate::identity::service::Settings>,
@@ -184,6 +186,8 @@ pub struct App {
     /// The last compiled policy, reused while neither it nor the nodes change.
     grants_cache: Mutex<Option<(GrantsKey, Arc<Vec<NodeGrants>>)>>,
     /// The relays every map names, as JSON (unset: none).
+    /// Outside issuers' tokens register nodes (control/federation.rs).
+    pub federation: super::federation::Federation,
     relays_json: std::sync::OnceLock<String>,
     /// The identity service every map names, as JSON (unset: none).
     identity_json: std::sync::OnceLock<String>,
@@ -241,6 +245,7 @@ impl App {
             ephemeral_grace,
             presence_timeout,
             grants_cache: Mutex::new(None),
+            federation: Default::default(),
             relays_json: std::sync::OnceLock::new(),
             identity_json: std::sync::OnceLock::new(),
             identity: std::sync::OnceLock::new(),
@@ -671,6 +676,12 @@ async fn serve(opts: &Options) -> Result<(), String> {
         std::fs::write(dir.join("cert.sha256"), format!("{fp}\n")).map_err(|e| e.to_string())?;
     }
     let app = App::with_presence_timeout(db, identity.fingerprint, opts.ephemeral_grace, opts.presence_timeout);
+    // Federated tokens name `<control URL>/<client ID>` as audience: the
+    // issuer URL of our own tokens (`--identity-issuer`, else https://<listen address>).
+    app.federation.set_control_url(&opts.identity_issuer.clone().unwrap_or_else(|| format!("https://{addr}")));
+    if let Some(ca) = &opts.federation_ca {
+        app.federation.set_extra_roots(super::federation::load_ca(ca)?);
+    }
     // The embedded relay shares the control channel's certificate, so the
     // nodes' pin covers it; a port it cannot bind disables it, not the server.
     let relay_addr = match opts.relay {
@@ -833,6 +844,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
             Ok(json_response(200, &proto::Challenge { challenge: proto::hex(&c) }))
         }
         (["register"], &Method::POST) => register(app, read_json(req).await?).await,
+        (["register", "federated"], &Method::POST) => register_federated(app, read_json(req).await?).await,
         (["logout"], &Method::POST) => logout(app, read_json(req).await?).await,
         (["map"], &Method::POST) => {
             let version = map_version(req.uri().query())?;
@@ -957,6 +969,7 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
             Ok(json_response(200, &proto::PolicyInfo { policy: Some(text), version }))
         }
         (["routes", ..], _) => super::routes::admin(&app, &segments[1..], req).await,
+        (["federation", ..], _) => super::federation::admin(&app, &segments[1..], req).await,
         (["tailnet" | "keys" | "nodes" | "users" | "policy", ..], _) => {
             Err(ApiError::new(405, "method_not_allowed", "method not allowed"))
         }
@@ -1022,6 +1035,39 @@ async fn register(app: Arc<App>, r: proto::RegisterRequest) -> Result<Response<B
     let reg =
         Registration { auth_key: r.auth_key, machine_key, node_key, hostname: r.hostname, endpoints: r.endpoints };
     let node = app.with_db(move |db| db.register(&reg)).await?;
+    app.publish();
+    Ok(json_response(200, &node))
+}
+
+/// `POST /api/v1/register/federated`: as [`register`], with an outside
+/// issuer's ID token in place of the auth key (control/federation.rs).
+async fn register_federated(app: Arc<App>, r: proto::FederatedRegisterRequest) -> Result<Response<Body>, ApiError> {
+    let machine_key = parse_machine_key(&r.request.machine_key)?;
+    let node_key = parse_node_key(&r.request.node_key)?;
+    if r.request.hostname.len() > 255 || r.client_id.len() > 128 || r.id_token.len() > super::federation::MAX_TOKEN {
+        return Err(ApiError::bad_request("hostname, client_id or id_token too long".into()));
+    }
+    if r.tags.len() > 64 {
+        return Err(ApiError::bad_request("at most 64 tags".into()));
+    }
+    check_endpoints(&r.request.endpoints)?;
+    let challenge = app.consume_challenge(&r.request.challenge)?;
+    verify(&machine_key, &proto::federated_register_message(&challenge, &app.fingerprint, &r), &r.request.signature)?;
+    let client_id = r.client_id.clone();
+    let cred = app
+        .with_db(move |db| db.credential_by_client_id(&client_id))
+        .await?
+        .ok_or_else(|| ApiError::new(401, "unknown_client_id", "client_id: no trust credential has this client ID"))?;
+    let verified = app.federation.verify(&cred, &r.id_token, &r.tags, db::unix_now()).await?;
+    let req = r.request;
+    let reg = Registration {
+        auth_key: String::new(),
+        machine_key,
+        node_key,
+        hostname: req.hostname,
+        endpoints: req.endpoints,
+    };
+    let node = app.with_db(move |db| db.register_federated(&reg, &verified)).await?;
     app.publish();
     Ok(json_response(200, &node))
 }

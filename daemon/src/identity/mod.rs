@@ -19,6 +19,7 @@ pub mod caller;
 pub mod jwt;
 pub mod keys;
 pub mod oidc;
+pub mod provider;
 pub mod service;
 pub mod tokens;
 

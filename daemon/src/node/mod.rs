@@ -61,6 +61,52 @@ pub struct Options {
     /// Subnet routes and exit node offered (`--advertise-routes`,
     /// `--advertise-exit-node`, `--snat-subnet-routes`).
     pub routes: routes::RouteOptions,
+    /// Register with an outside issuer's ID token instead of an auth key
+    /// (`--client-id`, `--id-token`/`--id-token-file`, `--advertise-tags`).
+    pub federation: Option<FederatedLogin>,
+}
+
+/// How a node registers through a trust credential (docs/identity.md, Federation).
+#[derive(Clone)]
+pub struct FederatedLogin {
+    /// The credential's client ID.
+    pub client_id: String,
+    /// The ID token, or the file it is read from at each registration (so
+    /// a short-lived token refreshed in place by its issuer's tooling works).
+    pub id_token: IdTokenSource,
+    /// The tags asked for.
+    pub tags: Vec<String>,
+}
+
+/// Where the ID token comes from.
+#[derive(Clone)]
+pub enum IdTokenSource {
+    /// Given on the command line.
+    Value(String),
+    /// Read from this file (trailing white space dropped).
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for FederatedLogin {
+    /// Never the token itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = match &self.id_token {
+            IdTokenSource::Value(_) => "<token>".to_string(),
+            IdTokenSource::File(p) => p.display().to_string(),
+        };
+        write!(f, "FederatedLogin {{ client_id: {:?}, id_token: {token}, tags: {:?} }}", self.client_id, self.tags)
+    }
+}
+
+impl IdTokenSource {
+    fn read(&self) -> Result<String, String> {
+        match self {
+            IdTokenSource::Value(t) => Ok(t.clone()),
+            IdTokenSource::File(p) => std::fs::read_to_string(p)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("--id-token-file {}: {e}", p.display())),
+        }
+    }
 }
 
 /// What the local API reads.
@@ -359,10 +405,19 @@ impl Agent {
             Err(ClientError::Api { status: 401, body })
                 if body.code == "unknown_machine" || body.code == "node_expired" =>
             {
-                let Some(auth_key) = lock(&self.auth_key).clone() else {
-                    return Stop::Refused("this machine is not registered and no --auth-key was given".into());
+                let registered = if let Some(fed) = &self.opts.federation {
+                    let token = match fed.id_token.read() {
+                        Ok(t) => t,
+                        Err(e) => return Stop::Retry(e),
+                    };
+                    self.register_federated(fed, token, &endpoints).await
+                } else {
+                    let Some(auth_key) = lock(&self.auth_key).clone() else {
+                        return Stop::Refused("this machine is not registered and no --auth-key was given".into());
+                    };
+                    self.register(auth_key, &endpoints).await
                 };
-                match self.register(auth_key, &endpoints).await {
+                match registered {
                     Ok(node) => println!("registered as {} ({}, {})", node.fqdn, node.ipv4, node.ipv6),
                     Err(ClientError::Api { status, body }) if status != 401 || body.code != "bad_challenge" => {
                         return Stop::Refused(format!("registration refused: {} ({})", body.error, body.code));
@@ -474,6 +529,34 @@ impl Agent {
         req.signature =
             self.machine.sign_hex(&proto::register_message(&challenge, &self.opts.control.fingerprint, &req));
         self.client.json(hyper::Method::POST, &format!("{}/register", proto::API), Some(&req), None).await
+    }
+
+    /// Registers with an outside issuer's ID token through a trust credential.
+    async fn register_federated(
+        &self,
+        fed: &FederatedLogin,
+        id_token: String,
+        endpoints: &[String],
+    ) -> Result<proto::NodeInfo, ClientError> {
+        let challenge = self.client.challenge().await?;
+        let mut req = proto::FederatedRegisterRequest {
+            request: RegisterRequest {
+                auth_key: String::new(),
+                machine_key: self.machine.public_hex(),
+                node_key: lock(&self.node_key).clone(),
+                hostname: self.opts.hostname.clone(),
+                endpoints: endpoints.to_vec(),
+                challenge: proto::hex(&challenge),
+                signature: String::new(),
+            },
+            client_id: fed.client_id.clone(),
+            id_token,
+            tags: fed.tags.clone(),
+        };
+        req.request.signature =
+            self.machine.sign_hex(&proto::federated_register_message(&challenge, &self.opts.control.fingerprint, &req));
+        let path = format!("{}/register/federated", proto::API);
+        self.client.json(hyper::Method::POST, &path, Some(&req), None).await
     }
 
     fn uapi_set(&self, body: &str) -> Result<(), String> {

@@ -256,6 +256,7 @@ pub fn join_options(
         accept_dns: false,
         map_version: proto::MAP_VERSION,
         routes: super::routes::RouteOptions::default(),
+        federation: None,
     }
 }
 
