@@ -78,7 +78,8 @@ impl Drop for WebServer {
     }
 }
 
-/// Like `Lab::spawn_node`, for `wiremeshd node --userspace` with `extra` flags.
+/// Like `Lab::spawn_node`, for `wiremeshd node --userspace` with `extra`
+/// flags, run as `nobody`: the userspace node needs no privilege at all.
 fn spawn_userspace(lab: &mut Lab, name: &str, key: &str, extra: &[&str]) -> Node {
     let ns = Netns::new();
     let host = lab.next_host;
@@ -88,6 +89,12 @@ fn spawn_userspace(lab: &mut Lab, name: &str, key: &str, extra: &[&str]) -> Node
     let state = tmpdir(name);
     let socket = state.join("api.sock");
     let mut args = vec![
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--clear-groups",
         WIREMESHD,
         "node",
         "--control",
@@ -143,9 +150,13 @@ fn tailnet_userspace_node_talks_with_a_tun_node_and_proxies_by_name() {
     for n in all {
         wait_until(Duration::from_secs(20), "maps", || peer_count(n) == 1, || logs(&all));
     }
-    // The userspace node made no TUN device.
+    // The userspace node made no TUN device, and runs as nobody.
     let links = alpha.ns.run_ok(&["ip", "-o", "link"]);
     assert!(!links.contains(&alpha.tun), "{links}");
+    let pid = alpha.proc.as_ref().unwrap().child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_string();
+    assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
     let _beta_web = WebServer::start(&beta.ns, "[::]:8000", "hello from beta");
     let _alpha_app = WebServer::start(&alpha.ns, "127.0.0.1:3000", "alpha's local app");
     let (alpha4, alpha6) = (alpha.ipv4(), alpha.ipv6());
