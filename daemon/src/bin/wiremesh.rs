@@ -105,6 +105,16 @@ enum Command {
         #[command(subcommand)]
         command: FederationCommand,
     },
+    /// The OIDC identity provider (admin; docs/identity.md).
+    Idp {
+        #[command(subcommand)]
+        command: IdpCommand,
+    },
+    /// Trust credentials: outside issuers whose ID tokens register nodes (admin; docs/identity.md).
+    Federation {
+        #[command(subcommand)]
+        command: FederationCommand,
+    },
     /// Changes this node's preferences through the running agent.
     Set {
         /// Send Internet traffic through this exit node (a node name; "" for none).
@@ -215,6 +225,57 @@ enum PolicyCommand {
     Check {
         /// The policy file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdpCommand {
+    /// Rotates the identity service's signing key now (the previous one
+    /// stays published until the tokens it signed expire).
+    RotateKeys {
+        #[command(flatten)]
+        admin: Admin,
+    },
+    /// The OAuth clients people sign in to.
+    Clients {
+        #[command(subcommand)]
+        command: IdpClientsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdpClientsCommand {
+    /// Registers a client and prints its id (and secret, the only time it is shown).
+    Create {
+        #[command(flatten)]
+        admin: Admin,
+        /// A redirect URI, matched exactly (repeat for several).
+        #[arg(long = "redirect-uri", required = true)]
+        redirect_uris: Vec<String>,
+        /// A public client: no secret, PKCE alone.
+        #[arg(long)]
+        public: bool,
+        /// A name for people (shown on the consent page).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists clients.
+    List {
+        #[command(flatten)]
+        admin: Admin,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a client with its codes and tokens.
+    Remove {
+        #[command(flatten)]
+        admin: Admin,
+        /// The client id.
+        client_id: String,
     },
 }
 
@@ -345,6 +406,7 @@ fn main() -> ExitCode {
         Command::Users { command } => users(command),
         Command::Policy { command } => policy(command),
         Command::Routes { command } => routes(command),
+        Command::Idp { command: IdpCommand::Clients { command } } => idp_clients(command),
         Command::Federation { command } => federation(command),
         Command::Set { exit_node, exit_node_allow_lan_access } => {
             if exit_node.is_none() && exit_node_allow_lan_access.is_none() {
@@ -708,6 +770,59 @@ fn policy(cmd: PolicyCommand) -> Result<ExitCode, String> {
             let p = wiremesh_daemon::policy::check(&text).map_err(|e| format!("{}: {e}", file.display()))?;
             let tests: usize = p.tests.iter().map(|t| t.accept.len() + t.deny.len()).sum();
             println!("{}: ok ({} rules, {} test assertions passed)", file.display(), p.rules.len(), tests);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn idp_clients(cmd: IdpClientsCommand) -> Result<ExitCode, String> {
+    use wiremesh_daemon::control::provider_store::{CreateClientRequest, CreatedClient, IdpClient};
+    let path = format!("{}/admin/idp/clients", proto::API);
+    match cmd {
+        IdpClientsCommand::Create { admin, redirect_uris, public, name, json } => {
+            let (client, token) = admin_client(&admin)?;
+            let req = CreateClientRequest { name, redirect_uris, public };
+            let c: CreatedClient = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?);
+            } else {
+                println!("client_id: {}", c.client.client_id);
+                match c.client_secret {
+                    Some(s) => println!("client_secret: {s}  (shown once)"),
+                    None => println!("public client: no secret, PKCE required"),
+                }
+            }
+        }
+        IdpClientsCommand::List { admin, json } => {
+            let (client, token) = admin_client(&admin)?;
+            let clients: Vec<IdpClient> = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
+                .map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&clients).map_err(|e| e.to_string())?);
+            } else {
+                for c in clients {
+                    let kind = if c.public { "public" } else { "confidential" };
+                    println!(
+                        "{}  {kind}  {:?}  {}  by {}",
+                        c.client_id,
+                        c.name,
+                        c.redirect_uris.join(" "),
+                        c.created_by
+                    );
+                }
+            }
+        }
+        IdpClientsCommand::Remove { admin, client_id } => {
+            let (client, token) = admin_client(&admin)?;
+            let _: serde_json::Value = block_on(client.json(
+                hyper::Method::DELETE,
+                &format!("{path}/{client_id}"),
+                None::<&()>,
+                Some(&token),
+            ))?
+            .map_err(|e| e.to_string())?;
+            println!("removed client {client_id}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -143,6 +143,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         );
         ALTER TABLE nodes ADD COLUMN federation_id {int} REFERENCES federation_credentials(id) ON DELETE SET NULL;",
     ),
+    // The OIDC provider (control/provider_store.rs): its clients, codes
+    // and tokens, secrets as hashes.
+    (12, super::provider_store::MIGRATION),
 ];
 
 /// Where the state lives: `--state DIR` or `--state postgres://…`.

@@ -7,6 +7,7 @@ pub mod federation;
 pub mod federation_store;
 pub mod identity_store;
 pub mod proto;
+pub mod provider_store;
 pub mod routes;
 pub mod server;
 pub mod store;

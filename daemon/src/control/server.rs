@@ -969,6 +969,7 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
             Ok(json_response(200, &proto::PolicyInfo { policy: Some(text), version }))
         }
         (["routes", ..], _) => super::routes::admin(&app, &segments[1..], req).await,
+        (["idp", ..], _) => super::provider_store::admin(&app, &segments[1..], req).await,
         (["federation", ..], _) => super::federation::admin(&app, &segments[1..], req).await,
         (["tailnet" | "keys" | "nodes" | "users" | "policy", ..], _) => {
             Err(ApiError::new(405, "method_not_allowed", "method not allowed"))
