@@ -110,11 +110,6 @@ enum Command {
         #[command(subcommand)]
         command: IdpCommand,
     },
-    /// Trust credentials: outside issuers whose ID tokens register nodes (admin; docs/identity.md).
-    Federation {
-        #[command(subcommand)]
-        command: FederationCommand,
-    },
     /// Changes this node's preferences through the running agent.
     Set {
         /// Send Internet traffic through this exit node (a node name; "" for none).
