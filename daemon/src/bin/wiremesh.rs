@@ -100,15 +100,28 @@ enum Command {
         #[command(subcommand)]
         command: RoutesCommand,
     },
-    /// Trust credentials: outside issuers whose ID tokens register nodes (admin; docs/identity.md).
-    Federation {
-        #[command(subcommand)]
-        command: FederationCommand,
+    /// A workload token for this node from the tailnet's identity service,
+    /// through the agent (docs/identity.md).
+    Token {
+        /// Who the token is for (repeat for several).
+        #[arg(long = "audience", required = true)]
+        audiences: Vec<String>,
+        /// Lifetime in seconds (default: the service's, 10 minutes).
+        #[arg(long)]
+        lifetime: Option<u64>,
+        /// Print the whole answer as JSON, not just the token.
+        #[arg(long)]
+        json: bool,
     },
     /// The OIDC identity provider (admin; docs/identity.md).
     Idp {
         #[command(subcommand)]
         command: IdpCommand,
+    },
+    /// Trust credentials: outside issuers whose ID tokens register nodes (admin; docs/identity.md).
+    Federation {
+        #[command(subcommand)]
+        command: FederationCommand,
     },
     /// Changes this node's preferences through the running agent.
     Set {
@@ -401,8 +414,10 @@ fn main() -> ExitCode {
         Command::Users { command } => users(command),
         Command::Policy { command } => policy(command),
         Command::Routes { command } => routes(command),
-        Command::Idp { command: IdpCommand::Clients { command } } => idp_clients(command),
         Command::Federation { command } => federation(command),
+        Command::Idp { command: IdpCommand::Clients { command } } => idp_clients(command),
+        Command::Idp { command: IdpCommand::RotateKeys { admin } } => idp_rotate_keys(&admin),
+        Command::Token { audiences, lifetime, json } => token(&socket, audiences, lifetime, json),
         Command::Set { exit_node, exit_node_allow_lan_access } => {
             if exit_node.is_none() && exit_node_allow_lan_access.is_none() {
                 Err("nothing to set: give --exit-node NAME and/or --exit-node-allow-lan-access".into())
@@ -663,7 +678,12 @@ fn federation(cmd: FederationCommand) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn token(socket: &std::path::Path, audiences: Vec<String>, lifetime: Option<u64>, json: bool) -> Result<ExitCode, String> {
+fn token(
+    socket: &std::path::Path,
+    audiences: Vec<String>,
+    lifetime: Option<u64>,
+    json: bool,
+) -> Result<ExitCode, String> {
     let LocalResponse::Token(v) = ask(socket, &LocalRequest::Token { audiences, lifetime })? else {
         return Err("unexpected answer".into());
     };

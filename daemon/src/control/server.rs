@@ -956,6 +956,11 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
                 None => Err(ApiError::not_found("no such user")),
             }
         }
+        (["identity", "rotate-keys"], &Method::POST) => {
+            let service = app.identity.get().ok_or_else(|| ApiError::not_found("the identity service is off"))?.clone();
+            let kid = service.rotate_now().await?;
+            Ok(json_response(200, &serde_json::json!({ "kid": kid })))
+        }
         (["policy"], &Method::GET) => {
             let p = app.with_db(|db| db.policy()).await?;
             let (policy, version) = p.map_or((None, 0), |(t, v)| (Some(t), v));

@@ -16,6 +16,7 @@
 //!   document.
 
 pub mod caller;
+pub mod client;
 pub mod jwt;
 pub mod keys;
 pub mod oidc;

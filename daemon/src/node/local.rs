@@ -52,6 +52,15 @@ pub enum LocalRequest {
         #[serde(default)]
         exit_node_allow_lan_access: Option<bool>,
     },
+    /// A workload token from the tailnet's identity service (`wiremesh
+    /// token`): the agent asks over the tailnet. See docs/identity.md.
+    Token {
+        /// Who the token is for (one or more).
+        audiences: Vec<String>,
+        /// Seconds (default: the service's).
+        #[serde(default)]
+        lifetime: Option<u64>,
+    },
 }
 
 /// What the agent is doing, as `up`, `down` and `logout` set it.
@@ -126,6 +135,8 @@ pub enum LocalResponse {
     Node(NodeInfo),
     /// A command (up, down, logout) was carried out: what happened.
     Done(String),
+    /// A workload token answer (`access_token`, `token_type`, `expires_in`).
+    Token(serde_json::Value),
     /// Failure.
     Error(String),
 }

@@ -695,6 +695,41 @@ impl Agent {
         }
     }
 
+    /// Asks the identity service the map names for a workload token, over
+    /// the tailnet (through the TUN device, or the netstack in userspace mode).
+    async fn workload_token(
+        &self,
+        map: Option<&NetworkMap>,
+        audiences: &[String],
+        lifetime: Option<u64>,
+    ) -> Result<serde_json::Value, String> {
+        let id = map
+            .and_then(|m| m.identity.clone())
+            .ok_or("the tailnet has no identity service (or the node has no map yet)")?;
+        let to = std::net::SocketAddr::new(IpAddr::V4(id.ipv4), crate::identity::service::PORT);
+        let host = id.ipv4.to_string();
+        let connect = async {
+            match &self.netstack {
+                Some(stack) => {
+                    let s = stack
+                        .connect_tcp(to)
+                        .await
+                        .map_err(|e| format!("cannot reach the identity service at {to}: {e}"))?;
+                    crate::identity::client::request_token(s, &host, audiences, lifetime).await
+                }
+                None => {
+                    let s = tokio::net::TcpStream::connect(to)
+                        .await
+                        .map_err(|e| format!("cannot reach the identity service at {to}: {e}"))?;
+                    crate::identity::client::request_token(s, &host, audiences, lifetime).await
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(20), connect)
+            .await
+            .map_err(|_| format!("the identity service at {to} did not answer"))?
+    }
+
     async fn answer(&self, req: LocalRequest) -> LocalResponse {
         let (map, connected, last_error) = {
             let s = lock(&self.shared);
@@ -718,6 +753,12 @@ impl Agent {
                     listen_port: self.listen_port,
                 };
                 LocalResponse::Status(local::status(map.as_ref(), &get, agent))
+            }
+            LocalRequest::Token { audiences, lifetime } => {
+                match self.workload_token(map.as_ref(), &audiences, lifetime).await {
+                    Ok(v) => LocalResponse::Token(v),
+                    Err(e) => LocalResponse::Error(e),
+                }
             }
             LocalRequest::Resolve { name } => match map.as_ref().and_then(|m| local::resolve(m, &name)) {
                 Some(n) => LocalResponse::Node(n.clone()),

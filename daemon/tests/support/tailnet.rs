@@ -145,6 +145,9 @@ pub struct Lab {
     pub url: String,
     pub token: String,
     pub next_host: u8,
+    /// Whether the server runs the identity service (off unless a test asks:
+    /// the other tests count the nodes they made).
+    pub identity: bool,
 }
 
 pub fn tmpdir(tag: &str) -> PathBuf {
@@ -157,6 +160,15 @@ pub fn tmpdir(tag: &str) -> PathBuf {
 
 impl Lab {
     pub fn new() -> Lab {
+        Self::with(false)
+    }
+
+    /// A lab whose control server runs the identity service (`--identity on`).
+    pub fn with_identity() -> Lab {
+        Self::with(true)
+    }
+
+    fn with(identity: bool) -> Lab {
         let hub = Netns::new();
         hub.run_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
         hub.run_ok(&["ip", "link", "set", "br0", "up"]);
@@ -173,6 +185,7 @@ impl Lab {
             url: String::new(),
             token: String::new(),
             next_host: 10,
+            identity,
         };
         lab.start_server();
         lab
@@ -187,7 +200,17 @@ impl Lab {
     pub fn start_server(&mut self) {
         let listen = format!("{}:8443", self.subnet.v4(1));
         let state = self.server_state.to_str().unwrap();
-        let mut child = self.server_ns.spawn(&[WIREMESHD, "control", "--listen", &listen, "--state", state]);
+        let identity = if self.identity { "on" } else { "off" };
+        let mut child = self.server_ns.spawn(&[
+            WIREMESHD,
+            "control",
+            "--listen",
+            &listen,
+            "--state",
+            state,
+            "--identity",
+            identity,
+        ]);
         let out = Output::attach(&mut child);
         self.url = out.wait_for("control URL: ", Duration::from_secs(30));
         if self.token.is_empty() {
