@@ -268,6 +268,11 @@ fn tailnet_routes_exit_node_carries_the_default_route() {
     let _uplink = veth_pair(&exit.ns, "203.0.113.2/24", Some(&internet), "203.0.113.1/24");
     internet.run_ok(&["ip", "addr", "add", "198.51.100.1/32", "dev", "lo"]);
     exit.ns.run_ok(&["ip", "route", "add", "default", "via", "203.0.113.1"]);
+    // And over IPv6: 2001:db8:ff::1 behind the same uplink.
+    netns::add_address(Some(&exit.ns), &_uplink.a_if, "2001:db8:1::2/64");
+    netns::add_address(Some(&internet), &_uplink.b_if, "2001:db8:1::1/64");
+    netns::add_address(Some(&internet), "lo", "2001:db8:ff::1/128");
+    exit.ns.run_ok(&["ip", "-6", "route", "add", "default", "via", "2001:db8:1::1"]);
     lab.start_agent_with(&mut exit, "exit", &key, &["--advertise-exit-node"]);
     let all = [&client, &exit];
     let log = || logs(&all) + &format!("--- control ---\n{}", lab.server.as_ref().unwrap().out.text());
@@ -280,6 +285,7 @@ fn tailnet_routes_exit_node_carries_the_default_route() {
     watch_sources(&internet, &["203.0.113.2"]);
     watch_sources(&printer, &[&client_lan, &exit_lan]);
     assert!(!ping(&client.ns, "198.51.100.1"), "the Internet is not reachable without the exit node");
+    assert!(!ping(&client.ns, "2001:db8:ff::1"));
 
     // Approved, but the client has not chosen it: nothing changes for it.
     let out = admin_ok(&lab, &["routes", "approve", "exit", "exit"]);
@@ -301,6 +307,9 @@ fn tailnet_routes_exit_node_carries_the_default_route() {
     assert!(allowed_ips_of(&client, "exit").contains(&"0.0.0.0/0".to_string()));
     assert!(tcp_works(&client.ns, "198.51.100.1", 5202), "TCP through the exit node\n{}", log());
     assert!(seen_from(&internet, "203.0.113.2") > 0, "the Internet sees the exit node's address");
+    assert!(ping(&client.ns, "2001:db8:ff::1"), "IPv6 through the exit node (::/0)\n{}", log());
+    let rules6 = client.ns.run_ok(&["ip", "-6", "rule", "show"]);
+    assert!(rules6.contains("lookup 52180"), "{rules6}");
     let rules = client.ns.run_ok(&["ip", "rule", "show"]);
     assert!(rules.contains("lookup 52180") && rules.contains("not from all fwmark"), "{rules}");
     // The control connection stays off the tunnel: the node stays connected
@@ -357,5 +366,7 @@ fn tailnet_routes_exit_node_carries_the_default_route() {
     client.proc.take();
     let rules = client.ns.run_ok(&["ip", "rule", "show"]);
     assert!(!rules.contains("52180") && !rules.contains("suppress_prefixlength"), "{rules}");
+    let rules6 = client.ns.run_ok(&["ip", "-6", "rule", "show"]);
+    assert!(!rules6.contains("52180") && !rules6.contains("suppress_prefixlength"), "{rules6}");
     assert!(client.ns.run_ok(&["ip", "route", "show", "table", "52180"]).trim().is_empty());
 }
