@@ -323,6 +323,13 @@ fn outside_issuer_registers_tagged_nodes_and_every_bad_token_is_refused_with_its
         let forged = claims(&|v| v["sub"] = "ws-1/admin".into());
         let forged =
             format!("{}.{}.{}", parts[0], wiremesh_daemon::identity::b64url(forged.to_string().as_bytes()), parts[2]);
+        // The ES256 key's kid under an EdDSA header: the key decides the algorithm.
+        let swapped = format!(
+            "{}.{}.{}",
+            wiremesh_daemon::identity::b64url(br#"{"alg":"EdDSA","kid":"es-1"}"#),
+            parts[1],
+            parts[2]
+        );
         let none = format!(
             "{}.{}.",
             wiremesh_daemon::identity::b64url(br#"{"alg":"none","typ":"JWT"}"#),
@@ -332,6 +339,7 @@ fn outside_issuer_registers_tagged_nodes_and_every_bad_token_is_refused_with_its
             ("bad signature", &bad_sig, "bad_signature"),
             ("forged payload", &forged, "bad_signature"),
             ("alg none", &none, "alg_refused"),
+            ("alg swapped", &swapped, "alg_mismatch"),
         ] {
             let (s, got, msg) = refused(register(&c, 1, &client_id, token, &["tag:ci"]).await);
             assert_eq!((s, got.as_str()), (401, code), "{what}: {msg}");

@@ -20,7 +20,8 @@
 //!    names the JWKS, fetched over HTTPS and cached; an unknown `kid` refetches
 //!    it (at most once per [`MIN_REFETCH`]) and is then `unknown_key`; the JWK's
 //!    algorithm must be the header's (`alg_mismatch`);
-//! 5. the signature (`bad_signature`), verified by the `jsonwebtoken` crate;
+//! 5. the signature (`bad_signature`), verified with ring from the JWK's
+//!    public key (P-256 point, Ed25519 key, RSA modulus of 2048 bits or more);
 //! 6. `aud` contains `<control URL>/<client ID>` (`wrong_audience`);
 //! 7. `exp` (`expired`), `nbf` and `iat` (`not_yet_valid`) with [`SKEW`], and
 //!    `iat` at most [`MAX_TOKEN_AGE`] ago (`token_too_old`);
@@ -115,11 +116,11 @@ impl Alg {
         }
     }
 
-    fn theirs(self) -> jsonwebtoken::Algorithm {
+    fn name(self) -> &'static str {
         match self {
-            Alg::ES256 => jsonwebtoken::Algorithm::ES256,
-            Alg::RS256 => jsonwebtoken::Algorithm::RS256,
-            Alg::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+            Alg::ES256 => "ES256",
+            Alg::RS256 => "RS256",
+            Alg::EdDSA => "EdDSA",
         }
     }
 }
@@ -304,55 +305,109 @@ pub fn check_claims(
     Ok(out)
 }
 
-/// The JWK's algorithm: its `alg`, or what its key type implies (EC P-256:
-/// ES256; OKP Ed25519: EdDSA; RSA: RS256). `None` for other keys.
-fn jwk_alg(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Alg> {
-    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
-    let implied = match &jwk.algorithm {
-        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Alg::ES256,
-        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => Alg::EdDSA,
-        AlgorithmParameters::RSA(_) => Alg::RS256,
-        _ => return None,
-    };
-    match jwk.common.key_algorithm {
-        None => Some(implied),
-        Some(KeyAlgorithm::ES256) if implied == Alg::ES256 => Some(Alg::ES256),
-        Some(KeyAlgorithm::EdDSA) if implied == Alg::EdDSA => Some(Alg::EdDSA),
-        Some(KeyAlgorithm::RS256) if implied == Alg::RS256 => Some(Alg::RS256),
-        Some(_) => None,
-    }
+/// A public key from an issuer's JWKS (RFC 7517, 7518 section 6, RFC 8037).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    /// `kid`.
+    pub kid: Option<String>,
+    /// The one algorithm it verifies: its `alg`, or what its type implies.
+    pub alg: Alg,
+    key: KeyBytes,
 }
 
-/// Verifies the signature of `t` with `jwk`.
-fn check_signature(t: &Token, jwk: &jsonwebtoken::jwk::Jwk) -> Result<(), ApiError> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyBytes {
+    /// An uncompressed P-256 point (0x04 || x || y).
+    P256(Vec<u8>),
+    /// An Ed25519 public key.
+    Ed25519(Vec<u8>),
+    /// An RSA modulus and exponent, big-endian.
+    Rsa { n: Vec<u8>, e: Vec<u8> },
+}
+
+/// Reads one JWK: EC P-256, OKP Ed25519 or RSA (2048 bits or more), for
+/// signatures; `None` for anything else (skipped, as if not published).
+pub fn parse_jwk(v: &Value) -> Option<PublicKey> {
+    let field = |k: &str| v.get(k).and_then(Value::as_str);
+    let bytes = |k: &str| field(k).and_then(crate::identity::unb64url);
+    if field("use").is_some_and(|u| u != "sig") {
+        return None;
+    }
+    let (implied, key) = match (field("kty")?, field("crv")) {
+        ("EC", Some("P-256")) => {
+            let (x, y) = (bytes("x")?, bytes("y")?);
+            if x.len() != 32 || y.len() != 32 {
+                return None;
+            }
+            let mut point = vec![4u8];
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            (Alg::ES256, KeyBytes::P256(point))
+        }
+        ("OKP", Some("Ed25519")) => {
+            let x = bytes("x")?;
+            if x.len() != 32 {
+                return None;
+            }
+            (Alg::EdDSA, KeyBytes::Ed25519(x))
+        }
+        ("RSA", _) => {
+            let n = bytes("n")?;
+            let e = bytes("e")?;
+            let n: Vec<u8> = n.into_iter().skip_while(|&b| b == 0).collect();
+            if n.len() < 256 || n.len() > 1024 || e.is_empty() || e.len() > 8 {
+                return None;
+            }
+            (Alg::RS256, KeyBytes::Rsa { n, e })
+        }
+        _ => return None,
+    };
+    let alg = match field("alg") {
+        None => implied,
+        Some(a) if Alg::parse(a) == Some(implied) => implied,
+        Some(_) => return None,
+    };
+    let kid = match v.get("kid") {
+        None => None,
+        Some(Value::String(k)) => Some(k.clone()),
+        Some(_) => return None,
+    };
+    Some(PublicKey { kid, alg, key })
+}
+
+/// Verifies the signature of `t` with `key`.
+fn check_signature(t: &Token, key: &PublicKey) -> Result<(), ApiError> {
+    use ring::signature::{self as sig, UnparsedPublicKey};
     let kid = t.kid.as_deref().unwrap_or("");
-    match jwk_alg(jwk) {
-        Some(a) if a == t.alg => {}
-        _ => {
-            return Err(refuse(
-                401,
-                "alg_mismatch",
-                format!("alg: the token says {:?} but key {kid:?} is not a {:?} key", t.alg, t.alg),
-            ))
-        }
+    if key.alg != t.alg {
+        return Err(refuse(
+            401,
+            "alg_mismatch",
+            format!("alg: the token says {} but key {kid:?} is a {} key", t.alg.name(), key.alg.name()),
+        ));
     }
-    if let jsonwebtoken::jwk::AlgorithmParameters::RSA(p) = &jwk.algorithm {
-        // 2048 bits at least.
-        if crate::identity::unb64url(&p.n).is_none_or(|n| n.len() < 256) {
-            return Err(refuse(401, "unknown_key", format!("kid: key {kid:?} is an RSA key under 2048 bits")));
+    let bad = || refuse(401, "bad_signature", format!("signature: does not verify with key {kid:?}"));
+    let signature = crate::identity::unb64url(&t.signature).ok_or_else(bad)?;
+    let message = t.signing_input.as_bytes();
+    let ok = match &key.key {
+        KeyBytes::P256(point) => {
+            UnparsedPublicKey::new(&sig::ECDSA_P256_SHA256_FIXED, point).verify(message, &signature).is_ok()
         }
-    }
-    let key = jsonwebtoken::DecodingKey::from_jwk(jwk)
-        .map_err(|e| refuse(401, "unknown_key", format!("kid: key {kid:?} cannot be used: {e}")))?;
-    match jsonwebtoken::crypto::verify(&t.signature, t.signing_input.as_bytes(), &key, t.alg.theirs()) {
-        Ok(true) => Ok(()),
-        _ => Err(refuse(401, "bad_signature", format!("signature: does not verify with key {kid:?}"))),
+        KeyBytes::Ed25519(x) => UnparsedPublicKey::new(&sig::ED25519, x).verify(message, &signature).is_ok(),
+        KeyBytes::Rsa { n, e } => {
+            sig::RsaPublicKeyComponents { n, e }.verify(&sig::RSA_PKCS1_2048_8192_SHA256, message, &signature).is_ok()
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(bad())
     }
 }
 
 /// One issuer's keys as last fetched.
 struct IssuerKeys {
-    keys: Vec<jsonwebtoken::jwk::Jwk>,
+    keys: Vec<PublicKey>,
     fetched: Instant,
     fetches: u64,
 }
@@ -515,7 +570,7 @@ impl Federation {
         self.cache.lock().await.get(issuer).map_or(0, |k| k.fetches)
     }
 
-    async fn fetch_keys(&self, issuer: &str) -> Result<Vec<jsonwebtoken::jwk::Jwk>, ApiError> {
+    async fn fetch_keys(&self, issuer: &str) -> Result<Vec<PublicKey>, ApiError> {
         let tls = lock(&self.tls).clone();
         let fail = |why: String| refuse(401, "issuer_unavailable", format!("issuer: cannot fetch its keys: {why}"));
         let discovery = fetch_json(tls.clone(), &format!("{issuer}{}", crate::identity::oidc::DISCOVERY_PATH))
@@ -533,15 +588,15 @@ impl Federation {
         let jwks = fetch_json(tls, jwks_uri).await.map_err(fail)?;
         let keys = jwks.get("keys").and_then(Value::as_array).ok_or_else(|| fail("the JWKS has no keys".into()))?;
         // Keys of types we do not know are skipped, not fatal.
-        Ok(keys.iter().filter_map(|k| serde_json::from_value(k.clone()).ok()).collect())
+        Ok(keys.iter().take(64).filter_map(parse_jwk).collect())
     }
 
     /// The key `kid` of `issuer`: from the cache, else after a (rate-limited) refetch.
-    async fn key(&self, issuer: &str, kid: Option<&str>) -> Result<jsonwebtoken::jwk::Jwk, ApiError> {
+    async fn key(&self, issuer: &str, kid: Option<&str>) -> Result<PublicKey, ApiError> {
         let mut cache = self.cache.lock().await;
-        let find = |keys: &[jsonwebtoken::jwk::Jwk]| -> Option<jsonwebtoken::jwk::Jwk> {
+        let find = |keys: &[PublicKey]| -> Option<PublicKey> {
             match kid {
-                Some(kid) => keys.iter().find(|k| k.common.key_id.as_deref() == Some(kid)).cloned(),
+                Some(kid) => keys.iter().find(|k| k.kid.as_deref() == Some(kid)).cloned(),
                 // No kid: only an issuer with exactly one key can be understood.
                 None if keys.len() == 1 => keys.first().cloned(),
                 None => None,
@@ -677,6 +732,7 @@ mod tests {
     use super::*;
     use crate::identity::b64url;
     use proptest::prelude::*;
+    use serde_json::json;
 
     fn cred() -> TrustCredential {
         TrustCredential {
@@ -774,6 +830,31 @@ mod tests {
         assert_eq!(check(&t(&|_| {}), &["tag:prod".into()]).unwrap_err(), "tags_not_allowed");
         assert_eq!(check(&t(&|_| {}), &[]).unwrap_err(), "tags_not_allowed");
         assert_eq!(check(&t(&|_| {}), &["tag:web".into(), "tag:web".into()]).unwrap(), ["tag:web"]);
+    }
+
+    #[test]
+    fn jwks_keys_are_read_and_odd_ones_skipped() {
+        let x = b64url(&[1; 32]);
+        let ok = [
+            (json!({"kty": "EC", "crv": "P-256", "x": x, "y": x, "kid": "a"}), Alg::ES256),
+            (json!({"kty": "OKP", "crv": "Ed25519", "x": x, "alg": "EdDSA", "use": "sig"}), Alg::EdDSA),
+            (json!({"kty": "RSA", "n": b64url(&[0xc5; 256]), "e": "AQAB"}), Alg::RS256),
+        ];
+        for (k, alg) in ok {
+            assert_eq!(parse_jwk(&k).map(|p| p.alg), Some(alg), "{k}");
+        }
+        for bad in [
+            json!({"kty": "EC", "crv": "P-384", "x": x, "y": x}),
+            json!({"kty": "EC", "crv": "P-256", "x": x}),
+            json!({"kty": "OKP", "crv": "Ed25519", "x": b64url(&[1; 31])}),
+            json!({"kty": "OKP", "crv": "Ed25519", "x": x, "alg": "ES256"}),
+            json!({"kty": "OKP", "crv": "Ed25519", "x": x, "use": "enc"}),
+            json!({"kty": "RSA", "n": b64url(&[0xc5; 128]), "e": "AQAB"}),
+            json!({"kty": "oct", "k": x}),
+            json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": 5}),
+        ] {
+            assert_eq!(parse_jwk(&bad), None, "{bad}");
+        }
     }
 
     #[test]
