@@ -93,10 +93,17 @@ fn with_cap(mut c: Caller, v: Value) -> Caller {
 /// Opens the store, makes sure the user exists, and serves the provider
 /// (with discovery and JWKS, as the identity service will) on loopback.
 async fn start(location: &Location, keys: Arc<KeySet>) -> Idp {
-    let (mut db, _) = Db::open_at(location).unwrap();
-    if db.user_by_login(LOGIN).unwrap().is_none() {
-        db.create_user(LOGIN, "Alice Liddell").unwrap();
-    }
+    // The PostgreSQL client is synchronous: off the async workers, as the server runs it.
+    let location = location.clone();
+    let db = tokio::task::spawn_blocking(move || {
+        let (mut db, _) = Db::open_at(&location).unwrap();
+        if db.user_by_login(LOGIN).unwrap().is_none() {
+            db.create_user(LOGIN, "Alice Liddell").unwrap();
+        }
+        db
+    })
+    .await
+    .unwrap();
     let app = App::new(db, [0; 32], Duration::from_secs(60));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -877,5 +884,82 @@ fn cli_clients_and_tokens_survive_a_restart() {
             .unwrap();
         assert!(t.refresh_token().is_some());
         let _ = &idp.keys;
+    });
+}
+
+/// The same store on PostgreSQL (`--state postgres://…`): the flow, code
+/// reuse revoking what the code issued, refresh rotation and reuse
+/// detection, and everything kept across a reopen. Skips outside CI when
+/// PostgreSQL is not installed.
+#[test]
+fn postgresql_store_runs_the_flow_and_keeps_it_across_a_restart() {
+    let Some(store) = control::Store::postgres("identity_provider_postgres") else { return };
+    let location: Location = store.arg().to_str().unwrap().parse().unwrap();
+    let keys = new_keys();
+    let (id, secret, refresh, access) = rt().block_on(async {
+        let idp = start(&location, keys.clone()).await;
+        let (id, secret) = admin_client(&idp.app, false).await;
+        let secret = secret.unwrap();
+        let client = rp_client(idp.port, &id, Some(&secret)).await;
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+            let (url, _, nonce) = client
+                .authorize_url(CoreAuthenticationFlow::AuthorizationCode, CsrfToken::new_random, Nonce::new_random)
+                .set_pkce_challenge(challenge)
+                .url();
+            let code = consent(idp.port, url.as_str(), "allow").await["code"].clone();
+            let t = client
+                .exchange_code(AuthorizationCode::new(code.clone()))
+                .unwrap()
+                .set_pkce_verifier(verifier)
+                .request_async(&rp_http(idp.port))
+                .await
+                .unwrap();
+            assert!(t.id_token().unwrap().claims(&client.id_token_verifier(), &nonce).is_ok());
+            out.push((code, t.access_token().secret().clone(), t.refresh_token().unwrap().secret().clone()));
+        }
+        // The first code replayed: refused, and its tokens revoked; the second sign-in is untouched.
+        let auth = Some((id.as_str(), secret.as_str()));
+        let v = "z".repeat(43);
+        let r = post(
+            idp.port,
+            "/oidc/token",
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &out[0].0),
+                ("redirect_uri", REDIRECT),
+                ("code_verifier", &v),
+            ],
+            auth,
+            &[],
+        )
+        .await;
+        oauth_err(&r, 400, "invalid_grant");
+        assert_eq!(get(idp.port, "/oidc/userinfo", Some(&out[0].1)).await.status(), 401);
+        assert_eq!(get(idp.port, "/oidc/userinfo", Some(&out[1].1)).await.status(), 200);
+        (id, secret, out[1].2.clone(), out[1].1.clone())
+    });
+    rt().block_on(async {
+        let idp = start(&location, keys).await;
+        assert_eq!(get(idp.port, "/oidc/userinfo", Some(&access)).await.status(), 200);
+        let client = rp_client(idp.port, &id, Some(&secret)).await;
+        let t = client
+            .exchange_refresh_token(&RefreshToken::new(refresh.clone()))
+            .unwrap()
+            .request_async(&rp_http(idp.port))
+            .await
+            .unwrap();
+        let access2 = t.access_token().secret().clone();
+        assert_eq!(get(idp.port, "/oidc/userinfo", Some(&access2)).await.status(), 200);
+        let auth = Some((id.as_str(), secret.as_str()));
+        let r =
+            post(idp.port, "/oidc/token", &[("grant_type", "refresh_token"), ("refresh_token", &refresh)], auth, &[])
+                .await;
+        oauth_err(&r, 400, "invalid_grant");
+        assert_eq!(get(idp.port, "/oidc/userinfo", Some(&access2)).await.status(), 401, "the family is revoked");
+        let gone = id.clone();
+        assert!(idp.app.idp_store(move |db| db.idp_remove_client(&gone)).await.unwrap());
+        oauth_err(&post(idp.port, "/oidc/introspect", &[("token", &access)], auth, &[]).await, 401, "invalid_client");
     });
 }
