@@ -28,6 +28,9 @@ mod control_server;
 
 use control_server::Store;
 
+/// The control plane alone: without the identity service's own node.
+const NO_IDENTITY: &[&str] = &["--identity", "off"];
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
@@ -158,7 +161,7 @@ async fn wait_for(what: &str, limit: Duration, f: impl Fn() -> bool) -> Duration
 }
 
 fn run(store: &Store, n: usize) {
-    let server = store.start();
+    let server = store.start_with(NO_IDENTITY);
     let token = server.token.clone().unwrap();
     let pid = server.child.id();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
