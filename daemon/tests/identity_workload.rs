@@ -97,6 +97,7 @@ fn identity_workload_tokens_over_the_tailnet() {
     let (code, body) = curl(&beta.ns, &[&format!("{url}/.well-known/openid-configuration")]);
     assert_eq!(code, 200, "{body}");
     let discovery: Value = serde_json::from_str(&body).unwrap();
+    eprintln!("discovery: {body}");
     let issuer = discovery["issuer"].as_str().unwrap().to_string();
     assert!(issuer.starts_with("https://"), "{issuer}");
     assert_eq!(discovery["jwks_uri"], format!("{issuer}/.well-known/jwks.json"));
@@ -114,6 +115,7 @@ fn identity_workload_tokens_over_the_tailnet() {
     let out = alpha.cli(&["token", "--audience", "https://vault.example", "--json"]);
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), alpha.log());
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("wiremesh token --json: {answer}");
     assert_eq!((answer["token_type"].as_str(), answer["expires_in"].as_i64()), (Some("Bearer"), Some(600)));
     let cli_token = answer["access_token"].as_str().unwrap().to_string();
     let claims = verify(&cli_token, &jwks, &issuer, "https://vault.example").unwrap();
@@ -138,6 +140,35 @@ fn identity_workload_tokens_over_the_tailnet() {
     assert_eq!(code, 200, "{body}");
     let claims = verify(body["access_token"].as_str().unwrap(), &jwks, &issuer, "db").unwrap();
     assert_eq!(claims["name"], "beta");
+
+    // Latency of a token request over the tailnet, as curl on alpha sees it
+    // (printed for docs/identity.md; 20 requests on one kept-alive connection
+    // and 20 on fresh connections).
+    for (what, fresh) in [("kept-alive connection", false), ("fresh connections", true)] {
+        let endpoint = format!("{url}/token");
+        let mut args = vec!["curl", "-s"];
+        for i in 0..20 {
+            if i > 0 {
+                args.push("--next");
+            }
+            args.extend_from_slice(&["-o", "/dev/null", "-w", "%{time_total}\n", "-X", "POST"]);
+            args.extend_from_slice(&["-H", "X-Wiremesh-Token: 1", "--data", "audience=db"]);
+            if fresh {
+                args.extend_from_slice(&["-H", "Connection: close"]);
+            }
+            args.push(&endpoint);
+        }
+        let out = alpha.ns.exec(&args);
+        let mut times: Vec<f64> =
+            String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
+        assert_eq!(times.len(), 20, "{}", String::from_utf8_lossy(&out.stderr));
+        times.sort_by(|a, b| a.total_cmp(b));
+        eprintln!(
+            "token request over the tailnet ({what}): median {:.2} ms, max {:.2} ms",
+            times[10] * 1000.0,
+            times[19] * 1000.0
+        );
+    }
 
     // A spoofed source: alpha sends from beta's tailnet address through its
     // own tunnel. The packets are authenticated by alpha's key, which does

@@ -273,6 +273,33 @@ mod tests {
         assert_eq!(parse_form(vec!["a=b"; MAX_PAIRS].join("&").as_bytes()).unwrap().len(), MAX_PAIRS);
     }
 
+    proptest::proptest! {
+        /// Any bytes: an answer or a 400, never a panic; every decoded pair
+        /// is UTF-8 and the count within the limit.
+        #[test]
+        fn the_form_parser_takes_any_bytes(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            match parse_form(&body) {
+                Ok(pairs) => proptest::prop_assert!(pairs.len() <= MAX_PAIRS),
+                Err(e) => proptest::prop_assert_eq!(e.status, 400),
+            }
+            if let Ok(pairs) = parse_form(&body) {
+                let _ = token_request(&pairs, Lifetimes::default());
+            }
+        }
+
+        /// What the client encodes, the service decodes to the same values.
+        #[test]
+        fn encoded_forms_round_trip(values in proptest::collection::vec(".{1,40}", 1..8)) {
+            let body: Vec<String> = values
+                .iter()
+                .map(|v| format!("audience={}", crate::identity::client::form_encode(v)))
+                .collect();
+            let pairs = parse_form(body.join("&").as_bytes()).unwrap();
+            let got: Vec<String> = pairs.into_iter().map(|(_, v)| v).collect();
+            proptest::prop_assert_eq!(got, values);
+        }
+    }
+
     #[test]
     fn token_requests_need_an_audience_and_a_sane_lifetime() {
         let l = Lifetimes::default();

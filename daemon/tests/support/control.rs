@@ -105,6 +105,9 @@ pub fn start_on(state: &std::ffi::OsStr, extra: &[&str]) -> Server {
         .args(["control", "--listen", "127.0.0.1:0", "--state"])
         .arg(state)
         .args(extra)
+        // The identity service registers a node of its own: off unless a
+        // test asks for it (`--identity on`), so node counts stay the tests' own.
+        .args(if extra.contains(&"--identity") { &[][..] } else { &["--identity", "off"][..] })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
