@@ -218,6 +218,7 @@ fn start(opts: Options) -> Result<(Arc<Agent>, userspace::DataPlane), String> {
     let prefs = routes::Prefs::load(&opts.state)?;
     let host_routes = routes::HostRoutes::new(&opts.tun, opts.routes.clone());
     if dp.netstack().is_none() {
+        host_routes.remove_leftovers();
         if let Err(e) = host_routes.start_router() {
             host_routes.cleanup();
             dp.stop();
@@ -272,7 +273,9 @@ pub fn run(opts: Options) -> Result<(), String> {
     };
     let result = proxies.and_then(|()| rt.block_on(agent.clone().main()));
     let _ = std::fs::remove_file(&agent.opts.socket);
-    agent.host_routes.cleanup();
+    if agent.netstack.is_none() {
+        agent.host_routes.cleanup();
+    }
     if let Some(Err(e)) = agent.host_dns.as_ref().map(dns::HostDns::restore) {
         eprintln!("wiremeshd node: cannot restore the host's resolv.conf: {e}");
     }

@@ -144,19 +144,23 @@ fn nft_table(tun: &str) -> String {
 }
 
 impl HostRoutes {
-    /// Takes over the host's route state for `tun`, removing what an agent
-    /// killed before left behind.
+    /// The host's route state for `tun` (nothing changed yet).
     pub fn new(tun: &str, opts: RouteOptions) -> HostRoutes {
-        let h = HostRoutes {
+        HostRoutes {
             tun: tun.into(),
             opts,
             forwarding: Mutex::new(Vec::new()),
             installed: Mutex::new(Installed::default()),
-        };
-        h.remove_exit_routing(0);
-        h.remove_exit_routing(1);
-        let _ = run("nft", &["delete", "table", "inet", &nft_table(tun)]);
-        h
+        }
+    }
+
+    /// Removes what an agent killed before left behind (exit rules and
+    /// table, the masquerade table). Only for a TUN agent: a `--userspace`
+    /// one must not touch the host's routing.
+    pub fn remove_leftovers(&self) {
+        self.remove_exit_routing(0);
+        self.remove_exit_routing(1);
+        let _ = run("nft", &["delete", "table", "inet", &nft_table(&self.tun)]);
     }
 
     /// The options the agent was started with.
