@@ -1327,4 +1327,18 @@ mod tests {
         assert!(Db::open(&dir).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn state_locations_parse_and_never_show_the_password() {
+        let l: Location = "postgres://wm:s3cr@t@db.example:5432/wiremesh".parse().unwrap();
+        assert_eq!(l, Location::Postgres("postgres://wm:s3cr@t@db.example:5432/wiremesh".into()));
+        assert_eq!(l.to_string(), "postgres://wm@db.example:5432/wiremesh");
+        assert!(!format!("{l:?}").contains("s3cr"));
+        assert_eq!("postgresql://h/db".parse::<Location>().unwrap().to_string(), "postgresql://h/db");
+        assert_eq!("/var/lib/wm".parse::<Location>().unwrap(), Location::Dir("/var/lib/wm".into()));
+        assert_eq!("state".parse::<Location>().unwrap(), Location::Dir("state".into()));
+        assert!("mysql://h/db".parse::<Location>().is_err());
+        assert!("".parse::<Location>().is_err());
+        assert!("postgres://h:port/db".parse::<Location>().is_err());
+    }
 }
