@@ -557,6 +557,18 @@ fn every_bad_input_gets_the_standard_error_and_issues_nothing() {
         assert_eq!(r.status(), 403);
         let r = post(port, "/oidc/authorize", &pairs(&v), None, &[("sec-fetch-site", "cross-site")]).await;
         assert_eq!(r.status(), 403);
+        let base = format!("http://127.0.0.1:{port}");
+        // A sandboxed frame posts with Origin null; a longer port shares the prefix.
+        for origin in ["null", &base[..base.len() - 1], &format!("{base}0")] {
+            let r = post(port, "/oidc/authorize", &pairs(&v), None, &[("origin", origin)]).await;
+            assert_eq!(r.status(), 403, "{origin}");
+        }
+        let r = post(port, "/oidc/authorize", &pairs(&v), None, &[("sec-fetch-site", "same-site")]).await;
+        assert_eq!(r.status(), 403);
+        // The service's own origin (a browser's same-origin post) is let through: Deny redirects.
+        let deny = with(&[("decision", "deny")], false);
+        let own = [("origin", base.as_str()), ("sec-fetch-site", "same-origin")];
+        assert_eq!(post(port, "/oidc/authorize", &pairs(&deny), None, &own).await.status(), 303);
         let (_, q) = location_query(
             &post(port, "/oidc/authorize", &pairs(&with(&[("decision", "deny")], false)), None, &[]).await,
         );

@@ -335,7 +335,7 @@ impl Provider {
                 };
                 self.authorize(caller, &form, None).await
             }
-            ("/authorize", Method::POST) => match self.post_form(&req) {
+            ("/authorize", Method::POST) => match self.post_form(&req, true) {
                 Ok(form) => {
                     let decision = form.get("decision").map(str::to_string);
                     self.authorize(caller, &form, Some(decision)).await
@@ -356,22 +356,36 @@ impl Provider {
         })
     }
 
-    /// A form body, refusing other content types, and (for browsers) posts
-    /// from another site: a page elsewhere cannot submit our forms.
-    fn post_form(&self, req: &Request<Bytes>) -> Result<Form, Answer> {
+    /// A form body, refusing other content types. For the pages' own forms
+    /// (`page_form`), a browser's post from anywhere but the service's own
+    /// origin is refused as well (`Origin`, including `null`, and
+    /// `Sec-Fetch-Site`), on top of the CSRF token those forms carry.
+    fn post_form(&self, req: &Request<Bytes>, page_form: bool) -> Result<Form, Answer> {
         let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/x-www-form-urlencoded") {
             return Err(bad("invalid_request", "the body must be application/x-www-form-urlencoded"));
         }
-        if let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-            if origin != "null" && !self.base_url.starts_with(origin) {
-                return Err(oauth_error(StatusCode::FORBIDDEN, "access_denied", "cross-site form post refused"));
+        if page_form {
+            let cross = |why: &str| oauth_error(StatusCode::FORBIDDEN, "access_denied", why);
+            if let Some(origin) = req.headers().get(header::ORIGIN) {
+                if origin.as_bytes() != self.origin().as_bytes() {
+                    return Err(cross("a form post from another origin is refused"));
+                }
+            }
+            if let Some(site) = req.headers().get("sec-fetch-site") {
+                if site.as_bytes() != b"same-origin" && site.as_bytes() != b"none" {
+                    return Err(cross("a form post from another site is refused"));
+                }
             }
         }
-        if req.headers().get("sec-fetch-site").and_then(|v| v.to_str().ok()) == Some("cross-site") {
-            return Err(oauth_error(StatusCode::FORBIDDEN, "access_denied", "cross-site form post refused"));
-        }
         Form::parse(req.body()).map_err(|e| bad("invalid_request", &e.to_string()))
+    }
+
+    /// The service's origin (`scheme://host[:port]` of the base URL).
+    fn origin(&self) -> &str {
+        let after = self.base_url.find("://").map_or(0, |i| i + 3);
+        let end = self.base_url[after..].find('/').map_or(self.base_url.len(), |i| after + i);
+        &self.base_url[..end]
     }
 
     /// A form token binding `payload` to the caller's node for a while:
@@ -584,7 +598,7 @@ impl Provider {
     }
 
     async fn token(&self, caller: &Caller, req: &Request<Bytes>) -> Answer {
-        let form = match self.post_form(req) {
+        let form = match self.post_form(req, false) {
             Ok(f) => f,
             Err(a) => return a,
         };
@@ -841,7 +855,7 @@ impl Provider {
     }
 
     async fn introspect(&self, req: &Request<Bytes>) -> Answer {
-        let form = match self.post_form(req) {
+        let form = match self.post_form(req, false) {
             Ok(f) => f,
             Err(a) => return a,
         };
@@ -883,7 +897,7 @@ impl Provider {
     }
 
     async fn revoke(&self, req: &Request<Bytes>) -> Answer {
-        let form = match self.post_form(req) {
+        let form = match self.post_form(req, false) {
             Ok(f) => f,
             Err(a) => return a,
         };
@@ -1024,7 +1038,7 @@ impl Provider {
                 "<p>Administering clients needs a grant of wiremesh.dev/cap/idp with allowAdminUI.</p>",
             );
         }
-        let form = match self.post_form(req) {
+        let form = match self.post_form(req, true) {
             Ok(f) => f,
             Err(a) => return a,
         };
