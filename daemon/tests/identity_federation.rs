@@ -453,3 +453,59 @@ fn rand_u64() -> u64 {
     ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut b).unwrap();
     u64::from_le_bytes(b)
 }
+
+/// The same store code on PostgreSQL: a credential made over the admin API,
+/// a node registered, and after a restart of the control server on the same
+/// database the credential still registers and the spent `jti` is still spent.
+#[test]
+fn federation_state_lives_in_postgresql_across_a_restart() {
+    let Some(store) = control_server::Store::postgres("identity_federation_postgres") else { return };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let issuer = rt.block_on(start_issuer(rt.handle()));
+    let es = TestKey::es256("pg-1");
+    issuer.publish(&[&es.jwk]);
+    let ca_file = std::env::temp_dir().join(format!("wiremesh-federation-pg-{}.ca.pem", std::process::id()));
+    std::fs::write(&ca_file, &issuer.ca_pem).unwrap();
+    // A fixed public URL, so the audience survives the restart on another port.
+    let args = [
+        "--relay",
+        "off",
+        "--identity",
+        "off",
+        "--identity-issuer",
+        "https://control.test",
+        "--federation-ca",
+        ca_file.to_str().unwrap(),
+    ];
+    let server = store.start_with(&args);
+    let admin = server.token.clone().unwrap();
+    let c = Client::new(server.url.clone());
+    let req = wiremesh_daemon::control::federation::CreateCredentialRequest {
+        issuer: issuer.url.clone(),
+        subject: "repo:wiremesh/*".into(),
+        tags: vec!["tag:ci".into()],
+        ephemeral: true,
+    };
+    let cred: CredentialInfo =
+        rt.block_on(c.json(hyper::Method::POST, "/api/v1/admin/federation", Some(&req), Some(&admin))).unwrap();
+    let t = now();
+    let token = |jti: &str| {
+        es.sign(&json!({"iss": issuer.url, "sub": "repo:wiremesh/main", "aud": cred.audience, "iat": t,
+                        "exp": t + 300, "jti": jti}))
+    };
+    let first = token("pg-jti-1");
+    let node = rt.block_on(register(&c, 1, &cred.credential.client_id, &first, &["tag:ci"])).unwrap();
+    assert_eq!((node.tags.clone(), node.ephemeral), (vec!["tag:ci".to_string()], true));
+    drop(server);
+
+    let server = store.start_with(&args);
+    let c = Client::new(server.url.clone());
+    let (s, code, _) = refused(rt.block_on(register(&c, 2, &cred.credential.client_id, &first, &["tag:ci"])));
+    assert_eq!((s, code.as_str()), (401, "jti_reused"), "the spent jti is in the database");
+    let n2 = rt.block_on(register(&c, 2, &cred.credential.client_id, &token("pg-jti-2"), &["tag:ci"])).unwrap();
+    assert!(n2.ephemeral);
+    let list: Vec<CredentialInfo> =
+        rt.block_on(c.json(hyper::Method::GET, "/api/v1/admin/federation", None::<&()>, Some(&admin))).unwrap();
+    assert_eq!(list.len(), 1);
+    let _ = std::fs::remove_file(&ca_file);
+}
