@@ -1231,12 +1231,12 @@ impl Sent {
     /// changed; updates what was sent.
     fn delta(&mut self, snap: &Snapshot, me: usize) -> Option<Bytes> {
         let mut upsert = String::new();
-        let mut current = HashSet::with_capacity(self.peers.len() + 1);
+        let mut visible = 0usize;
         for (i, (n, j)) in snap.nodes.iter().zip(&snap.json).enumerate() {
             if !snap.visible(me, i) {
                 continue;
             }
-            current.insert(n.id);
+            visible += 1;
             // Unchanged nodes keep their Arc across snapshots: a pointer compare.
             if self.peers.get(&n.id).is_some_and(|old| Arc::ptr_eq(old, j) || old == j) {
                 continue;
@@ -1247,10 +1247,17 @@ impl Sent {
             upsert.push_str(j);
             self.peers.insert(n.id, j.clone());
         }
-        let mut remove: Vec<i64> = self.peers.keys().filter(|id| !current.contains(id)).copied().collect();
-        remove.sort_unstable();
-        for id in &remove {
-            self.peers.remove(id);
+        // Every visible peer is in `peers` now, so it holds others only if it
+        // is larger: then (removals are rare) find them with a set.
+        let mut remove: Vec<i64> = Vec::new();
+        if self.peers.len() > visible {
+            let current: HashSet<i64> =
+                snap.nodes.iter().enumerate().filter(|(i, _)| snap.visible(me, *i)).map(|(_, n)| n.id).collect();
+            remove = self.peers.keys().filter(|id| !current.contains(id)).copied().collect();
+            remove.sort_unstable();
+            for id in &remove {
+                self.peers.remove(id);
+            }
         }
         let self_changed = self.me != snap.json[me];
         let (filter, capabilities) = snap.grants_json(me);
