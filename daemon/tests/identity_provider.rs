@@ -109,7 +109,7 @@ async fn start(location: &Location, keys: Arc<KeySet>) -> Idp {
     let port = listener.local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
     let k = keys.clone();
-    let p = Arc::new(Provider::new(app.clone(), Arc::new(move || k.clone()), ISS, &base).unwrap());
+    let p = Arc::new(Provider::new(app.clone(), Arc::new(move || Some(k.clone())), ISS, &base).unwrap());
     let caller = Arc::new(Mutex::new(person()));
     let (c2, k2) = (caller.clone(), keys.clone());
     let server = tokio::spawn(async move {
@@ -908,7 +908,11 @@ fn postgresql_store_runs_the_flow_and_keeps_it_across_a_restart() {
     let Some(store) = control::Store::postgres("identity_provider_postgres") else { return };
     let location: Location = store.arg().to_str().unwrap().parse().unwrap();
     let keys = new_keys();
-    let (id, secret, refresh, access) = rt().block_on(async {
+    // The synchronous PostgreSQL client must not be dropped inside the
+    // runtime: the runtime goes first (with every task holding the
+    // provider), then the store, on this thread.
+    let runtime = rt();
+    let ((id, secret, refresh, access), idp) = runtime.block_on(async {
         let idp = start(&location, keys.clone()).await;
         let (id, secret) = admin_client(&idp.app, false).await;
         let secret = secret.unwrap();
@@ -950,9 +954,12 @@ fn postgresql_store_runs_the_flow_and_keeps_it_across_a_restart() {
         oauth_err(&r, 400, "invalid_grant");
         assert_eq!(get(idp.port, "/oidc/userinfo", Some(&out[0].1)).await.status(), 401);
         assert_eq!(get(idp.port, "/oidc/userinfo", Some(&out[1].1)).await.status(), 200);
-        (id, secret, out[1].2.clone(), out[1].1.clone())
+        ((id, secret, out[1].2.clone(), out[1].1.clone()), idp)
     });
-    rt().block_on(async {
+    drop(runtime);
+    drop(idp);
+    let runtime = rt();
+    let idp = runtime.block_on(async {
         let idp = start(&location, keys).await;
         assert_eq!(get(idp.port, "/oidc/userinfo", Some(&access)).await.status(), 200);
         let client = rp_client(idp.port, &id, Some(&secret)).await;
@@ -973,5 +980,8 @@ fn postgresql_store_runs_the_flow_and_keeps_it_across_a_restart() {
         let gone = id.clone();
         assert!(idp.app.idp_store(move |db| db.idp_remove_client(&gone)).await.unwrap());
         oauth_err(&post(idp.port, "/oidc/introspect", &[("token", &access)], auth, &[]).await, 401, "invalid_client");
+        idp
     });
+    drop(runtime);
+    drop(idp);
 }

@@ -59,8 +59,9 @@ const RESERVED_CLAIMS: &[&str] =
     &["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "nonce", "auth_time", "azp", "at_hash", "c_hash", "act"];
 
 /// Where the provider gets the identity key set that signs ID tokens: the
-/// service's current set, read at every signing (it rotates).
-pub type KeySource = Arc<dyn Fn() -> Arc<KeySet> + Send + Sync>;
+/// service's current set, read at every signing (it rotates); `None` once
+/// the service is gone (the provider then issues nothing).
+pub type KeySource = Arc<dyn Fn() -> Option<Arc<KeySet>> + Send + Sync>;
 
 /// The OIDC provider.
 pub struct Provider {
@@ -813,7 +814,9 @@ impl Provider {
         if let Some(n) = &sign_in.nonce {
             claims.extra.insert("nonce".into(), json!(n));
         }
-        let keys = (self.keys)();
+        let Some(keys) = (self.keys)() else {
+            return Err(oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "no signing keys"));
+        };
         jwt::sign(keys.current(), &claims).map_err(server)
     }
 
