@@ -151,7 +151,7 @@ fn identity_workload_tokens_over_the_tailnet() {
             if i > 0 {
                 args.push("--next");
             }
-            args.extend_from_slice(&["-o", "/dev/null", "-w", "%{time_total}\n", "-X", "POST"]);
+            args.extend_from_slice(&["-o", "/dev/null", "-w", "%{http_code} %{time_total}\n", "-X", "POST"]);
             args.extend_from_slice(&["-H", "X-Wiremesh-Token: 1", "--data", "audience=db"]);
             if fresh {
                 args.extend_from_slice(&["-H", "Connection: close"]);
@@ -159,8 +159,10 @@ fn identity_workload_tokens_over_the_tailnet() {
             args.push(&endpoint);
         }
         let out = alpha.ns.exec(&args);
-        let mut times: Vec<f64> =
-            String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let mut times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("200 ")?.trim().parse().ok())
+            .collect();
         assert_eq!(times.len(), 20, "{}", String::from_utf8_lossy(&out.stderr));
         times.sort_by(|a, b| a.total_cmp(b));
         eprintln!(

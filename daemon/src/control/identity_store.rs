@@ -116,7 +116,9 @@ impl Db {
         force: bool,
     ) -> Result<(KeySet, i64, bool), ApiError> {
         let lock = self.dialect().for_update();
-        self.write(|c| {
+        // No change notification: keys are not in any map, and every replica
+        // reloads them on its own schedule.
+        self.conn().transaction(None, |c| {
             let r = c
                 .query_opt(&format!("SELECT key_set, rotated_at FROM identity_keys WHERE id = 1{lock}"), &[])?
                 .ok_or_else(|| ApiError::internal("identity store: no key set".into()))?;
@@ -148,18 +150,8 @@ impl Db {
         hostname: &str,
         make: impl FnOnce() -> Result<NewNodeKeys, String>,
     ) -> Result<(IdentityNodeKeys, NodeInfo), ApiError> {
-        let found = self
-            .conn()
-            .query_opt("SELECT node_id, machine_key, node_key FROM identity_node WHERE id = 1", &[])?
-            .map(|r| -> Result<_, ApiError> {
-                let node_private: [u8; 32] = r.blob(2)?.try_into().map_err(|_| internal("bad stored node key"))?;
-                Ok(IdentityNodeKeys { node_id: r.int(0)?, machine_pkcs8: r.blob(1)?, node_private })
-            })
-            .transpose()?;
-        if let Some(keys) = found {
-            if let Some(node) = self.node(keys.node_id)? {
-                return Ok((keys, node));
-            }
+        if let Some(found) = self.stored_identity_node()? {
+            return Ok(found);
         }
         let (machine_pkcs8, machine_public, node_private, node_public) = make().map_err(internal)?;
         let (auth_key, _) = self.create_auth_key(false, false, &["tag:identity".to_string()], Some(600), None)?;
@@ -171,14 +163,42 @@ impl Db {
             endpoints: Vec::new(),
         })?;
         let keys = IdentityNodeKeys { node_id: node.id, machine_pkcs8, node_private };
-        self.write(|c: &mut Conn| {
-            c.execute("DELETE FROM identity_node", &[])?;
+        // Replicas starting together may both get here: the first row wins
+        // and the others remove the node they made.
+        let inserted = self.write(|c: &mut Conn| {
             c.execute(
-                "INSERT INTO identity_node (id, node_id, machine_key, node_key) VALUES (1, $1, $2, $3)",
+                "INSERT INTO identity_node (id, node_id, machine_key, node_key) VALUES (1, $1, $2, $3)
+                 ON CONFLICT (id) DO NOTHING",
                 params![node.id, &keys.machine_pkcs8[..], &keys.node_private[..]],
             )
         })?;
-        Ok((keys, node))
+        if inserted == 1 {
+            return Ok((keys, node));
+        }
+        self.remove_node(&node.id.to_string())?;
+        self.stored_identity_node()?.ok_or_else(|| internal("the identity node vanished"))
+    }
+
+    /// The registered identity node (its row goes with the node when an
+    /// administrator removes it: `ON DELETE CASCADE`).
+    fn stored_identity_node(&mut self) -> Result<Option<(IdentityNodeKeys, NodeInfo)>, ApiError> {
+        let found = self
+            .conn()
+            .query_opt("SELECT node_id, machine_key, node_key FROM identity_node WHERE id = 1", &[])?
+            .map(|r| -> Result<_, ApiError> {
+                let node_private: [u8; 32] = r.blob(2)?.try_into().map_err(|_| internal("bad stored node key"))?;
+                Ok(IdentityNodeKeys { node_id: r.int(0)?, machine_pkcs8: r.blob(1)?, node_private })
+            })
+            .transpose()?;
+        let Some(keys) = found else { return Ok(None) };
+        match self.node(keys.node_id)? {
+            Some(node) => Ok(Some((keys, node))),
+            None => {
+                // A row without its node (a store without foreign keys enforced): start afresh.
+                self.write(|c| c.execute("DELETE FROM identity_node WHERE id = 1", &[]))?;
+                Ok(None)
+            }
+        }
     }
 
     /// Takes or renews the lease on running the identity node for `secs`:
@@ -188,7 +208,8 @@ impl Db {
         let now = unix_now();
         // One process serves a SQLite store: a lease left by its earlier life is stale.
         let free_before = if self.dialect() == Dialect::Sqlite { i64::MAX } else { now };
-        let n = self.write(|c| {
+        // Renewed every few seconds: no change notification for it.
+        let n = self.conn().transaction(None, |c| {
             c.execute(
                 "UPDATE identity_node SET holder = $1, lease_until = $2
                  WHERE id = 1 AND (holder IS NULL OR holder = $1 OR lease_until < $3)",

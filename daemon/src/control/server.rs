@@ -719,7 +719,7 @@ async fn serve(opts: &Options) -> Result<(), String> {
     tokio::spawn(expiry_timer(app.clone()));
     // The identity service: keys now, its tailnet node once this listener
     // answers (the node joins through it like any node).
-    let _identity = match &opts.identity {
+    let identity_running = match &opts.identity {
         Some(settings) => {
             let issuer = opts.identity_issuer.clone().unwrap_or_else(|| format!("https://{addr}"));
             let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
@@ -770,6 +770,11 @@ async fn serve(opts: &Options) -> Result<(), String> {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+    if identity_running.is_some() {
+        // Another replica may run the identity node at once.
+        drop(identity_running);
+        let _ = app.identity_db(|db| db.release_identity_lease()).await;
     }
     Ok(())
 }
