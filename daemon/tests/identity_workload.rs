@@ -103,6 +103,11 @@ fn identity_workload_tokens_over_the_tailnet() {
     assert_eq!(discovery["jwks_uri"], format!("{issuer}/.well-known/jwks.json"));
     let jwks = fetch_jwks(&beta.ns, &url);
     assert!(jwks.keys.len() >= 2, "current and next keys published");
+    // Paths the service does not own reach the OIDC provider, whose
+    // endpoints the discovery document lists.
+    assert_eq!(discovery["authorization_endpoint"], format!("{url}/oidc/authorize"), "{discovery}");
+    let (code, body) = curl(&alpha.ns, &[&format!("{url}/oidc/userinfo")]);
+    assert_eq!(code, 401, "the provider answers /oidc/userinfo without a token: {body}");
 
     // The same documents on the control server's public listener.
     let public = issuer.trim_start_matches("https://").to_string();

@@ -113,6 +113,9 @@ pub struct Service {
     app: Arc<App>,
     /// The identity node's id, once registered.
     node_id: Mutex<Option<i64>>,
+    /// The OIDC provider for people, handed every path the service does
+    /// not answer itself (set at start, once the tailnet URL is known).
+    provider: std::sync::OnceLock<super::provider::Provider>,
 }
 
 impl std::fmt::Debug for Service {
@@ -169,7 +172,14 @@ impl Service {
         let issuer = oidc::check_issuer(issuer).map_err(|e| e.to_string())?;
         let alg = settings.alg;
         let (keys, _) = app.identity_db(move |db| db.identity_keys(alg)).await.map_err(|e| e.to_string())?;
-        Ok(Arc::new(Service { issuer, settings, keys: RwLock::new(Arc::new(keys)), app, node_id: Mutex::new(None) }))
+        Ok(Arc::new(Service {
+            issuer,
+            settings,
+            keys: RwLock::new(Arc::new(keys)),
+            app,
+            node_id: Mutex::new(None),
+            provider: std::sync::OnceLock::new(),
+        }))
     }
 
     /// The issuer (`iss` of every token).
@@ -227,8 +237,14 @@ impl Service {
         Some(if path == JWKS_PATH {
             json(200, &oidc::jwks(&keys))
         } else {
-            match Discovery::new(&self.issuer, &keys) {
-                Ok(d) => json(200, &d),
+            match Discovery::new(&self.issuer, &keys).map(|d| serde_json::to_value(d).unwrap_or_default()) {
+                Ok(mut d) => {
+                    // The provider's endpoints, when it runs.
+                    if let (Some(p), Some(obj)) = (self.provider.get(), d.as_object_mut()) {
+                        obj.extend(p.discovery_fields());
+                    }
+                    json(200, &d)
+                }
                 Err(e) => error(&ApiError::internal(e.to_string())),
             }
         })
@@ -253,7 +269,13 @@ impl Service {
                     "user": caller.user.as_ref().map(|u| &u.login),
                 }),
             ),
-            _ => error(&ApiError::not_found("no such endpoint")),
+            _ => match self.provider.get() {
+                Some(p) => match p.handle(caller, req).await {
+                    Some(r) => r,
+                    None => error(&ApiError::not_found("no such endpoint")),
+                },
+                None => error(&ApiError::not_found("no such endpoint")),
+            },
         }
     }
 
@@ -447,6 +469,14 @@ pub async fn start(
         issuer: service.issuer.clone(),
     });
     app.request_publish();
+    // The OIDC provider (people), under the service's tailnet URL; it signs
+    // with the service's current keys for as long as the service lives.
+    let weak = Arc::downgrade(&service);
+    let keys_of: super::provider::KeySource = Arc::new(move || weak.upgrade().map(|s| s.keys()));
+    let provider =
+        super::provider::Provider::new(app.clone(), keys_of, &service.issuer, &format!("http://{}", node.ipv4))
+            .map_err(|e| e.to_string())?;
+    let _ = service.provider.set(provider);
     write_node_keys(&state, &keys)?;
     drop(keys);
     let s = service.clone();
