@@ -146,6 +146,21 @@ fn identity_workload_tokens_over_the_tailnet() {
     let claims = verify(body["access_token"].as_str().unwrap(), &jwks, &issuer, "db").unwrap();
     assert_eq!(claims["name"], "beta");
 
+    // A userspace node (no TUN): `wiremesh token` through its agent (the
+    // netstack connects), and curl through the agent's HTTP proxy.
+    let mut gamma = lab.new_node("gamma");
+    lab.start_agent_with(&mut gamma, "gamma", &key, &["--userspace", "--http-proxy", "127.0.0.1:1055"]);
+    wait_until(Duration::from_secs(30), "gamma's map", || peer_count(&gamma) == 3, || gamma.log());
+    let out = gamma.cli(&["token", "--audience", "db"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), gamma.log());
+    let claims = verify(String::from_utf8_lossy(&out.stdout).trim(), &jwks, &issuer, "db").unwrap();
+    assert_eq!(claims["name"], "gamma");
+    let (code, body) = token_request(&gamma.ns, &url, &["audience=db"], &["--proxy", "http://127.0.0.1:1055"]);
+    assert_eq!(code, 200, "{body}");
+    let claims = verify(body["access_token"].as_str().unwrap(), &jwks, &issuer, "db").unwrap();
+    assert_eq!(claims["name"], "gamma");
+    drop(gamma);
+
     // Latency of a token request over the tailnet, as curl on alpha sees it
     // (printed for docs/identity.md; 20 requests on one kept-alive connection
     // and 20 on fresh connections).
