@@ -19,6 +19,7 @@
 //! copy of the configuration and to the device, so a failed `set` changes
 //! nothing.
 
+use crate::disco::{apply_path, classify, DiscoSettings, DiscoStatus, Kind, PathAgent};
 use crate::gro::{coalesce, Group, Packet};
 use crate::tun::split;
 use crate::tun::{Tun, VirtioNetHdr};
@@ -235,6 +236,10 @@ pub(crate) enum ControlMsg {
     Uapi(Request, mpsc::SyncSender<Response>),
     /// The inbound packet filter (`None`: let every packet in).
     Filter(Option<Filter>),
+    /// Path discovery on with these settings, or off (`None`).
+    Disco(Option<DiscoSettings>),
+    /// What path discovery knows (`None`: it is off or unsupported).
+    DiscoStatus(mpsc::SyncSender<Option<DiscoStatus>>),
 }
 
 /// The handle other threads use to configure and stop a running worker.
@@ -297,6 +302,25 @@ impl Control {
         sent
     }
 
+    /// Turns path discovery on with `settings` (or updates them), or off
+    /// with `None`: STUN and disco probes on the WireGuard socket, and the
+    /// chosen direct path applied to each peer (see [`crate::disco`]).
+    /// Off by default. Returns `false` if the worker is gone.
+    pub fn set_disco(&self, settings: Option<DiscoSettings>) -> bool {
+        let sent = self.tx.send(ControlMsg::Disco(settings)).is_ok();
+        self.wake();
+        sent
+    }
+
+    /// What path discovery knows: the reflexive address, each peer's path,
+    /// the counters. `None` if it is off, unsupported or the worker is gone.
+    pub fn disco_status(&self) -> Option<DiscoStatus> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.tx.send(ControlMsg::DiscoStatus(tx)).ok()?;
+        self.wake();
+        rx.recv().ok().flatten()
+    }
+
     /// Asks the worker to stop.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -338,6 +362,10 @@ pub struct Worker {
     exit_reason: Option<String>,
     /// The inbound packet filter, applied to every device this worker makes.
     filter: Option<Filter>,
+    /// Path discovery's settings while it is on, and its agent while the
+    /// device has a key.
+    disco_settings: Option<DiscoSettings>,
+    disco: Option<PathAgent>,
 }
 
 impl Worker {
@@ -405,6 +433,8 @@ impl Worker {
             mtu_checked: std::time::Instant::now(),
             exit_reason: None,
             filter: None,
+            disco_settings: None,
+            disco: None,
         };
         w.config.listen_port = config.listen_port;
         w.config.fwmark = config.fwmark;
@@ -445,11 +475,16 @@ impl Worker {
                     dev.handle_timeout(now);
                 }
             }
+            if let Some(agent) = self.disco.as_mut() {
+                agent.handle_timeout(now);
+            }
             self.flush_control_output();
+            let disco_due = self.disco.as_ref().and_then(PathAgent::poll_timeout);
             let wait = self
                 .device
                 .as_ref()
                 .and_then(|d| d.poll_timeout())
+                .map_or(disco_due, |t| Some(disco_due.map_or(t, |d| d.min(t))))
                 .map(|t| t.saturating_duration_since(self.now()))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
@@ -848,6 +883,7 @@ impl Worker {
             self.arm_recv(i);
             return;
         };
+        let mut disco = self.disco.as_mut();
         if truncated {
             self.arm_recv(i);
             return;
@@ -859,6 +895,21 @@ impl Worker {
             let len = seg.min(n - off);
             datagrams += 1;
             let dg = &mut slot.buf[off..off + len];
+            if let Some(agent) = disco.as_deref_mut() {
+                match classify(dg) {
+                    Kind::WireGuard => {}
+                    Kind::Probe => {
+                        agent.handle_probe(from, dg, now);
+                        off += len;
+                        continue;
+                    }
+                    Kind::Stun => {
+                        agent.handle_stun(from, dg, now);
+                        off += len;
+                        continue;
+                    }
+                }
+            }
             if let Ok(Received::Packet { range, .. }) = device.handle_datagram(from, dg, now) {
                 let packet = Packet { start: off + range.start, len: range.len() };
                 if slot.packets.len() < MAX_RECV_PACKETS {
@@ -968,6 +1019,7 @@ impl Worker {
     fn flush_control_output(&mut self) {
         let now = self.now();
         let fd = self.udp.fd();
+        self.flush_disco(now);
         loop {
             let Some(device) = self.device.as_mut() else { return };
             let Some(i) = self.ctrl_slots.iter().position(|s| !s.busy) else { return };
@@ -990,6 +1042,60 @@ impl Worker {
         }
     }
 
+    /// Applies path changes to the device and queues STUN requests and
+    /// probes in free control slots.
+    fn flush_disco(&mut self, now: Instant) {
+        let Some(agent) = self.disco.as_mut() else { return };
+        while let Some(change) = agent.poll_event() {
+            if let Some(device) = self.device.as_mut() {
+                apply_path(device, change);
+            }
+        }
+        let fd = self.udp.fd();
+        loop {
+            let Some(agent) = self.disco.as_mut() else { return };
+            let Some(i) = self.ctrl_slots.iter().position(|s| !s.busy) else { return };
+            let slot = &mut self.ctrl_slots[i];
+            let Some((to, len)) = agent.poll_transmit(now, &mut slot.buf) else { return };
+            let ptr = slot.buf.as_mut_ptr();
+            slot.msg.prepare_send(&self.udp, ptr, len, to, None);
+            slot.busy = true;
+            let e =
+                opcode::SendMsg::new(types::Fd(fd), &slot.msg.hdr).build().user_data(user_data(KIND_CTRL_SEND, i, 0));
+            // SAFETY: the slot is busy (untouched) until this send completes.
+            unsafe { self.push(e) };
+        }
+    }
+
+    /// Makes, updates or drops the path agent after a change of settings or
+    /// of the device key, and puts its chosen paths on the device.
+    fn refresh_disco(&mut self) {
+        let now = self.now();
+        let key = self.config.private_key.clone();
+        match (&self.disco_settings, key) {
+            (Some(settings), Some(key)) => {
+                match self.disco.as_mut().filter(|a| a.public_key() == key.public_key()) {
+                    Some(agent) => agent.apply(settings.clone(), now),
+                    None => self.disco = Some(PathAgent::new(key, settings.clone(), Self::wall(), now)),
+                }
+                if let (Some(agent), Some(device)) = (self.disco.as_ref(), self.device.as_mut()) {
+                    agent.apply_all(device);
+                }
+            }
+            _ => {
+                if self.disco.take().is_some() {
+                    // Hand every peer back to WireGuard's own roaming.
+                    if let Some(device) = self.device.as_mut() {
+                        let ids: Vec<_> = device.peer_ids().collect();
+                        for id in ids {
+                            let _ = device.set_peer_roaming(id, true);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn drain_control(&mut self) {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
@@ -1002,6 +1108,14 @@ impl Worker {
                         dev.set_filter(filter.clone());
                     }
                     self.filter = filter;
+                }
+                ControlMsg::Disco(settings) => {
+                    self.disco_settings = settings;
+                    self.refresh_disco();
+                    self.flush_control_output();
+                }
+                ControlMsg::DiscoStatus(reply) => {
+                    let _ = reply.send(self.disco.as_ref().map(PathAgent::status));
                 }
             }
         }
@@ -1062,6 +1176,9 @@ impl Worker {
             dev.set_filter(self.filter.clone());
         }
         self.config = next;
+        if self.disco_settings.is_some() {
+            self.refresh_disco();
+        }
         self.flush_control_output();
         Ok(())
     }

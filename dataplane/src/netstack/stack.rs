@@ -398,6 +398,11 @@ impl Inner {
                     }
                     self.filter = filter;
                 }
+                // Path discovery runs in the TUN worker only, so far.
+                ControlMsg::Disco(_) => {}
+                ControlMsg::DiscoStatus(reply) => {
+                    let _ = reply.send(None);
+                }
             }
         }
         let mut busy = false;

@@ -1,0 +1,140 @@
+//! Path discovery in the TUN worker (needs root and /dev/net/tun; skipped
+//! otherwise): two workers on loopback in a fresh network namespace, each
+//! given the other's true address only as a disco candidate (the WireGuard
+//! endpoint of one is a dead port, the other's is unset), and a STUN server
+//! played by the test. Disco must find the direct path over the WireGuard
+//! socket, pin it as the endpoint, and the WireGuard handshake must then
+//! complete over the same socket; STUN must be answered from that socket.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use wiremesh_core::disco::Path;
+use wiremesh_core::keys::PrivateKey;
+use wiremesh_core::stun;
+use wiremesh_dataplane::disco::DiscoSettings;
+use wiremesh_dataplane::driver::{Control, Worker};
+use wiremesh_dataplane::tun::{Options, Tun};
+use wiremesh_dataplane::uapi::{parse_set, DeviceConfig, Request};
+
+fn usable() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipping: needs root and /dev/net/tun");
+        return false;
+    }
+    true
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn get(control: &Control) -> String {
+    String::from_utf8(control.uapi(Request::Get).as_bytes().to_vec()).unwrap()
+}
+
+fn field(text: &str, name: &str) -> Option<String> {
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name}=")).map(str::to_owned))
+}
+
+fn start(name: &str, key: &PrivateKey, peer: &PrivateKey, endpoint: Option<&str>) -> (Control, u16) {
+    let tun = Tun::create(name, &Options { nonblocking: true, ..Options::with_offloads() }).unwrap();
+    let (worker, control) = Worker::new(tun, DeviceConfig::default()).unwrap();
+    let port = worker.listen_port();
+    std::thread::spawn(move || worker.run().unwrap());
+    let mut body = format!(
+        "private_key={}\npublic_key={}\nallowed_ip=10.99.0.0/24\n",
+        hex(&key.to_bytes()),
+        hex(&peer.public_key().0)
+    );
+    if let Some(e) = endpoint {
+        body.push_str(&format!("endpoint={e}\npersistent_keepalive_interval=1\n"));
+    }
+    let resp = control.uapi(Request::Set(parse_set(&body).unwrap()));
+    assert!(String::from_utf8_lossy(resp.as_bytes()).contains("errno=0"));
+    (control, port)
+}
+
+#[test]
+fn disco_finds_the_path_and_wireguard_uses_it() {
+    if !usable() {
+        return;
+    }
+    std::thread::spawn(|| {
+        // SAFETY: unshare changes only this thread's namespaces.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+        assert!(Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap().success());
+        let ka = PrivateKey::from_bytes([0x11; 32]);
+        let kb = PrivateKey::from_bytes([0x22; 32]);
+        // A's endpoint for B is a port nobody listens on; B has none for A.
+        let (a, pa) = start("wmdisco0", &ka, &kb, Some("127.0.0.1:9"));
+        let (b, pb) = start("wmdisco1", &kb, &ka, None);
+        let (addr_a, addr_b): (SocketAddr, SocketAddr) =
+            (format!("127.0.0.1:{pa}").parse().unwrap(), format!("127.0.0.1:{pb}").parse().unwrap());
+        // Off by default: no agent, WireGuard alone.
+        assert_eq!(a.disco_status(), None);
+
+        let stun_server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        stun_server.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let settings = |peer: &PrivateKey, cand: SocketAddr, own: SocketAddr| DiscoSettings {
+            stun_server: Some(stun_server.local_addr().unwrap()),
+            local_endpoints: vec![own],
+            peers: vec![(peer.public_key(), vec![cand])],
+        };
+        assert!(a.set_disco(Some(settings(&kb, addr_b, addr_a))));
+        assert!(b.set_disco(Some(settings(&ka, addr_a, addr_b))));
+
+        // Answer STUN for a while: each request must come from a WireGuard socket.
+        let mut from_ports = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 1500];
+        while from_ports.len() < 2 && Instant::now() < deadline {
+            let Ok((n, from)) = stun_server.recv_from(&mut buf) else { continue };
+            let m = stun::parse(&buf[..n]).unwrap();
+            let mut out = [0u8; 64];
+            let len = stun::encode_binding_response(&m.transaction_id, from, &mut out).unwrap();
+            stun_server.send_to(&out[..len], from).unwrap();
+            if !from_ports.contains(&from.port()) {
+                from_ports.push(from.port());
+            }
+        }
+        from_ports.sort();
+        let mut want = vec![pa, pb];
+        want.sort();
+        assert_eq!(from_ports, want, "STUN requests leave from the WireGuard sockets");
+
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (sa, sb) = (a.disco_status().unwrap(), b.disco_status().unwrap());
+            let text = get(&a);
+            let handshake = field(&text, "last_handshake_time_sec").is_some_and(|s| s != "0");
+            if sa.paths[0].1 == Some(Path::Direct(addr_b))
+                && sb.paths[0].1 == Some(Path::Direct(addr_a))
+                && sa.reflexive == Some(addr_a)
+                && sb.reflexive == Some(addr_b)
+                && field(&text, "endpoint").as_deref() == Some(&addr_b.to_string())
+                && handshake
+            {
+                assert!(sa.stun_answers >= 1 && sa.stats != Default::default());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no direct path with a handshake: a={sa:?} b={sb:?} get(a)={}",
+                text.lines().filter(|l| !l.starts_with("private_key")).collect::<Vec<_>>().join(" ")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Turning disco off drops the agent.
+        assert!(a.set_disco(None));
+        assert_eq!(a.disco_status(), None);
+        a.stop();
+        b.stop();
+    })
+    .join()
+    .unwrap();
+}
