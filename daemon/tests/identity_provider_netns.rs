@@ -183,6 +183,49 @@ fn identity_provider_sign_in_over_the_tailnet() {
     assert_eq!(status, 200, "{info}");
     assert_eq!(serde_json::from_str::<Value>(body_of(&info)).unwrap()["sub"], claims["sub"]);
 
+    // Figures (printed for docs/identity.md): the confirmation page and
+    // refresh rotations over the tailnet, as curl on the nodes sees them.
+    let mut page_ms = vec![];
+    for _ in 0..20 {
+        let out = laptop.ns.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", &authorize]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let t: f64 = text.strip_prefix("200 ").expect("the page").trim().parse().unwrap();
+        page_ms.push(t * 1000.0);
+    }
+    let mut refresh = tokens["refresh_token"].as_str().unwrap().to_string();
+    let mut refresh_ms = vec![];
+    for _ in 0..20 {
+        let (basic, grant) = (format!("{client_id}:{secret}"), format!("refresh_token={refresh}"));
+        let endpoint = format!("{url}/oidc/token");
+        let out = rp.ns.exec(&[
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "-u",
+            &basic,
+            "--data-urlencode",
+            "grant_type=refresh_token",
+            "--data-urlencode",
+            &grant,
+            "-w",
+            "\n%{http_code} %{time_total}",
+            &endpoint,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, tail) = text.rsplit_once('\n').unwrap();
+        let t: f64 = tail.strip_prefix("200 ").unwrap_or_else(|| panic!("{text}")).trim().parse().unwrap();
+        refresh_ms.push(t * 1000.0);
+        let t: Value = serde_json::from_str(body).unwrap();
+        refresh = t["refresh_token"].as_str().unwrap().to_string();
+    }
+    for (what, v) in
+        [("confirmation page (curl time_total)", &mut page_ms), ("refresh rotation (curl time_total)", &mut refresh_ms)]
+    {
+        v.sort_by(|a, b| a.total_cmp(b));
+        eprintln!("{what} over the tailnet: median {:.2} ms, max {:.2} ms (20 requests)", v[10], v[19]);
+    }
+
     // The tagged node cannot sign in as a person: the error goes back to the client.
     let (status, answer) = curl(&rp.ns, &[&authorize]);
     assert_eq!(status, 303, "{answer}");
