@@ -287,24 +287,28 @@ impl Db {
         })
     }
 
-    /// Stores an issued token under its hash, sweeping long-dead tokens.
-    pub fn idp_put_token(&mut self, token_hash: &[u8; 32], t: &StoredToken) -> Result<(), ApiError> {
+    /// Stores issued tokens under their hashes, in one transaction (a
+    /// response's access and refresh tokens exist together or not at all),
+    /// sweeping long-dead tokens.
+    pub fn idp_put_tokens(&mut self, tokens: &[([u8; 32], StoredToken)], now: i64) -> Result<(), ApiError> {
         self.conn().transaction(None, |c| {
-            c.execute("DELETE FROM idp_tokens WHERE expires_at < $1", params![t.issued_at - KEEP_DEAD_SECS])?;
-            c.execute(
-                "INSERT INTO idp_tokens (token_hash, kind, client_id, family, grant_json, audience, issued_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                params![
-                    &token_hash[..],
-                    t.kind.as_str(),
-                    &t.client_id,
-                    &t.family,
-                    &t.grant,
-                    &t.audience,
-                    t.issued_at,
-                    t.expires_at
-                ],
-            )?;
+            c.execute("DELETE FROM idp_tokens WHERE expires_at < $1", params![now - KEEP_DEAD_SECS])?;
+            for (hash, t) in tokens {
+                c.execute(
+                    "INSERT INTO idp_tokens (token_hash, kind, client_id, family, grant_json, audience, issued_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    params![
+                        &hash[..],
+                        t.kind.as_str(),
+                        &t.client_id,
+                        &t.family,
+                        &t.grant,
+                        &t.audience,
+                        t.issued_at,
+                        t.expires_at
+                    ],
+                )?;
+            }
             Ok(())
         })
     }

@@ -738,7 +738,7 @@ impl Provider {
         };
         let expires_in = stored.expires_at - t;
         let hash = hash_secret(&access);
-        self.app.idp_store(move |db| db.idp_put_token(&hash, &stored)).await.map_err(store_error)?;
+        self.app.idp_store(move |db| db.idp_put_tokens(&[(hash, stored)], t)).await.map_err(store_error)?;
         Ok(json_answer(
             StatusCode::OK,
             &json!({ "access_token": access, "issued_token_type": ACCESS_TOKEN_TYPE, "token_type": "Bearer", "expires_in": expires_in }),
@@ -786,10 +786,7 @@ impl Provider {
             ));
         }
         let id_token = self.id_token(&client.info.client_id, sign_in, t)?;
-        self.app
-            .idp_store(move |db| tokens.iter().try_for_each(|(h, tok)| db.idp_put_token(h, tok)))
-            .await
-            .map_err(store_error)?;
+        self.app.idp_store(move |db| db.idp_put_tokens(&tokens, t)).await.map_err(store_error)?;
         let mut body = json!({
             "access_token": access,
             "token_type": "Bearer",
