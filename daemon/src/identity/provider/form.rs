@@ -36,9 +36,18 @@ impl std::fmt::Display for FormError {
     }
 }
 
-/// Parsed parameters, by name.
+/// Parsed parameters, by name. Values are wiped when the form is dropped
+/// (they carry client secrets, codes, verifiers and tokens).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Form(BTreeMap<String, String>);
+
+impl Drop for Form {
+    fn drop(&mut self) {
+        for v in self.0.values_mut() {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+}
 
 impl Form {
     /// Parses `a=1&b=2` (`+` is a space); empty values are dropped.
@@ -162,8 +171,8 @@ pub fn basic_credentials(header: &str) -> Option<(String, String)> {
             c => c,
         })
         .collect();
-    let raw = super::super::unb64url(&url)?;
-    let text = String::from_utf8(raw).ok()?;
+    let raw = zeroize::Zeroizing::new(super::super::unb64url(&url)?);
+    let text = std::str::from_utf8(&raw).ok()?;
     let (id, secret) = text.split_once(':')?;
     Some((decode(id.as_bytes()).ok()?, decode(secret.as_bytes()).ok()?))
 }

@@ -583,13 +583,15 @@ impl Provider {
                 None => return Err(invalid_client("client authentication is missing")),
             },
         };
+        // Wiped when dropped, whatever the outcome.
+        let secret = secret.map(zeroize::Zeroizing::new);
         let client = self.client(&id).await?.ok_or_else(|| invalid_client("unknown client"))?;
         match (&client.secret_hash, secret) {
             (None, None) => Ok(client),
             (None, Some(_)) => Err(invalid_client("a public client has no secret")),
             (Some(_), None) => Err(invalid_client("this client must authenticate with its secret")),
             (Some(want), Some(got)) => {
-                if ct_eq(want, &hash_secret(&got)) {
+                if ct_eq(want, &hash_secret(got.as_str())) {
                     Ok(client)
                 } else {
                     Err(invalid_client("wrong client secret"))
