@@ -121,6 +121,9 @@ struct Shared {
 /// across a restart until `up`.
 const DOWN_MARK: &str = "down";
 
+/// How often the agent looks for a new reflexive address to report.
+const REFLEXIVE_CHECK: Duration = Duration::from_secs(1);
+
 struct Agent {
     opts: Options,
     client: Client,
@@ -161,6 +164,10 @@ struct Agent {
     reopen: tokio::sync::Notify,
     /// The control server's addresses, kept off the exit node.
     control_addrs: Vec<IpAddr>,
+    /// Path discovery's settings as last given to the data plane, and the
+    /// endpoints the open map stream reported (docs/nat.md).
+    disco: Mutex<Option<wiremesh_dataplane::disco::DiscoSettings>>,
+    reported: Mutex<Vec<String>>,
 }
 
 /// Why following the map stopped.
@@ -255,6 +262,8 @@ fn start(opts: Options) -> Result<(Arc<Agent>, userspace::DataPlane), String> {
         prefs: Mutex::new(prefs),
         reopen: tokio::sync::Notify::new(),
         control_addrs,
+        disco: Mutex::new(None),
+        reported: Mutex::new(Vec::new()),
     });
     Ok((agent, dp))
 }
@@ -401,7 +410,14 @@ impl Agent {
     /// Opens the map stream (registering first if the server does not know
     /// this machine) and applies each map until the stream ends.
     async fn follow(&self, got_map: &mut bool) -> Stop {
-        let endpoints = local_endpoints(self.listen_port, &self.opts.tun);
+        let mut endpoints = local_endpoints(self.listen_port, &self.opts.tun);
+        // The reflexive address STUN found, first: the one peers behind
+        // other NATs can reach.
+        let reflexive = self.control.disco_status().and_then(|s| s.reflexive);
+        if let Some(r) = reflexive.map(|r| r.to_string()).filter(|r| !endpoints.contains(r)) {
+            endpoints.insert(0, r);
+        }
+        lock(&self.reported).clone_from(&endpoints);
         let resp = match self.open_map(&endpoints).await {
             // Unknown to the server, or its node key expired: (re-)register
             // with the auth key, which keeps this machine's addresses.
@@ -449,8 +465,41 @@ impl Agent {
         let mut current: Option<NetworkMap> = None;
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
+        let mut silent_until = tokio::time::Instant::now() + KEEPALIVE * 3;
+        let mut check = tokio::time::interval(REFLEXIVE_CHECK);
+        let mut paths_seen = std::collections::BTreeMap::new();
         loop {
-            let frame = match tokio::time::timeout(KEEPALIVE * 3, body.frame()).await {
+            let frame = tokio::select! {
+                f = tokio::time::timeout_at(silent_until, body.frame()) => f,
+                _ = check.tick() => {
+                    // A reflexive address not reported yet (the node is
+                    // behind a NAT) is reported by reopening the stream:
+                    // endpoints travel in the map request.
+                    let status = self.control.disco_status();
+                    let now = status.as_ref().and_then(|s| s.reflexive).map(|r| r.to_string());
+                    if let Some(r) = now.filter(|r| !lock(&self.reported).contains(r)) {
+                        println!("reflexive address {r}: reporting it");
+                        self.reopen.notify_one();
+                    }
+                    // Each peer's chosen path, logged when it changes.
+                    for (key, path, rtt) in status.map(|s| s.paths).unwrap_or_default() {
+                        if paths_seen.get(&key) != Some(&path) {
+                            let b64 = proto::b64_key(&key.0);
+                            match path {
+                                Some(wiremesh_core::disco::Path::Direct(a)) => {
+                                    println!("path to {b64}: direct {a} (rtt {rtt:?})")
+                                }
+                                Some(wiremesh_core::disco::Path::Relay) => println!("path to {b64}: relay"),
+                                None => println!("path to {b64}: none found (WireGuard's own endpoint)"),
+                            }
+                            paths_seen.insert(key, path);
+                        }
+                    }
+                    continue;
+                }
+            };
+            silent_until = tokio::time::Instant::now() + KEEPALIVE * 3;
+            let frame = match frame {
                 Err(_) => return Stop::Retry("map stream silent for too long".into()),
                 Ok(None) => return Stop::Retry("map stream ended".into()),
                 Ok(Some(Err(e))) => return Stop::Retry(format!("map stream broke: {e}")),
@@ -620,6 +669,7 @@ impl Agent {
             }
             rec.commit(plan);
         }
+        self.update_disco(&map);
         if self.netstack.is_none() {
             let prefs = lock(&self.prefs).clone();
             if let Err(e) = self.host_routes.apply(&map, &prefs, &self.control_addrs) {
@@ -657,6 +707,22 @@ impl Agent {
         }
     }
 
+    /// Gives path discovery the map's peers, endpoints and STUN server
+    /// when they changed (the TUN data plane runs it; the netstack ignores it).
+    fn update_disco(&self, map: &NetworkMap) {
+        let local = local_endpoints(self.listen_port, &self.opts.tun).iter().filter_map(|e| e.parse().ok()).collect();
+        let settings = reconcile::disco_settings(map, local, &self.opts.control.host, |host, port| {
+            use std::net::ToSocketAddrs;
+            let mut addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().ok()?.collect();
+            addrs.sort_by_key(|a| !a.is_ipv4());
+            addrs.into_iter().next()
+        });
+        let mut last = lock(&self.disco);
+        if last.as_ref() != Some(&settings) && self.control.set_disco(Some(settings.clone())) {
+            *last = Some(settings);
+        }
+    }
+
     fn apply_none(&self) -> Result<(), String> {
         let mut rec = lock(&self.reconciler);
         let plan = rec.plan(None);
@@ -664,6 +730,9 @@ impl Agent {
             self.uapi_set(&plan.body)?;
         }
         rec.commit(plan);
+        if lock(&self.disco).take().is_some() {
+            self.control.set_disco(None);
+        }
         self.dns.set_zone(dns::Zone::default());
         lock(&self.shared).map = None;
         Ok(())

@@ -125,6 +125,30 @@ impl Reconciler {
     }
 }
 
+/// What path discovery needs from `map` (docs/nat.md): every peer's
+/// reported endpoints as candidates, the node's own `local` endpoints, and
+/// the first relay's STUN port (on the relay's host, or `control_host` when
+/// the map names none) resolved with `resolve`.
+pub fn disco_settings(
+    map: &NetworkMap,
+    local: Vec<SocketAddr>,
+    control_host: &str,
+    resolve: impl Fn(&str, u16) -> Option<SocketAddr>,
+) -> wiremesh_dataplane::disco::DiscoSettings {
+    let peers = map
+        .peers
+        .iter()
+        .filter(|p| p.node_key != map.self_node.node_key)
+        .filter_map(|p| {
+            let key = proto::unb64_key(&p.node_key)?;
+            let endpoints = p.endpoints.iter().filter_map(|e| e.parse::<SocketAddr>().ok()).collect();
+            Some((wiremesh_core::keys::PublicKey(key), endpoints))
+        })
+        .collect();
+    let stun_server = map.relays.first().and_then(|r| resolve(r.host.as_deref().unwrap_or(control_host), r.port));
+    wiremesh_dataplane::disco::DiscoSettings { stun_server, local_endpoints: local, peers }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +213,29 @@ mod tests {
         assert_eq!(p.counts, (0, 0, 2));
         r.commit(p);
         assert!(r.applied().is_empty());
+    }
+
+    #[test]
+    fn disco_settings_come_from_the_map() {
+        let mut m = map(vec![node(2, "192.0.2.2:2"), node(3, "not an endpoint")]);
+        let local: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let resolve = |h: &str, p: u16| format!("{h}:{p}").parse().ok();
+        let s = disco_settings(&m, vec![local], "198.51.100.7", resolve);
+        assert_eq!(s.stun_server, None, "no relay, no STUN");
+        assert_eq!(s.local_endpoints, vec![local]);
+        assert_eq!(
+            s.peers,
+            vec![
+                (wiremesh_core::keys::PublicKey([2; 32]), vec!["192.0.2.2:2".parse().unwrap()]),
+                (wiremesh_core::keys::PublicKey([3; 32]), vec![]),
+            ]
+        );
+        m.relays = vec![proto::RelayInfo { host: None, port: 8443, fingerprint: None }];
+        let s = disco_settings(&m, vec![], "198.51.100.7", resolve);
+        assert_eq!(s.stun_server, Some("198.51.100.7:8443".parse().unwrap()));
+        m.relays[0].host = Some("203.0.113.9".into());
+        let s = disco_settings(&m, vec![], "198.51.100.7", resolve);
+        assert_eq!(s.stun_server, Some("203.0.113.9:8443".parse().unwrap()));
     }
 
     #[test]
