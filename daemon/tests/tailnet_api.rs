@@ -6,13 +6,12 @@
 use http_body_util::BodyExt;
 use std::time::{Duration, Instant};
 use wiremesh_daemon::control::client::{Client, ClientError};
-use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, RegisterRequest, StreamMessage};
-use wiremesh_daemon::node::keys::MachineKey;
+use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, StreamMessage};
 
 #[path = "support/control.rs"]
 mod control_server;
 
-use control_server::Store;
+use control_server::{Store, TestNode, TEST_ENDPOINT};
 
 /// These tests are about the control API and its store: without the
 /// identity service's own node and key, which would show in their counts.
@@ -22,36 +21,7 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-struct TestNode {
-    machine: MachineKey,
-    node_key: String,
-}
-
 impl TestNode {
-    fn new(n: u8) -> Self {
-        TestNode { machine: MachineKey::generate().unwrap().0, node_key: proto::b64_key(&[n; 32]) }
-    }
-
-    async fn register_req(&self, c: &Client, auth_key: &str, hostname: &str) -> RegisterRequest {
-        let challenge = c.challenge().await.unwrap();
-        let mut req = RegisterRequest {
-            auth_key: auth_key.into(),
-            machine_key: self.machine.public_hex(),
-            node_key: self.node_key.clone(),
-            hostname: hostname.into(),
-            endpoints: vec!["192.0.2.1:41641".into()],
-            challenge: proto::hex(&challenge),
-            signature: String::new(),
-        };
-        req.signature = self.machine.sign_hex(&proto::register_message(&challenge, &c.url().fingerprint, &req));
-        req
-    }
-
-    async fn register(&self, c: &Client, auth_key: &str, hostname: &str) -> Result<NodeInfo, ClientError> {
-        let req = self.register_req(c, auth_key, hostname).await;
-        c.json(hyper::Method::POST, "/api/v1/register", Some(&req), None).await
-    }
-
     async fn map_req(&self, c: &Client) -> MapRequest {
         let challenge = c.challenge().await.unwrap();
         let mut req = MapRequest {
@@ -254,13 +224,13 @@ fn bad_input_is_refused_and_nothing_stored(store: &Store) {
 
         let key = new_key(&c, &token, true).await;
         // A forged registration: signed by another machine key.
-        let mut req = b.register_req(&c, &key, "b").await;
+        let mut req = b.register_req(&c, &key, "b", &[TEST_ENDPOINT]).await;
         req.machine_key = TestNode::new(3).machine.public_hex();
         let (s, body) =
             c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
         assert_json_error(s, &body, 401, "bad_signature");
         // A replayed one: the challenge is good once.
-        let req = b.register_req(&c, &key, "b").await;
+        let req = b.register_req(&c, &key, "b", &[TEST_ENDPOINT]).await;
         let bytes = serde_json::to_vec(&req).unwrap();
         let (s, _) = c.raw(hyper::Method::POST, "/api/v1/register", bytes.clone(), None).await.unwrap();
         assert_eq!(s, 200);
@@ -269,7 +239,7 @@ fn bad_input_is_refused_and_nothing_stored(store: &Store) {
         let (s, body) = c.raw(hyper::Method::POST, "/api/v1/register", bytes, None).await.unwrap();
         assert_json_error(s, &body, 401, "bad_challenge");
         // A challenge someone made up.
-        let mut req = b.register_req(&c, &key, "b").await;
+        let mut req = b.register_req(&c, &key, "b", &[TEST_ENDPOINT]).await;
         req.challenge = proto::hex(&[0u8; 32]);
         let (s, body) =
             c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();

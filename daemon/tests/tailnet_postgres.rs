@@ -11,43 +11,18 @@ use http_body_util::BodyExt;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use wiremesh_daemon::control::client::Client;
-use wiremesh_daemon::control::proto::{self, MapRequest, NetworkMap, NodeInfo, RegisterRequest, StreamMessage};
-use wiremesh_daemon::node::keys::MachineKey;
+use wiremesh_daemon::control::proto::{self, MapRequest, NetworkMap, NodeInfo, StreamMessage};
 
 #[path = "support/control.rs"]
 mod control_server;
 
-use control_server::{pg, start_on, Server};
+use control_server::{pg, start_on, Server, TestNode};
 
 /// Presence timeout given to the replicas (seconds): short, so a killed
 /// replica's nodes go offline quickly.
 const PRESENCE_TIMEOUT: &str = "2";
 
-struct TestNode {
-    machine: MachineKey,
-    node_key: String,
-}
-
 impl TestNode {
-    fn new(n: u8) -> Self {
-        TestNode { machine: MachineKey::generate().unwrap().0, node_key: proto::b64_key(&[n; 32]) }
-    }
-
-    async fn register(&self, c: &Client, auth_key: &str, hostname: &str) -> NodeInfo {
-        let challenge = c.challenge().await.unwrap();
-        let mut req = RegisterRequest {
-            auth_key: auth_key.into(),
-            machine_key: self.machine.public_hex(),
-            node_key: self.node_key.clone(),
-            hostname: hostname.into(),
-            endpoints: vec!["192.0.2.1:41641".into()],
-            challenge: proto::hex(&challenge),
-            signature: String::new(),
-        };
-        req.signature = self.machine.sign_hex(&proto::register_message(&challenge, &c.url().fingerprint, &req));
-        c.json(hyper::Method::POST, "/api/v1/register", Some(&req), None).await.unwrap()
-    }
-
     async fn open_map(&self, c: &Client, endpoint: &str) -> UnboundedReceiver<StreamMessage> {
         let challenge = c.challenge().await.unwrap();
         let mut req = MapRequest {
@@ -147,8 +122,8 @@ fn tailnet_postgres_replicas_share_every_change_within_a_second() {
         assert_eq!(keys.len(), 1);
 
         let (n1, n2) = (TestNode::new(1), TestNode::new(2));
-        let i1 = n1.register(&cb, &key.key, "one").await;
-        let i2 = n2.register(&ca, &key.key, "two").await;
+        let i1 = n1.register(&cb, &key.key, "one").await.unwrap();
+        let i2 = n2.register(&ca, &key.key, "two").await.unwrap();
         // n1 streams from B, n2 from A.
         let mut s1 = n1.open_map(&cb, "192.0.2.1:41641").await;
         let mut s2 = n2.open_map(&ca, "192.0.2.2:41641").await;
@@ -163,7 +138,7 @@ fn tailnet_postgres_replicas_share_every_change_within_a_second() {
         // Registration through A reaches the stream on B.
         let n3 = TestNode::new(3);
         let t0 = Instant::now();
-        let i3 = n3.register(&ca, &key.key, "three").await;
+        let i3 = n3.register(&ca, &key.key, "three").await.unwrap();
         let (_, _) =
             map_until(&mut s1, Duration::from_secs(1), "registration via A on B", |m| peer(m, i3.id).is_some()).await;
         let reg_latency = t0.elapsed();
@@ -178,7 +153,7 @@ fn tailnet_postgres_replicas_share_every_change_within_a_second() {
         let remove_latency = t0.elapsed();
         // Key expiry through A (at once).
         let n4 = TestNode::new(4);
-        let i4 = n4.register(&ca, &key.key, "four").await;
+        let i4 = n4.register(&ca, &key.key, "four").await.unwrap();
         map_until(&mut s1, Duration::from_secs(1), "n4 on B", |m| peer(m, i4.id).is_some()).await;
         let t0 = Instant::now();
         let path = format!("/api/v1/admin/nodes/{}/expiry", i4.id);
@@ -225,7 +200,7 @@ fn tailnet_postgres_replicas_share_every_change_within_a_second() {
         assert!(ended >= 4, "two store and two listener connections, at least: {ended}");
         let n5 = TestNode::new(5);
         let t0 = Instant::now();
-        let i5 = n5.register(&ca, &key.key, "five").await;
+        let i5 = n5.register(&ca, &key.key, "five").await.unwrap();
         map_until(&mut s1, Duration::from_secs(3), "registration via A on B after lost connections", |m| {
             peer(m, i5.id).is_some()
         })

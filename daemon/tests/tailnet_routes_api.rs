@@ -6,39 +6,14 @@
 use http_body_util::BodyExt;
 use std::time::Duration;
 use wiremesh_daemon::control::client::{Client, ClientError};
-use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, RegisterRequest, RouteInfo, RoutedMapRequest};
-use wiremesh_daemon::node::keys::MachineKey;
+use wiremesh_daemon::control::proto::{self, MapRequest, RouteInfo, RoutedMapRequest};
 
 #[path = "support/control.rs"]
 mod control_server;
 
-use control_server::Store;
-
-struct TestNode {
-    machine: MachineKey,
-    node_key: String,
-}
+use control_server::{Store, TestNode};
 
 impl TestNode {
-    fn new(n: u8) -> Self {
-        TestNode { machine: MachineKey::generate().unwrap().0, node_key: proto::b64_key(&[n; 32]) }
-    }
-
-    async fn register(&self, c: &Client, auth_key: &str, hostname: &str) -> NodeInfo {
-        let challenge = c.challenge().await.unwrap();
-        let mut req = RegisterRequest {
-            auth_key: auth_key.into(),
-            machine_key: self.machine.public_hex(),
-            node_key: self.node_key.clone(),
-            hostname: hostname.into(),
-            endpoints: vec![],
-            challenge: proto::hex(&challenge),
-            signature: String::new(),
-        };
-        req.signature = self.machine.sign_hex(&proto::register_message(&challenge, &c.url().fingerprint, &req));
-        c.json(hyper::Method::POST, "/api/v1/register", Some(&req), None).await.unwrap()
-    }
-
     /// A signed map request with routes and an exit node.
     async fn map_req(&self, c: &Client, routes: &[&str], exit_node: Option<&str>) -> RoutedMapRequest {
         let challenge = c.challenge().await.unwrap();
@@ -121,8 +96,8 @@ fn run_on(store: &Store) {
         let key: proto::CreatedKey =
             c.json(hyper::Method::POST, "/api/v1/admin/keys", Some(&req), Some(&token)).await.unwrap();
         let (client, router) = (TestNode::new(1), TestNode::new(2));
-        let client_info = client.register(&c, &key.key, "client").await;
-        let router_info = router.register(&c, &key.key, "router").await;
+        let client_info = client.register_at(&c, &key.key, "client", &[]).await.unwrap();
+        let router_info = router.register_at(&c, &key.key, "router", &[]).await.unwrap();
 
         // Bad routes: 400 bad_route, nothing stored.
         for bad in [&["10.1.0.1/24"][..], &["100.64.1.0/24"], &["10.1.0.0/40"], &["nonsense"], &["127.0.0.0/8"]] {

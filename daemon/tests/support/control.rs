@@ -1,8 +1,8 @@
 //! A real `wiremeshd control` on loopback for the API tests: started on a
 //! state directory, its URL (with the certificate pin) and admin token read
 //! from what it prints, killed when dropped; its state in a directory
-//! (SQLite) or a private PostgreSQL cluster ([`Store`]). Included by
-//! `tailnet_api.rs`, `tailnet_durability.rs` and `tailnet_postgres.rs`.
+//! (SQLite) or a private PostgreSQL cluster ([`Store`]); and the test node
+//! that registers with it ([`TestNode`]). Included by the API tests.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
-use wiremesh_daemon::control::client::ControlUrl;
+use wiremesh_daemon::control::client::{Client, ClientError, ControlUrl};
+use wiremesh_daemon::control::proto::{self, NodeInfo, RegisterRequest};
+use wiremesh_daemon::node::keys::MachineKey;
 
 #[path = "postgres.rs"]
 pub mod pg;
@@ -132,5 +134,61 @@ pub fn start_on(state: &std::ffi::OsStr, extra: &[&str]) -> Server {
             server.url = u.parse().unwrap();
             return server;
         }
+    }
+}
+
+/// Where test nodes say they can be reached unless a test says otherwise.
+pub const TEST_ENDPOINT: &str = "192.0.2.1:41641";
+
+/// A node as the API tests see it: a fresh machine key and a node key made
+/// of one repeated byte. Test files add their own request builders in their
+/// own `impl TestNode` blocks.
+pub struct TestNode {
+    pub machine: MachineKey,
+    pub node_key: String,
+}
+
+impl TestNode {
+    pub fn new(n: u8) -> Self {
+        TestNode { machine: MachineKey::generate().unwrap().0, node_key: proto::b64_key(&[n; 32]) }
+    }
+
+    /// A registration request for `endpoints`, signed by the machine key
+    /// over a fresh challenge from `c`.
+    pub async fn register_req(
+        &self,
+        c: &Client,
+        auth_key: &str,
+        hostname: &str,
+        endpoints: &[&str],
+    ) -> RegisterRequest {
+        let challenge = c.challenge().await.unwrap();
+        let mut req = RegisterRequest {
+            auth_key: auth_key.into(),
+            machine_key: self.machine.public_hex(),
+            node_key: self.node_key.clone(),
+            hostname: hostname.into(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            challenge: proto::hex(&challenge),
+            signature: String::new(),
+        };
+        req.signature = self.machine.sign_hex(&proto::register_message(&challenge, &c.url().fingerprint, &req));
+        req
+    }
+
+    /// Registers at [`TEST_ENDPOINT`].
+    pub async fn register(&self, c: &Client, auth_key: &str, hostname: &str) -> Result<NodeInfo, ClientError> {
+        self.register_at(c, auth_key, hostname, &[TEST_ENDPOINT]).await
+    }
+
+    pub async fn register_at(
+        &self,
+        c: &Client,
+        auth_key: &str,
+        hostname: &str,
+        endpoints: &[&str],
+    ) -> Result<NodeInfo, ClientError> {
+        let req = self.register_req(c, auth_key, hostname, endpoints).await;
+        c.json(hyper::Method::POST, "/api/v1/register", Some(&req), None).await
     }
 }
