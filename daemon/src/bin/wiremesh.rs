@@ -576,6 +576,18 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
     Ok(rt.block_on(f))
 }
 
+/// One admin API call to `admin`'s server with its token: the answer decoded
+/// as `T`, or the server's error as a message.
+fn admin_call<T: serde::de::DeserializeOwned>(
+    admin: &Admin,
+    method: hyper::Method,
+    path: &str,
+    body: Option<&impl serde::Serialize>,
+) -> Result<T, String> {
+    let (client, token) = admin_client(admin)?;
+    block_on(client.json(method, path, body, Some(&token)))?.map_err(|e| e.to_string())
+}
+
 fn print_routes(list: &[proto::RouteInfo], json: bool) -> Result<(), String> {
     if json {
         println!("{}", serde_json::to_string_pretty(list).map_err(|e| e.to_string())?);
@@ -603,11 +615,9 @@ fn print_routes(list: &[proto::RouteInfo], json: bool) -> Result<(), String> {
 
 /// `POST /admin/routes/<node>/<action>`, printing the node's routes after.
 fn approve(admin: &Admin, node: &str, prefixes: Vec<String>, action: &str) -> Result<(), String> {
-    let (client, token) = admin_client(admin)?;
     let path = format!("{}/admin/routes/{node}/{action}", proto::API);
     let req = proto::RoutesRequest { prefixes };
-    let list: Vec<proto::RouteInfo> =
-        block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?.map_err(|e| e.to_string())?;
+    let list: Vec<proto::RouteInfo> = admin_call(admin, hyper::Method::POST, &path, Some(&req))?;
     print_routes(&list, false)
 }
 
@@ -615,10 +625,7 @@ fn routes(cmd: RoutesCommand) -> Result<ExitCode, String> {
     let path = format!("{}/admin/routes", proto::API);
     match cmd {
         RoutesCommand::List { admin, json } => {
-            let (client, token) = admin_client(&admin)?;
-            let list: Vec<proto::RouteInfo> =
-                block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+            let list: Vec<proto::RouteInfo> = admin_call(&admin, hyper::Method::GET, &path, None::<&()>)?;
             print_routes(&list, json)?;
         }
         RoutesCommand::Approve { admin, node, prefixes } => approve(&admin, &node, prefixes, "approve")?,
@@ -645,30 +652,22 @@ fn federation(cmd: FederationCommand) -> Result<ExitCode, String> {
     };
     match cmd {
         FederationCommand::Create { admin, issuer, subject, tags, ephemeral, output } => {
-            let (client, token) = admin_client(&admin)?;
             let req = CreateCredentialRequest { issuer, subject, tags, ephemeral };
-            let c: CredentialInfo = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
-                .map_err(|e| e.to_string())?;
+            let c: CredentialInfo = admin_call(&admin, hyper::Method::POST, &path, Some(&req))?;
             match output {
                 Output::Json => println!("{}", pretty(&c)?),
                 Output::Text => println!("{}", line(&c)),
             }
         }
         FederationCommand::List { admin, output } => {
-            let (client, token) = admin_client(&admin)?;
-            let list: Vec<CredentialInfo> =
-                block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+            let list: Vec<CredentialInfo> = admin_call(&admin, hyper::Method::GET, &path, None::<&()>)?;
             match output {
                 Output::Json => println!("{}", pretty(&list)?),
                 Output::Text => list.iter().for_each(|c| println!("{}", line(c))),
             }
         }
         FederationCommand::Remove { admin, id, output } => {
-            let (client, token) = admin_client(&admin)?;
-            let r: serde_json::Value =
-                block_on(client.json(hyper::Method::DELETE, &format!("{path}/{id}"), None::<&()>, Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+            let r: serde_json::Value = admin_call(&admin, hyper::Method::DELETE, &format!("{path}/{id}"), None::<&()>)?;
             match output {
                 Output::Json => println!("{}", pretty(&r)?),
                 Output::Text => println!("removed trust credential {id}"),
@@ -696,10 +695,8 @@ fn token(
 }
 
 fn idp_rotate_keys(admin: &Admin) -> Result<ExitCode, String> {
-    let (client, token) = admin_client(admin)?;
     let path = format!("{}/admin/identity/rotate-keys", proto::API);
-    let r: serde_json::Value =
-        block_on(client.json(hyper::Method::POST, &path, None::<&()>, Some(&token)))?.map_err(|e| e.to_string())?;
+    let r: serde_json::Value = admin_call(admin, hyper::Method::POST, &path, None::<&()>)?;
     println!("signing key rotated: now {}", r["kid"].as_str().unwrap_or("?"));
     Ok(ExitCode::SUCCESS)
 }
@@ -712,12 +709,10 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
     let path = format!("{}/admin/keys", proto::API);
     match cmd {
         KeysCommand::Create { admin, reusable, ephemeral, tags, expiry, user, key_expiry, json } => {
-            let (client, token) = admin_client(&admin)?;
             let expiry_secs = expiry.as_deref().map(parse_duration).transpose()?;
             let node_key_expiry_secs = key_expiry.as_deref().map(parse_duration).transpose()?;
             let req = CreateKeyRequest { reusable, ephemeral, tags, expiry_secs, user, node_key_expiry_secs };
-            let k: CreatedKey = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
-                .map_err(|e| e.to_string())?;
+            let k: CreatedKey = admin_call(&admin, hyper::Method::POST, &path, Some(&req))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&k).map_err(|e| e.to_string())?);
             } else {
@@ -725,9 +720,7 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             }
         }
         KeysCommand::List { admin } => {
-            let (client, token) = admin_client(&admin)?;
-            let keys: Vec<AuthKeyInfo> = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
-                .map_err(|e| e.to_string())?;
+            let keys: Vec<AuthKeyInfo> = admin_call(&admin, hyper::Method::GET, &path, None::<&()>)?;
             for k in keys {
                 let node_expiry = k.node_key_expiry_secs.map(|s| format!(" key-expiry={s}s")).unwrap_or_default();
                 println!(
@@ -744,10 +737,7 @@ fn keys(cmd: KeysCommand) -> Result<ExitCode, String> {
             }
         }
         KeysCommand::Revoke { admin, id } => {
-            let (client, token) = admin_client(&admin)?;
-            let _: serde_json::Value =
-                block_on(client.json(hyper::Method::DELETE, &format!("{path}/{id}"), None::<&()>, Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+            let _: serde_json::Value = admin_call(&admin, hyper::Method::DELETE, &format!("{path}/{id}"), None::<&()>)?;
             println!("revoked key {id}");
         }
     }
@@ -760,9 +750,7 @@ fn policy(cmd: PolicyCommand) -> Result<ExitCode, String> {
     let read = |f: &PathBuf| std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()));
     match cmd {
         PolicyCommand::Get { admin } => {
-            let (client, token) = admin_client(&admin)?;
-            let p: proto::PolicyInfo = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
-                .map_err(|e| e.to_string())?;
+            let p: proto::PolicyInfo = admin_call(&admin, hyper::Method::GET, &path, None::<&()>)?;
             match p.policy {
                 Some(text) => print!("{text}{}", if text.ends_with('\n') { "" } else { "\n" }),
                 None => eprintln!("no policy is set: every node may reach every other"),
@@ -795,10 +783,8 @@ fn idp_clients(cmd: IdpClientsCommand) -> Result<ExitCode, String> {
     let path = format!("{}/admin/idp/clients", proto::API);
     match cmd {
         IdpClientsCommand::Create { admin, redirect_uris, public, name, json } => {
-            let (client, token) = admin_client(&admin)?;
             let req = CreateClientRequest { name, redirect_uris, public };
-            let c: CreatedClient = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
-                .map_err(|e| e.to_string())?;
+            let c: CreatedClient = admin_call(&admin, hyper::Method::POST, &path, Some(&req))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?);
             } else {
@@ -810,9 +796,7 @@ fn idp_clients(cmd: IdpClientsCommand) -> Result<ExitCode, String> {
             }
         }
         IdpClientsCommand::List { admin, json } => {
-            let (client, token) = admin_client(&admin)?;
-            let clients: Vec<IdpClient> = block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
-                .map_err(|e| e.to_string())?;
+            let clients: Vec<IdpClient> = admin_call(&admin, hyper::Method::GET, &path, None::<&()>)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&clients).map_err(|e| e.to_string())?);
             } else {
@@ -829,14 +813,8 @@ fn idp_clients(cmd: IdpClientsCommand) -> Result<ExitCode, String> {
             }
         }
         IdpClientsCommand::Remove { admin, client_id } => {
-            let (client, token) = admin_client(&admin)?;
-            let _: serde_json::Value = block_on(client.json(
-                hyper::Method::DELETE,
-                &format!("{path}/{client_id}"),
-                None::<&()>,
-                Some(&token),
-            ))?
-            .map_err(|e| e.to_string())?;
+            let _: serde_json::Value =
+                admin_call(&admin, hyper::Method::DELETE, &format!("{path}/{client_id}"), None::<&()>)?;
             println!("removed client {client_id}");
         }
     }
@@ -847,17 +825,12 @@ fn users(cmd: UsersCommand) -> Result<ExitCode, String> {
     let path = format!("{}/admin/users", proto::API);
     match cmd {
         UsersCommand::Create { admin, login, display_name } => {
-            let (client, token) = admin_client(&admin)?;
             let req = proto::CreateUserRequest { login, display_name };
-            let u: proto::UserInfo = block_on(client.json(hyper::Method::POST, &path, Some(&req), Some(&token)))?
-                .map_err(|e| e.to_string())?;
+            let u: proto::UserInfo = admin_call(&admin, hyper::Method::POST, &path, Some(&req))?;
             println!("created user {} ({}), id {}", u.login, u.display_name, u.id);
         }
         UsersCommand::List { admin, json } => {
-            let (client, token) = admin_client(&admin)?;
-            let users: Vec<proto::UserInfo> =
-                block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+            let users: Vec<proto::UserInfo> = admin_call(&admin, hyper::Method::GET, &path, None::<&()>)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&users).map_err(|e| e.to_string())?);
             } else {
@@ -867,10 +840,8 @@ fn users(cmd: UsersCommand) -> Result<ExitCode, String> {
             }
         }
         UsersCommand::Remove { admin, login } => {
-            let (client, token) = admin_client(&admin)?;
             let _: serde_json::Value =
-                block_on(client.json(hyper::Method::DELETE, &format!("{path}/{login}"), None::<&()>, Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+                admin_call(&admin, hyper::Method::DELETE, &format!("{path}/{login}"), None::<&()>)?;
             println!("removed user {login}");
         }
     }
@@ -881,10 +852,7 @@ fn nodes(cmd: NodesCommand) -> Result<ExitCode, String> {
     let path = format!("{}/admin/nodes", proto::API);
     match cmd {
         NodesCommand::List { admin, json } => {
-            let (client, token) = admin_client(&admin)?;
-            let nodes: Vec<proto::AdminNode> =
-                block_on(client.json(hyper::Method::GET, &path, None::<&()>, Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+            let nodes: Vec<proto::AdminNode> = admin_call(&admin, hyper::Method::GET, &path, None::<&()>)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes).map_err(|e| e.to_string())?);
             } else {
@@ -901,14 +869,11 @@ fn nodes(cmd: NodesCommand) -> Result<ExitCode, String> {
             }
         }
         NodesCommand::Remove { admin, node } => {
-            let (client, token) = admin_client(&admin)?;
             let _: serde_json::Value =
-                block_on(client.json(hyper::Method::DELETE, &format!("{path}/{node}"), None::<&()>, Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+                admin_call(&admin, hyper::Method::DELETE, &format!("{path}/{node}"), None::<&()>)?;
             println!("removed {node}");
         }
         NodesCommand::Expire { admin, node, in_, now, never, json } => {
-            let (client, token) = admin_client(&admin)?;
             let expiry_secs = match (in_, now, never) {
                 (Some(d), _, _) => Some(parse_duration(&d)?),
                 (None, true, _) => Some(0),
@@ -916,8 +881,7 @@ fn nodes(cmd: NodesCommand) -> Result<ExitCode, String> {
             };
             let req = proto::NodeExpiryRequest { expiry_secs };
             let n: proto::AdminNode =
-                block_on(client.json(hyper::Method::POST, &format!("{path}/{node}/expiry"), Some(&req), Some(&token)))?
-                    .map_err(|e| e.to_string())?;
+                admin_call(&admin, hyper::Method::POST, &format!("{path}/{node}/expiry"), Some(&req))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&n).map_err(|e| e.to_string())?);
             } else {
