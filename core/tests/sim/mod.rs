@@ -50,28 +50,65 @@ pub struct Node<P: CryptoProvider> {
     pub offline: bool,
 }
 
-struct InFlight {
-    at: Instant,
+/// Datagrams on the virtual wire, each with what the simulator needs to
+/// deliver it (`T`), taken out in the order they arrive, and in the order
+/// they were sent when several arrive at the same instant.
+pub struct InFlightQueue<T> {
+    heap: BinaryHeap<Reverse<InFlight<T>>>,
     seq: u64,
-    from: SocketAddr,
-    to: SocketAddr,
-    bytes: Vec<u8>,
 }
 
-impl PartialEq for InFlight {
+struct InFlight<T> {
+    at: Instant,
+    seq: u64,
+    item: T,
+}
+
+impl<T> PartialEq for InFlight<T> {
     fn eq(&self, o: &Self) -> bool {
         (self.at, self.seq) == (o.at, o.seq)
     }
 }
-impl Eq for InFlight {}
-impl PartialOrd for InFlight {
+impl<T> Eq for InFlight<T> {}
+impl<T> PartialOrd for InFlight<T> {
     fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(o))
     }
 }
-impl Ord for InFlight {
+impl<T> Ord for InFlight<T> {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+impl<T> InFlightQueue<T> {
+    pub fn new() -> Self {
+        InFlightQueue { heap: BinaryHeap::new(), seq: 0 }
+    }
+
+    /// Puts `item` on the wire, arriving at `at`.
+    pub fn push(&mut self, at: Instant, item: T) {
+        self.seq += 1;
+        self.heap.push(Reverse(InFlight { at, seq: self.seq, item }));
+    }
+
+    /// When the next datagram arrives.
+    pub fn next_at(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse(f)| f.at)
+    }
+
+    /// The next datagram that has arrived by `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<T> {
+        if self.next_at()? > now {
+            return None;
+        }
+        self.heap.pop().map(|Reverse(f)| f.item)
+    }
+}
+
+impl<T> Default for InFlightQueue<T> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -83,8 +120,7 @@ pub struct Sim<P: CryptoProvider> {
     pub now: Instant,
     pub net: NetConfig,
     rng: ChaCha20Rng,
-    queue: BinaryHeap<Reverse<InFlight>>,
-    seq: u64,
+    queue: InFlightQueue<(SocketAddr, SocketAddr, Vec<u8>)>,
     /// A filter applied to every datagram before it enters the network:
     /// return false to drop it. Arguments: sender index, bytes.
     pub filter: Option<Filter>,
@@ -121,8 +157,7 @@ impl<P: CryptoProvider> Sim<P> {
             now: Instant::from_duration(Duration::from_secs(1000)),
             net,
             rng: ChaCha20Rng::seed_from_u64(seed),
-            queue: BinaryHeap::new(),
-            seq: 0,
+            queue: InFlightQueue::new(),
             filter: None,
             datagrams_sent: 0,
         }
@@ -226,8 +261,7 @@ impl<P: CryptoProvider> Sim<P> {
             if self.rng.gen_bool(self.net.reorder) {
                 delay += Duration::from_millis(self.rng.gen_range(1..50));
             }
-            self.seq += 1;
-            self.queue.push(Reverse(InFlight { at: self.now + delay, seq: self.seq, from, to, bytes: bytes.clone() }));
+            self.queue.push(self.now + delay, (from, to, bytes.clone()));
         }
     }
 
@@ -274,7 +308,7 @@ impl<P: CryptoProvider> Sim<P> {
 
     /// The next time something happens: a delivery or a device deadline.
     pub fn next_event(&self) -> Option<Instant> {
-        let net = self.queue.peek().map(|Reverse(f)| f.at);
+        let net = self.queue.next_at();
         let timers = self.nodes.iter().filter_map(|n| n.device.poll_timeout()).min();
         match (net, timers) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -294,12 +328,8 @@ impl<P: CryptoProvider> Sim<P> {
             return false;
         }
         self.now = self.now.max(t);
-        while let Some(Reverse(f)) = self.queue.peek() {
-            if f.at > self.now {
-                break;
-            }
-            let Reverse(f) = self.queue.pop().unwrap();
-            self.deliver(f.from, f.to, f.bytes);
+        while let Some((from, to, bytes)) = self.queue.pop_due(self.now) {
+            self.deliver(from, to, bytes);
         }
         for i in 0..self.nodes.len() {
             if self.nodes[i].device.poll_timeout().is_some_and(|d| d <= self.now) {

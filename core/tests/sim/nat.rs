@@ -11,8 +11,6 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use wiremesh_core::device::{DeviceConfig, Encapsulated, Event, PeerConfig, Received, HEADROOM, TAILROOM};
@@ -20,6 +18,8 @@ use wiremesh_core::disco::{self, Destination, Disco, DiscoConfig, Path, Source, 
 use wiremesh_core::keys::{PrivateKey, PublicKey};
 use wiremesh_core::stun;
 use wiremesh_core::{Instant, WallTime};
+
+use crate::sim::InFlightQueue;
 
 pub type Device = wiremesh_core::device::Device<ChaCha20Rng>;
 
@@ -141,30 +141,6 @@ enum Wire {
     Relay { from: PublicKey, to: PublicKey },
 }
 
-struct InFlight {
-    at: Instant,
-    seq: u64,
-    wire: Wire,
-    bytes: Vec<u8>,
-}
-
-impl PartialEq for InFlight {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for InFlight {}
-impl PartialOrd for InFlight {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for InFlight {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
-}
-
 /// Counts of what crossed the network, by kind and way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -182,8 +158,7 @@ pub struct NatSim {
     pub nodes: Vec<NatNode>,
     pub now: Instant,
     rng: ChaCha20Rng,
-    queue: BinaryHeap<Reverse<InFlight>>,
-    seq: u64,
+    queue: InFlightQueue<(Wire, Vec<u8>)>,
     /// Loss on direct UDP (the relay stream is reliable).
     pub udp_loss: f64,
     /// One-way delay of a direct UDP hop.
@@ -202,8 +177,7 @@ impl NatSim {
             nodes: Vec::new(),
             now: Instant::from_duration(Duration::from_secs(1000)),
             rng: ChaCha20Rng::seed_from_u64(seed),
-            queue: BinaryHeap::new(),
-            seq: 0,
+            queue: InFlightQueue::new(),
             udp_loss: 0.0,
             udp_delay: Duration::from_millis(15),
             relay_delay: Duration::from_millis(40),
@@ -351,15 +325,14 @@ impl NatSim {
     }
 
     fn enqueue(&mut self, delay: Duration, wire: Wire, bytes: Vec<u8>) {
-        self.seq += 1;
-        self.queue.push(Reverse(InFlight { at: self.now + delay, seq: self.seq, wire, bytes }));
+        self.queue.push(self.now + delay, (wire, bytes));
     }
 
-    fn deliver(&mut self, f: InFlight) {
-        match f.wire {
+    fn deliver(&mut self, wire: Wire, bytes: Vec<u8>) {
+        match wire {
             Wire::Udp { from, to } => {
                 if to == STUN_SERVER {
-                    let Ok(m) = stun::parse(&f.bytes) else { return };
+                    let Ok(m) = stun::parse(&bytes) else { return };
                     if m.class == stun::Class::Request {
                         let mut buf = [0u8; stun::MAX_BINDING_RESPONSE_LEN];
                         let n = stun::encode_binding_response(&m.transaction_id, from, &mut buf).unwrap();
@@ -378,11 +351,11 @@ impl NatSim {
                         return;
                     }
                 }
-                self.input(i, Source::Direct(from), f.bytes);
+                self.input(i, Source::Direct(from), bytes);
             }
             Wire::Relay { from: _, to } => {
                 let Some(i) = self.nodes.iter().position(|n| n.key == to) else { return };
-                self.input(i, Source::Relay, f.bytes);
+                self.input(i, Source::Relay, bytes);
             }
         }
     }
@@ -464,7 +437,7 @@ impl NatSim {
     }
 
     fn next_event(&self) -> Option<Instant> {
-        let net = self.queue.peek().map(|Reverse(f)| f.at);
+        let net = self.queue.next_at();
         let timers = self
             .nodes
             .iter()
@@ -484,12 +457,8 @@ impl NatSim {
             return false;
         }
         self.now = self.now.max(t);
-        while let Some(Reverse(f)) = self.queue.peek() {
-            if f.at > self.now {
-                break;
-            }
-            let Reverse(f) = self.queue.pop().unwrap();
-            self.deliver(f);
+        while let Some((wire, bytes)) = self.queue.pop_due(self.now) {
+            self.deliver(wire, bytes);
         }
         for i in 0..self.nodes.len() {
             let now = self.now;
