@@ -600,13 +600,17 @@ impl Provider {
         }
     }
 
+    /// A POSTed form from an authenticated client: how the token,
+    /// introspection and revocation endpoints start.
+    async fn client_form(&self, req: &Request<Bytes>) -> Result<(Form, StoredClient), Answer> {
+        let form = self.post_form(req, false)?;
+        let client = self.authenticate(req, &form).await?;
+        Ok((form, client))
+    }
+
     async fn token(&self, caller: &Caller, req: &Request<Bytes>) -> Answer {
-        let form = match self.post_form(req, false) {
-            Ok(f) => f,
-            Err(a) => return a,
-        };
-        let client = match self.authenticate(req, &form).await {
-            Ok(c) => c,
+        let (form, client) = match self.client_form(req).await {
+            Ok(fc) => fc,
             Err(a) => return a,
         };
         let r = match form.get("grant_type") {
@@ -857,12 +861,8 @@ impl Provider {
     }
 
     async fn introspect(&self, req: &Request<Bytes>) -> Answer {
-        let form = match self.post_form(req, false) {
-            Ok(f) => f,
-            Err(a) => return a,
-        };
-        let client = match self.authenticate(req, &form).await {
-            Ok(c) => c,
+        let (form, client) = match self.client_form(req).await {
+            Ok(fc) => fc,
             Err(a) => return a,
         };
         let Some(token) = form.get("token") else { return bad("invalid_request", "token is missing") };
@@ -899,12 +899,8 @@ impl Provider {
     }
 
     async fn revoke(&self, req: &Request<Bytes>) -> Answer {
-        let form = match self.post_form(req, false) {
-            Ok(f) => f,
-            Err(a) => return a,
-        };
-        let client = match self.authenticate(req, &form).await {
-            Ok(c) => c,
+        let (form, client) = match self.client_form(req).await {
+            Ok(fc) => fc,
             Err(a) => return a,
         };
         let Some(token) = form.get("token") else { return bad("invalid_request", "token is missing") };
