@@ -108,19 +108,28 @@ fn kernel_route(ns: &Netns, prefix: &str) -> String {
     String::from_utf8_lossy(&ns.exec(&["ip", "route", "show", prefix]).stdout).trim().to_string()
 }
 
+/// Whether test `name` can run here: network namespaces, and a word on
+/// iperf3 and nft when they are missing (as the netns harness decides).
+fn lab_can_run(name: &str) -> bool {
+    if !netns::require_or_skip(name) {
+        return false;
+    }
+    for cmd in ["iperf3", "nft"] {
+        if !netns::have_command(cmd) && netns::skip_or_fail(name, &format!("{cmd} is not installed")) {
+            return false;
+        }
+    }
+    true
+}
+
 const LAN: &str = "10.77.0.0/24";
 const TARGET: &str = "10.77.0.100";
 
 #[test]
 fn tailnet_routes_subnet_router_approval_snat_and_failover() {
     const NAME: &str = "tailnet_routes_subnet_router_approval_snat_and_failover";
-    if !netns::require_or_skip(NAME) {
+    if !lab_can_run(NAME) {
         return;
-    }
-    for cmd in ["iperf3", "nft"] {
-        if !netns::have_command(cmd) && netns::skip_or_fail(NAME, &format!("{cmd} is not installed")) {
-            return;
-        }
     }
     let mut lab = Lab::new();
     let key = lab.new_key(true);
@@ -247,13 +256,8 @@ fn tailnet_routes_subnet_router_approval_snat_and_failover() {
 #[test]
 fn tailnet_routes_exit_node_carries_the_default_route() {
     const NAME: &str = "tailnet_routes_exit_node_carries_the_default_route";
-    if !netns::require_or_skip(NAME) {
+    if !lab_can_run(NAME) {
         return;
-    }
-    for cmd in ["iperf3", "nft"] {
-        if !netns::have_command(cmd) && netns::skip_or_fail(NAME, &format!("{cmd} is not installed")) {
-            return;
-        }
     }
     let mut lab = Lab::new();
     let key = lab.new_key(true);
