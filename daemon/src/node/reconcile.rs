@@ -128,25 +128,59 @@ impl Reconciler {
 /// What path discovery needs from `map` (docs/nat.md): every peer's
 /// reported endpoints as candidates, the node's own `local` endpoints, and
 /// the first relay's STUN port (on the relay's host, or `control_host` when
-/// the map names none) resolved with `resolve`.
+/// the map names none) resolved with `resolve`. A candidate inside a prefix
+/// the map routes through a peer (a subnet router's LAN) is left out: the
+/// kernel would send probes to it through the tunnel itself, a path that
+/// dies with the router. Default routes (exit nodes) do not count: the data
+/// plane's socket is kept off them by its fwmark.
 pub fn disco_settings(
     map: &NetworkMap,
     local: Vec<SocketAddr>,
     control_host: &str,
     resolve: impl Fn(&str, u16) -> Option<SocketAddr>,
 ) -> wiremesh_dataplane::disco::DiscoSettings {
+    let routed: Vec<(std::net::IpAddr, u8)> = map
+        .routes
+        .iter()
+        .flat_map(|r| r.prefixes.iter())
+        .filter_map(|p| {
+            let (ip, len) = p.split_once('/')?;
+            Some((ip.parse().ok()?, len.parse().ok()?))
+        })
+        .filter(|&(_, len)| len > 0)
+        .collect();
     let peers = map
         .peers
         .iter()
         .filter(|p| p.node_key != map.self_node.node_key)
         .filter_map(|p| {
             let key = proto::unb64_key(&p.node_key)?;
-            let endpoints = p.endpoints.iter().filter_map(|e| e.parse::<SocketAddr>().ok()).collect();
+            let endpoints = p
+                .endpoints
+                .iter()
+                .filter_map(|e| e.parse::<SocketAddr>().ok())
+                .filter(|e| !routed.iter().any(|&(net, len)| in_prefix(e.ip(), net, len)))
+                .collect();
             Some((wiremesh_core::keys::PublicKey(key), endpoints))
         })
         .collect();
     let stun_server = map.relays.first().and_then(|r| resolve(r.host.as_deref().unwrap_or(control_host), r.port));
     wiremesh_dataplane::disco::DiscoSettings { stun_server, local_endpoints: local, peers }
+}
+
+fn in_prefix(ip: std::net::IpAddr, net: std::net::IpAddr, len: u8) -> bool {
+    use std::net::IpAddr;
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +267,12 @@ mod tests {
         m.relays = vec![proto::RelayInfo { host: None, port: 8443, fingerprint: None }];
         let s = disco_settings(&m, vec![], "198.51.100.7", resolve);
         assert_eq!(s.stun_server, Some("198.51.100.7:8443".parse().unwrap()));
+        // A candidate behind a routed prefix is left out; a default route is not.
+        m.routes = vec![proto::PeerRoutes { peer: 3, prefixes: vec!["0.0.0.0/0".into(), "::/0".into()] }];
+        assert_eq!(disco_settings(&m, vec![], "h", resolve).peers[0].1.len(), 1);
+        m.routes.push(proto::PeerRoutes { peer: 3, prefixes: vec!["192.0.2.0/24".into()] });
+        assert!(disco_settings(&m, vec![], "h", resolve).peers[0].1.is_empty());
+        m.routes.clear();
         m.relays[0].host = Some("203.0.113.9".into());
         let s = disco_settings(&m, vec![], "198.51.100.7", resolve);
         assert_eq!(s.stun_server, Some("203.0.113.9:8443".parse().unwrap()));
