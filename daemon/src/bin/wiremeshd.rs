@@ -100,9 +100,11 @@ enum Command {
     },
     /// The node agent: joins the tailnet and keeps the data plane on its map.
     Node {
-        /// The control server: https://host:port#sha256=<certificate fingerprint>.
-        #[arg(long)]
-        control: String,
+        /// The control server: https://host:port#sha256=<certificate fingerprint>;
+        /// several replicas of it (one certificate) comma-separated or repeated,
+        /// tried in order when the one in use fails.
+        #[arg(long, required = true)]
+        control: Vec<String>,
         /// An auth key (needed for the first registration only).
         #[arg(long)]
         auth_key: Option<String>,
@@ -286,13 +288,15 @@ fn main() -> ExitCode {
             userspace,
             federation,
         } => {
-            let control = match control.parse() {
+            let mut control = match wiremesh_daemon::control::client::parse_replicas(&control) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("wiremeshd: --control: {e}");
                     return ExitCode::from(2);
                 }
             };
+            let control_replicas = control.split_off(1);
+            let control = control.remove(0);
             let federation = match (federation.client_id, federation.id_token, federation.id_token_file) {
                 (None, _, _) => None,
                 (Some(client_id), token, file) => {
@@ -311,6 +315,7 @@ fn main() -> ExitCode {
             let opts = wiremesh_daemon::node::Options {
                 federation,
                 control,
+                control_replicas,
                 auth_key,
                 hostname: hostname.unwrap_or_else(wiremesh_daemon::node::system_hostname),
                 state,

@@ -88,23 +88,96 @@ fn transport(e: impl std::fmt::Display) -> ClientError {
     ClientError::Transport(e.to_string())
 }
 
-/// A client for one control server.
+/// Parses `--control` values, each one URL or a comma-separated list: the
+/// replicas of one control server, so all must pin the same certificate.
+pub fn parse_replicas<S: AsRef<str>>(values: &[S]) -> Result<Vec<ControlUrl>, String> {
+    let mut urls: Vec<ControlUrl> = Vec::new();
+    for item in values.iter().flat_map(|v| v.as_ref().split(',')).map(str::trim).filter(|s| !s.is_empty()) {
+        let url: ControlUrl = item.parse()?;
+        if urls.first().is_some_and(|first| first.fingerprint != url.fingerprint) {
+            return Err("replicas of one control server share its certificate: every URL needs the same pin".into());
+        }
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
+    if urls.is_empty() {
+        return Err("no control URL given".into());
+    }
+    Ok(urls)
+}
+
+/// A client for one control server, possibly reached through several
+/// replicas (same certificate): requests go to the active one; when it
+/// cannot be reached the others are tried in order, and the first that
+/// answers becomes the active one.
 #[derive(Clone)]
 pub struct Client {
-    url: ControlUrl,
+    urls: std::sync::Arc<[ControlUrl]>,
+    active: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     tls: tokio_rustls::TlsConnector,
 }
 
 impl Client {
     /// A client for `url`.
     pub fn new(url: ControlUrl) -> Self {
-        let tls = tokio_rustls::TlsConnector::from(tls::pinned_client(url.fingerprint));
-        Client { url, tls }
+        Self::with_replicas(url, Vec::new())
     }
 
-    /// The server's URL.
+    /// A client for `first`, falling back to `others` (replicas sharing
+    /// `first`'s certificate; only its pin is trusted).
+    pub fn with_replicas(first: ControlUrl, others: Vec<ControlUrl>) -> Self {
+        let tls = tokio_rustls::TlsConnector::from(tls::pinned_client(first.fingerprint));
+        let urls: Vec<ControlUrl> = std::iter::once(first).chain(others).collect();
+        Client { urls: urls.into(), active: Default::default(), tls }
+    }
+
+    /// The URL of the server in use (the active replica).
     pub fn url(&self) -> &ControlUrl {
-        &self.url
+        &self.urls[self.active.load(std::sync::atomic::Ordering::Relaxed) % self.urls.len()]
+    }
+
+    /// Makes the next replica the active one (the map stream from this one
+    /// broke); with one URL it stays.
+    pub fn next_replica(&self) {
+        let n = self.urls.len();
+        let _ =
+            self.active.fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |i| {
+                Some((i + 1) % n)
+            });
+    }
+
+    /// A TLS connection to the active replica, else to the first of the
+    /// others (in order) that answers, which becomes the active one.
+    async fn connect(
+        &self,
+    ) -> Result<(tokio_rustls::client::TlsStream<tokio::net::TcpStream>, &ControlUrl), ClientError> {
+        let start = self.active.load(std::sync::atomic::Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..self.urls.len() {
+            let idx = (start + i) % self.urls.len();
+            let url = &self.urls[idx];
+            let connect = async {
+                let tcp = tokio::net::TcpStream::connect((url.host.as_str(), url.port)).await.map_err(transport)?;
+                let _ = tcp.set_nodelay(true);
+                self.tls.connect(tls::server_name(), tcp).await.map_err(transport)
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(Ok(stream)) => {
+                    self.active.store(idx, std::sync::atomic::Ordering::Relaxed);
+                    return Ok((stream, url));
+                }
+                Ok(Err(ClientError::Transport(e))) => failures.push(e),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => failures.push("connect timed out".into()),
+            }
+        }
+        if self.urls.len() == 1 {
+            return Err(transport(failures.remove(0)));
+        }
+        let all: Vec<String> =
+            self.urls.iter().zip(&failures).map(|(u, e)| format!("{}:{}: {e}", u.host, u.port)).collect();
+        Err(transport(format!("no replica answers ({})", all.join("; "))))
     }
 
     /// Sends one request and returns the response with its body unread.
@@ -115,24 +188,17 @@ impl Client {
         body: Vec<u8>,
         bearer: Option<&str>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
-        let connect = async {
-            let tcp =
-                tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port)).await.map_err(transport)?;
-            let _ = tcp.set_nodelay(true);
-            self.tls.connect(tls::server_name(), tcp).await.map_err(transport)
-        };
-        let stream =
-            tokio::time::timeout(CONNECT_TIMEOUT, connect).await.map_err(|_| transport("connect timed out"))??;
+        let (stream, url) = self.connect().await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(transport)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let host = if self.url.host.contains(':') { format!("[{}]", self.url.host) } else { self.url.host.clone() };
+        let host = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, format!("{host}:{}", self.url.port))
+            .header(hyper::header::HOST, format!("{host}:{}", url.port))
             .header(hyper::header::CONTENT_TYPE, "application/json");
         if let Some(token) = bearer {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
@@ -188,7 +254,7 @@ impl Client {
         let challenge = self.challenge().await?;
         let mut req =
             proto::LogoutRequest { machine_key, node_key, challenge: proto::hex(&challenge), signature: String::new() };
-        req.signature = sign(&proto::logout_message(&challenge, &self.url.fingerprint, &req));
+        req.signature = sign(&proto::logout_message(&challenge, &self.url().fingerprint, &req));
         self.json(hyper::Method::POST, &format!("{}/logout", proto::API), Some(&req), None).await
     }
 
@@ -226,5 +292,32 @@ mod tests {
         assert!("https://a:1".parse::<ControlUrl>().is_err());
         assert!(format!("https://a#sha256={pin}").parse::<ControlUrl>().is_err());
         assert!("https://a:1#sha256=abc".parse::<ControlUrl>().is_err());
+    }
+
+    #[test]
+    fn replica_lists_parse_in_order_with_one_pin() {
+        let (pin, other) = ("ab".repeat(32), "cd".repeat(32));
+        let urls = parse_replicas(&[
+            format!("https://10.0.0.1:8443#sha256={pin}, https://10.0.0.2:8443#sha256={pin}"),
+            format!("https://10.0.0.3:8443#sha256={pin}"),
+            format!("https://10.0.0.1:8443#sha256={pin}"),
+        ])
+        .unwrap();
+        let hosts: Vec<&str> = urls.iter().map(|u| u.host.as_str()).collect();
+        assert_eq!(hosts, ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        let mixed = [format!("https://a:1#sha256={pin},https://b:1#sha256={other}")];
+        assert!(parse_replicas(&mixed).unwrap_err().contains("same pin"));
+        assert!(parse_replicas(&[",", ""]).is_err());
+        assert!(parse_replicas(&["https://a:1"]).is_err());
+        let c = Client::with_replicas(urls[0].clone(), urls[1..].to_vec());
+        assert_eq!(c.url().host, "10.0.0.1");
+        c.next_replica();
+        c.next_replica();
+        assert_eq!(c.url().host, "10.0.0.3");
+        c.next_replica();
+        assert_eq!(c.url().host, "10.0.0.1");
+        let single = Client::new(urls[1].clone());
+        single.next_replica();
+        assert_eq!(single.url().host, "10.0.0.2");
     }
 }

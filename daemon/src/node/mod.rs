@@ -36,6 +36,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(250);
 pub struct Options {
     /// The control server.
     pub control: ControlUrl,
+    /// Further replicas of it (same certificate), tried in order when the
+    /// one in use cannot be reached or its map stream breaks.
+    pub control_replicas: Vec<ControlUrl>,
     /// The auth key, needed for the first registration only.
     pub auth_key: Option<String>,
     /// The host name to ask for.
@@ -234,14 +237,14 @@ fn start(opts: Options) -> Result<(Arc<Agent>, userspace::DataPlane), String> {
     }
     let control_addrs: Vec<IpAddr> = {
         use std::net::ToSocketAddrs;
-        (opts.control.host.as_str(), opts.control.port)
-            .to_socket_addrs()
-            .map(|a| a.map(|s| s.ip()).collect())
-            .unwrap_or_default()
+        std::iter::once(&opts.control)
+            .chain(&opts.control_replicas)
+            .flat_map(|c| (c.host.as_str(), c.port).to_socket_addrs().into_iter().flatten().map(|s| s.ip()))
+            .collect()
     };
     let agent = Arc::new(Agent {
         host_dns,
-        client: Client::new(opts.control.clone()),
+        client: Client::with_replicas(opts.control.clone(), opts.control_replicas.clone()),
         auth_key: Mutex::new(opts.auth_key.clone()),
         key_from_cli: false.into(),
         want: tokio::sync::watch::channel(initial).0,
@@ -369,7 +372,11 @@ impl Agent {
                     continue;
                 }
                 Some(Stop::Refused(e)) => return Err(e),
-                Some(Stop::Retry(e)) => e,
+                Some(Stop::Retry(e)) => {
+                    // Next time, the next replica first (if there are several).
+                    self.client.next_replica();
+                    e
+                }
             };
             eprintln!("wiremeshd node: {why}; retrying in {backoff:?}");
             lock(&self.shared).last_error = Some(why);
@@ -459,7 +466,8 @@ impl Agent {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(1);
-        println!("map stream open (version {version})");
+        let from = self.client.url();
+        println!("map stream open (version {version}) from {}:{}", from.host, from.port);
         lock(&self.shared).connected = true;
         // The map deltas apply to: the last full map with every delta since.
         let mut current: Option<NetworkMap> = None;
@@ -711,7 +719,7 @@ impl Agent {
     /// when they changed (the TUN data plane runs it; the netstack ignores it).
     fn update_disco(&self, map: &NetworkMap) {
         let local = local_endpoints(self.listen_port, &self.opts.tun).iter().filter_map(|e| e.parse().ok()).collect();
-        let settings = reconcile::disco_settings(map, local, &self.opts.control.host, |host, port| {
+        let settings = reconcile::disco_settings(map, local, &self.client.url().host, |host, port| {
             use std::net::ToSocketAddrs;
             let mut addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().ok()?.collect();
             addrs.sort_by_key(|a| !a.is_ipv4());
@@ -815,7 +823,7 @@ impl Agent {
                 })
                 .await
                 .unwrap_or_default();
-                let control = self.opts.control.to_string();
+                let control = self.client.url().to_string();
                 let agent = local::AgentInfo {
                     tun: &self.opts.tun,
                     control: &control,

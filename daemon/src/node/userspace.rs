@@ -245,6 +245,7 @@ pub fn join_options(
 ) -> Options {
     Options {
         control,
+        control_replicas: Vec::new(),
         auth_key,
         hostname: hostname.to_string(),
         socket: state.join("api.sock"),

@@ -168,6 +168,12 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// The URL of database `db` through the cluster's Unix socket, which
+    /// processes in other network namespaces reach too.
+    pub fn socket_url(&self, db: &str) -> String {
+        format!("postgres://postgres@/{db}?host={}&port={}", self.dir.display(), self.port)
+    }
+
     /// Creates an empty database and returns its URL.
     pub fn create_db(&self, name: &str) -> String {
         let mut c = postgres::Client::connect(&self.url("postgres"), postgres::NoTls).expect("connect");

@@ -148,6 +148,10 @@ pub struct Lab {
     /// Whether the server runs the identity service (off unless a test asks:
     /// the other tests count the nodes they made).
     pub identity: bool,
+    /// More control replicas on the same store ([`Lab::replicas`]), and the
+    /// URL of each (`url` is the first server's).
+    pub replicas: Vec<Proc>,
+    pub replica_urls: Vec<String>,
 }
 
 pub fn tmpdir(tag: &str) -> PathBuf {
@@ -169,6 +173,18 @@ impl Lab {
     }
 
     fn with(identity: bool) -> Lab {
+        Self::on_store(identity, None, 1)
+    }
+
+    /// `n` control replicas in the server namespace on one PostgreSQL store
+    /// (`state`, a postgres:// URL it reaches), on ports 8443, 9443, ... (each
+    /// relay takes the next port):
+    /// the first is `server` (its URL `url`), all are in `replica_urls`.
+    pub fn replicas(state: &str, n: u16) -> Lab {
+        Self::on_store(false, Some(state), n)
+    }
+
+    fn on_store(identity: bool, store: Option<&str>, n: u16) -> Lab {
         let hub = Netns::new();
         hub.run_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
         hub.run_ok(&["ip", "link", "set", "br0", "up"]);
@@ -186,8 +202,23 @@ impl Lab {
             token: String::new(),
             next_host: 10,
             identity,
+            replicas: Vec::new(),
+            replica_urls: Vec::new(),
         };
-        lab.start_server();
+        let Some(store) = store else {
+            lab.start_server();
+            return lab;
+        };
+        lab.server_state = PathBuf::from(store);
+        for i in 0..n {
+            let (proc, url) = lab.spawn_control(store, 8443 + 1000 * i);
+            lab.replica_urls.push(url.clone());
+            if i == 0 {
+                (lab.server, lab.url) = (Some(proc), url);
+            } else {
+                lab.replicas.push(proc);
+            }
+        }
         lab
     }
 
@@ -198,8 +229,15 @@ impl Lab {
     }
 
     pub fn start_server(&mut self) {
-        let listen = format!("{}:8443", self.subnet.v4(1));
-        let state = self.server_state.to_str().unwrap();
+        let state = self.server_state.to_str().unwrap().to_string();
+        let (proc, url) = self.spawn_control(&state, 8443);
+        (self.server, self.url) = (Some(proc), url);
+    }
+
+    /// A control server on `state` listening on `port`; the admin token,
+    /// when it prints one (a new store), is kept.
+    fn spawn_control(&mut self, state: &str, port: u16) -> (Proc, String) {
+        let listen = format!("{}:{port}", self.subnet.v4(1));
         let identity = if self.identity { "on" } else { "off" };
         let mut child = self.server_ns.spawn(&[
             WIREMESHD,
@@ -212,11 +250,11 @@ impl Lab {
             identity,
         ]);
         let out = Output::attach(&mut child);
-        self.url = out.wait_for("control URL: ", Duration::from_secs(30));
+        let url = out.wait_for("control URL: ", Duration::from_secs(30));
         if self.token.is_empty() {
             self.token = out.wait_for("admin token (shown once, stored hashed): ", Duration::from_secs(5));
         }
-        self.server = Some(Proc { child, out });
+        (Proc { child, out }, url)
     }
 
     pub fn admin(&self, args: &[&str]) -> std::process::Output {
@@ -261,11 +299,16 @@ impl Lab {
 
     /// Starts the agent with `extra` arguments.
     pub fn start_agent_with(&self, node: &mut Node, name: &str, key: &str, extra: &[&str]) {
+        self.start_agent_on(node, &self.url, name, key, extra);
+    }
+
+    /// Starts the agent with `--control control` (one URL or several) and `extra`.
+    pub fn start_agent_on(&self, node: &mut Node, control: &str, name: &str, key: &str, extra: &[&str]) {
         let mut args = vec![
             WIREMESHD,
             "node",
             "--control",
-            &self.url,
+            control,
             "--auth-key",
             key,
             "--hostname",
