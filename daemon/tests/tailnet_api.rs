@@ -6,7 +6,7 @@
 use http_body_util::BodyExt;
 use std::time::{Duration, Instant};
 use wiremesh_daemon::control::client::{Client, ClientError};
-use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, StreamMessage};
+use wiremesh_daemon::control::proto::{self, NodeInfo, StreamMessage};
 
 #[path = "support/control.rs"]
 mod control_server;
@@ -19,21 +19,6 @@ const NO_IDENTITY: &[&str] = &["--identity", "off"];
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-impl TestNode {
-    async fn map_req(&self, c: &Client) -> MapRequest {
-        let challenge = c.challenge().await.unwrap();
-        let mut req = MapRequest {
-            machine_key: self.machine.public_hex(),
-            node_key: self.node_key.clone(),
-            endpoints: vec!["192.0.2.1:41641".into()],
-            challenge: proto::hex(&challenge),
-            signature: String::new(),
-        };
-        req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &c.url().fingerprint, &req));
-        req
-    }
 }
 
 async fn admin_nodes(c: &Client, token: &str) -> Vec<NodeInfo> {
@@ -109,7 +94,8 @@ fn maps_stream_changes_within_a_second_and_survive_restart(store: &Store) {
         let na = a.register(&c, &key, "Alpha Host").await.unwrap();
         assert_eq!(na.name, "alpha-host");
         assert_eq!(na.ipv4.octets()[..2], [100, 64]);
-        let resp = c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&a.map_req(&c).await).unwrap(), None);
+        let resp =
+            c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&a.signed_map_req(&c).await).unwrap(), None);
         let resp = resp.await.unwrap();
         assert_eq!(resp.status(), 200);
         let mut rx = stream_lines(resp.into_body());
@@ -245,7 +231,7 @@ fn bad_input_is_refused_and_nothing_stored(store: &Store) {
             c.raw(hyper::Method::POST, "/api/v1/register", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
         assert_json_error(s, &body, 401, "bad_challenge");
         // A map stream for a machine the server does not know.
-        let req = TestNode::new(4).map_req(&c).await;
+        let req = TestNode::new(4).signed_map_req(&c).await;
         let (s, body) =
             c.raw(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
         assert_json_error(s, &body, 401, "unknown_machine");
@@ -311,7 +297,7 @@ fn ephemeral_nodes_go_soon_after_they_go_offline(store: &Store) {
         assert!(ne.ephemeral);
         let keep = TestNode::new(2);
         keep.register(&c, &new_key(&c, &token, false).await, "keep").await.unwrap();
-        let req = serde_json::to_vec(&e.map_req(&c).await).unwrap();
+        let req = serde_json::to_vec(&e.signed_map_req(&c).await).unwrap();
         let resp = c.send(hyper::Method::POST, "/api/v1/map", req, None).await.unwrap();
         let mut body = resp.into_body();
         assert!(body.frame().await.is_some());
@@ -338,7 +324,8 @@ fn ephemeral_nodes_go_soon_after_they_go_offline(store: &Store) {
 }
 
 async fn open_map(c: &Client, n: &TestNode) -> tokio::sync::mpsc::UnboundedReceiver<StreamMessage> {
-    let resp = c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&n.map_req(c).await).unwrap(), None);
+    let resp =
+        c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&n.signed_map_req(c).await).unwrap(), None);
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 200);
     stream_lines(resp.into_body())
@@ -430,7 +417,7 @@ fn expired_node_key_leaves_every_map_until_it_re_authenticates(store: &Store) {
         assert!(nodes.iter().any(|n| n.node.id == na.id && !n.expired && n.key_expires_at.is_none()));
 
         // An expired node cannot open a stream or refresh itself without a key.
-        let req = b.map_req(&c).await;
+        let req = b.signed_map_req(&c).await;
         let (s, body) =
             c.raw(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
         assert_json_error(s, &body, 401, "node_expired");
@@ -516,7 +503,7 @@ fn version_2_streams_send_deltas_that_rebuild_the_full_maps(store: &Store) {
         }
         // An old node's stream (no version) and a version 2 one, both for a.
         let mut v1 = open_map(&c, &a).await;
-        let body = serde_json::to_vec(&a.map_req(&c).await).unwrap();
+        let body = serde_json::to_vec(&a.signed_map_req(&c).await).unwrap();
         let resp = c.send(hyper::Method::POST, "/api/v1/map?version=9", body, None).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()[proto::MAP_VERSION_HEADER], "2", "the server speaks at most version 2");
@@ -584,7 +571,7 @@ fn version_2_streams_send_deltas_that_rebuild_the_full_maps(store: &Store) {
         assert!(biggest * 5 < full_len, "deltas are not smaller: {delta_bytes:?} vs {full_len}");
 
         // A version that is not a number is refused.
-        let body = serde_json::to_vec(&a.map_req(&c).await).unwrap();
+        let body = serde_json::to_vec(&a.signed_map_req(&c).await).unwrap();
         let (s, body) = c.raw(hyper::Method::POST, "/api/v1/map?version=x", body, None).await.unwrap();
         assert_json_error(s, &body, 400, "bad_request");
     });

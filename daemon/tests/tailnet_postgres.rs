@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use wiremesh_daemon::control::client::Client;
-use wiremesh_daemon::control::proto::{self, MapRequest, NetworkMap, NodeInfo, StreamMessage};
+use wiremesh_daemon::control::proto::{self, NetworkMap, NodeInfo, StreamMessage};
 
 #[path = "support/control.rs"]
 mod control_server;
@@ -24,15 +24,7 @@ const PRESENCE_TIMEOUT: &str = "2";
 
 impl TestNode {
     async fn open_map(&self, c: &Client, endpoint: &str) -> UnboundedReceiver<StreamMessage> {
-        let challenge = c.challenge().await.unwrap();
-        let mut req = MapRequest {
-            machine_key: self.machine.public_hex(),
-            node_key: self.node_key.clone(),
-            endpoints: vec![endpoint.into()],
-            challenge: proto::hex(&challenge),
-            signature: String::new(),
-        };
-        req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &c.url().fingerprint, &req));
+        let req = self.signed_map_req_at(c, &[endpoint]).await;
         let resp = c.send(hyper::Method::POST, "/api/v1/map", serde_json::to_vec(&req).unwrap(), None).await.unwrap();
         assert_eq!(resp.status(), 200);
         stream_lines(resp.into_body())

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 use wiremesh_daemon::control::client::{Client, ClientError, ControlUrl};
-use wiremesh_daemon::control::proto::{self, NodeInfo, RegisterRequest};
+use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, RegisterRequest};
 use wiremesh_daemon::node::keys::MachineKey;
 
 #[path = "postgres.rs"]
@@ -173,6 +173,25 @@ impl TestNode {
             signature: String::new(),
         };
         req.signature = self.machine.sign_hex(&proto::register_message(&challenge, &c.url().fingerprint, &req));
+        req
+    }
+
+    /// A map request at [`TEST_ENDPOINT`], signed by the machine key over a
+    /// fresh challenge from `c`.
+    pub async fn signed_map_req(&self, c: &Client) -> MapRequest {
+        self.signed_map_req_at(c, &[TEST_ENDPOINT]).await
+    }
+
+    pub async fn signed_map_req_at(&self, c: &Client, endpoints: &[&str]) -> MapRequest {
+        let challenge = c.challenge().await.unwrap();
+        let mut req = MapRequest {
+            machine_key: self.machine.public_hex(),
+            node_key: self.node_key.clone(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            challenge: proto::hex(&challenge),
+            signature: String::new(),
+        };
+        req.signature = self.machine.sign_hex(&proto::map_message(&challenge, &c.url().fingerprint, &req));
         req
     }
 
