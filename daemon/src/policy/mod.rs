@@ -19,6 +19,8 @@ pub mod wire;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_headscale;
 
 pub use compile::{compile, run_tests, CapGrant, Node, NodePolicy};
 pub use error::{ErrorKind, PolicyError};

@@ -1,0 +1,335 @@
+//! Conformance cases taken from the packet filters Tailscale's own service
+//! computed, as recorded in the headscale repository
+//! (juanfont/headscale, `hscontrol/policy/v2/testdata/acl_results/`). Each
+//! case is named by its headscale test id; the policy and the recorded
+//! per-node filters are restated here as facts (node names instead of the
+//! addresses they stand for), and our compiled filter is probed with sample
+//! packets against them.
+
+use super::*;
+use std::net::IpAddr;
+use wiremesh_core::filter::{Filter, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+
+/// A node of the recorded tailnet: (name, user login, tag, IPv4, IPv6).
+type NodeRow = (&'static str, Option<&'static str>, Option<&'static str>, &'static str, &'static str);
+
+const NODES: &[NodeRow] = &[
+    ("user1", Some("kratail2tid@passkey"), None, "100.90.199.68", "fd7a:115c:a1e0::2d01:c747"),
+    ("user-kris", Some("kristoffer@dalby.cc"), None, "100.110.121.96", "fd7a:115c:a1e0::1737:7960"),
+    ("user-mon", Some("monitorpasskeykradalby@passkey"), None, "100.103.90.82", "fd7a:115c:a1e0::9e37:5a52"),
+    ("tagged-server", None, Some("tag:server"), "100.108.74.26", "fd7a:115c:a1e0::b901:4a87"),
+    ("tagged-prod", None, Some("tag:prod"), "100.103.8.15", "fd7a:115c:a1e0::5b37:80f"),
+    ("tagged-client", None, Some("tag:client"), "100.83.200.69", "fd7a:115c:a1e0::c537:c845"),
+    ("subnet-router", None, Some("tag:router"), "100.92.142.61", "fd7a:115c:a1e0::3e37:8e3d"),
+    ("exit-node", None, Some("tag:exit"), "100.85.66.106", "fd7a:115c:a1e0::7c37:426a"),
+];
+
+fn nodes() -> Vec<Node> {
+    NODES
+        .iter()
+        .enumerate()
+        .map(|(i, (_, user, tag, v4, v6))| Node {
+            id: i as i64 + 1,
+            addresses: vec![v4.parse().unwrap(), v6.parse().unwrap()],
+            tags: tag.iter().map(|t| t.to_string()).collect(),
+            user: user.map(str::to_string),
+            tagged_by: None,
+        })
+        .collect()
+}
+
+/// The sections every recorded policy shares (its `autoApprovers` section is
+/// left out: it approves routes and does not change the packet filter).
+const HEADER: &str = r#"
+  "groups": {
+    "group:admins": ["kratail2tid@passkey"],
+    "group:developers": ["kristoffer@dalby.cc", "kratail2tid@passkey"],
+    "group:monitors": ["monitorpasskeykradalby@passkey"],
+    "group:empty": [],
+  },
+  "tagOwners": {
+    "tag:server": ["kratail2tid@passkey"],
+    "tag:prod": ["kratail2tid@passkey"],
+    "tag:client": ["kratail2tid@passkey"],
+    "tag:router": ["kratail2tid@passkey"],
+    "tag:exit": ["kratail2tid@passkey"],
+  },
+  "hosts": {
+    "webserver": "100.108.74.26",
+    "prodbox": "100.103.8.15",
+    "internal": "10.0.0.0/8",
+    "subnet24": "192.168.1.0/24",
+  },"#;
+
+/// What Tailscale wrote for the source `*`: the CGNAT range without
+/// 100.115.92.0/23, the tailnet's IPv6 range, and the approved subnet route.
+const ANY: &str = "10.33.0.0/16 100.64.0.0-100.115.91.255 100.115.94.0-100.127.255.255 fd7a:115c:a1e0::/48";
+
+/// One recorded rule: sources (node names stand for both their addresses;
+/// `ANY` as above; prefixes; IPv4 ranges) and destinations (`target:ports`,
+/// target a node name or `*`). No rule recorded here names an IP protocol,
+/// so each accepts TCP, UDP, ICMP and ICMPv6.
+type Recorded = (&'static str, &'static str);
+
+struct HsCase {
+    id: &'static str,
+    acls: &'static str,
+    /// Per node, the rules Tailscale computed; nodes not listed had none.
+    expect: &'static [(&'static str, &'static [Recorded])],
+}
+
+const MEMBERS: &str = "user1 user-kris user-mon";
+const TAGGED: &str = "tagged-server tagged-prod tagged-client subnet-router exit-node";
+
+/// The cases, from headscale's recorded Tailscale results (test ids as there).
+///
+/// Left out because our result differs from the recorded one (docs/policy.md,
+/// "Known differences from Tailscale"):
+/// * ACL-A10 and ACL-C05: Tailscale's `autogroup:self` includes the
+///   destination node itself among the sources (a user's only device still
+///   gets a rule from its own addresses); ours leaves the node out, so a
+///   user with one device gets no rule.
+/// * ACL-AH03: a rule to a prefix (`internal:22`, 10.0.0.0/8) puts a rule on
+///   the subnet router whose approved route (10.33.0.0/16) overlaps it; our
+///   compiler knows no routes (that filter is extended by the route logic).
+const CASES: &[HsCase] = &[
+    HsCase {
+        id: "ACL-A01",
+        acls: r#"[{"action": "accept", "src": ["autogroup:member"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[(MEMBERS, "*:0-65535")]),
+            ("user-kris", &[(MEMBERS, "*:0-65535")]),
+            ("user-mon", &[(MEMBERS, "*:0-65535")]),
+            ("tagged-server", &[(MEMBERS, "*:0-65535")]),
+            ("tagged-prod", &[(MEMBERS, "*:0-65535")]),
+            ("tagged-client", &[(MEMBERS, "*:0-65535")]),
+            ("subnet-router", &[(MEMBERS, "*:0-65535")]),
+            ("exit-node", &[(MEMBERS, "*:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-A05",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:internet:*"]}]"#,
+        expect: &[],
+    },
+    HsCase {
+        id: "ACL-AT01",
+        acls: r#"[{"action": "accept",
+                   "src": ["tag:server", "tag:client", "tag:prod", "tag:router", "tag:exit"],
+                   "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[(TAGGED, "*:0-65535")]),
+            ("user-kris", &[(TAGGED, "*:0-65535")]),
+            ("user-mon", &[(TAGGED, "*:0-65535")]),
+            ("tagged-server", &[(TAGGED, "*:0-65535")]),
+            ("tagged-prod", &[(TAGGED, "*:0-65535")]),
+            ("tagged-client", &[(TAGGED, "*:0-65535")]),
+            ("subnet-router", &[(TAGGED, "*:0-65535")]),
+            ("exit-node", &[(TAGGED, "*:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-AH01",
+        acls: r#"[{"action": "accept", "src": ["internal", "subnet24"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
+            ("user-kris", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
+            ("user-mon", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
+            ("tagged-server", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
+            ("tagged-prod", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
+            ("tagged-client", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
+            ("subnet-router", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
+            ("exit-node", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-AU01",
+        acls: r#"[{"action": "accept", "src": ["kristoffer@dalby.cc"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("user-kris", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-AU03",
+        acls: r#"[{"action": "accept", "src": ["group:developers"], "dst": ["tag:server:22", "tag:prod:5432"]}]"#,
+        expect: &[
+            ("tagged-prod", &[("user1 user-kris", "tagged-prod:5432")]),
+            ("tagged-server", &[("user1 user-kris", "tagged-server:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-AU05",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["group:monitors:*"]}]"#,
+        expect: &[("user-mon", &[(ANY, "user-mon:0-65535")])],
+    },
+    HsCase {
+        id: "ACL-AR01",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:80,443"]}]"#,
+        expect: &[("tagged-server", &[("tagged-client", "tagged-server:22 tagged-server:80 tagged-server:443")])],
+    },
+    HsCase {
+        id: "ACL-AR03",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:80"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:443"]}]"#,
+        expect: &[("tagged-server", &[("tagged-client", "tagged-server:22 tagged-server:80 tagged-server:443")])],
+    },
+    HsCase {
+        id: "ACL-C01",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["autogroup:member"], "dst": ["tag:server:80"]},
+                  {"action": "accept", "src": ["*"], "dst": ["tag:prod:5432"]}]"#,
+        expect: &[
+            ("tagged-prod", &[(ANY, "tagged-prod:5432")]),
+            ("tagged-server", &[("tagged-client", "tagged-server:22"), (MEMBERS, "tagged-server:80")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-AT02",
+        acls: r#"[{"action": "accept", "src": ["*"],
+                   "dst": ["tag:server:22", "tag:client:22", "tag:prod:22", "tag:router:22", "tag:exit:22"]}]"#,
+        expect: &[
+            ("exit-node", &[(ANY, "exit-node:22")]),
+            ("subnet-router", &[(ANY, "subnet-router:22")]),
+            ("tagged-client", &[(ANY, "tagged-client:22")]),
+            ("tagged-prod", &[(ANY, "tagged-prod:22")]),
+            ("tagged-server", &[(ANY, "tagged-server:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-AT03",
+        acls: r#"[{"action": "accept",
+                   "src": ["tag:server", "tag:client", "tag:prod", "tag:router", "tag:exit"],
+                   "dst": ["autogroup:member:22"]}]"#,
+        expect: &[
+            ("user1", &[(TAGGED, "user1:22")]),
+            ("user-kris", &[(TAGGED, "user-kris:22")]),
+            ("user-mon", &[(TAGGED, "user-mon:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-AU02",
+        acls: r#"[{"action": "accept", "src": ["monitorpasskeykradalby@passkey"], "dst": ["tag:prod:5432"]}]"#,
+        expect: &[("tagged-prod", &[("user-mon", "tagged-prod:5432")])],
+    },
+    HsCase {
+        id: "ACL-C02",
+        acls: r#"[{"action": "accept", "src": ["tag:client", "autogroup:member"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:prod"], "dst": ["tag:server:80"]},
+                  {"action": "accept", "src": ["group:admins"], "dst": ["tag:prod:5432"]}]"#,
+        expect: &[
+            ("tagged-prod", &[("user1", "tagged-prod:5432")]),
+            (
+                "tagged-server",
+                &[("tagged-client user1 user-kris user-mon", "tagged-server:22"), ("tagged-prod", "tagged-server:80")],
+            ),
+        ],
+    },
+    HsCase {
+        id: "ACL-C08",
+        acls: r#"[{"action": "accept", "src": ["*"],
+                   "dst": ["tag:server:22", "tag:prod:22", "tag:client:22", "tag:router:22", "tag:exit:22"]}]"#,
+        expect: &[
+            ("exit-node", &[(ANY, "exit-node:22")]),
+            ("subnet-router", &[(ANY, "subnet-router:22")]),
+            ("tagged-client", &[(ANY, "tagged-client:22")]),
+            ("tagged-prod", &[(ANY, "tagged-prod:22")]),
+            ("tagged-server", &[(ANY, "tagged-server:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-P01",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
+    },
+];
+
+fn node_addrs(name: &str) -> Option<[IpAddr; 2]> {
+    NODES.iter().find(|n| n.0 == name).map(|n| [n.3.parse().unwrap(), n.4.parse().unwrap()])
+}
+
+/// Whether `addr` is among the recorded sources.
+fn src_matches(sources: &str, addr: IpAddr) -> bool {
+    sources.split_whitespace().any(|tok| {
+        if let Some(a) = node_addrs(tok) {
+            a.contains(&addr)
+        } else if let Some((lo, hi)) = tok.split_once('-') {
+            let (lo, hi): (IpAddr, IpAddr) = (lo.parse().unwrap(), hi.parse().unwrap());
+            lo.is_ipv6() == addr.is_ipv6() && lo <= addr && addr <= hi
+        } else {
+            let (net, len) = tok.split_once('/').expect("a prefix");
+            let p = wiremesh_core::filter::Prefix::new(net.parse().unwrap(), len.parse().unwrap()).unwrap();
+            p.contains(addr)
+        }
+    })
+}
+
+/// Whether the recorded destinations take (`dst`, `port`); `port` is `None`
+/// for protocols without ports (ICMP matches on the address alone).
+fn dst_matches(dsts: &str, dst: IpAddr, port: Option<u16>) -> bool {
+    dsts.split_whitespace().any(|tok| {
+        let (target, ports) = tok.rsplit_once(':').expect("target:ports");
+        let addr_ok = target == "*" || node_addrs(target).expect("a node").contains(&dst);
+        let (first, last) = match ports.split_once('-') {
+            Some((a, b)) => (a.parse::<u16>().unwrap(), b.parse::<u16>().unwrap()),
+            None => (ports.parse().unwrap(), ports.parse().unwrap()),
+        };
+        addr_ok && port.is_none_or(|p| first <= p && p <= last)
+    })
+}
+
+fn recorded_accepts(rules: &[Recorded], src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> bool {
+    let port = match proto {
+        PROTO_TCP | PROTO_UDP => Some(port),
+        PROTO_ICMP | PROTO_ICMPV6 => None,
+        _ => return false,
+    };
+    rules.iter().any(|(s, d)| src_matches(s, src) && dst_matches(d, dst, port))
+}
+
+const PORTS: &[u16] = &[0, 1, 21, 22, 23, 79, 80, 81, 442, 443, 444, 5431, 5432, 5433, 8080, 65535];
+
+/// Sources probed besides the nodes: inside `internal`, inside `subnet24`,
+/// and outside everything the policies name. Not probed for cases whose
+/// source is `*`: Tailscale's `*` is the tailnet's ranges plus approved
+/// routes, ours every address (a known difference, see docs/policy.md).
+const OUTSIDERS: &[&str] = &["10.1.2.3", "192.168.1.5", "8.8.8.8", "2001:db8::1"];
+
+#[test]
+fn headscale_recorded_tailscale_filters_match_ours() {
+    assert!(CASES.len() >= 15, "{}", CASES.len());
+    let nodes = nodes();
+    let mut sources: Vec<IpAddr> = nodes.iter().flat_map(|n| n.addresses.clone()).collect();
+    sources.extend(OUTSIDERS.iter().map(|a| a.parse::<IpAddr>().unwrap()));
+    let mut probes = 0usize;
+    for c in CASES {
+        let text = format!("{{{HEADER}\n  \"acls\": {},\n}}", c.acls);
+        let policy = check(&text).unwrap_or_else(|e| panic!("{}: {e}", c.id));
+        let compiled = compile(&policy, &nodes);
+        for (i, (name, ..)) in NODES.iter().enumerate() {
+            let recorded: &[Recorded] = c.expect.iter().find(|e| e.0 == *name).map_or(&[], |e| e.1);
+            // A node Tailscale gave no rules gets none from us either.
+            assert_eq!(compiled[i].filter.is_empty(), recorded.is_empty(), "{}: {name} has rules", c.id);
+            let filter = Filter::new(compiled[i].filter.clone());
+            for &dst in &nodes[i].addresses {
+                let any_src = c.expect.iter().any(|e| e.1.iter().any(|r| r.0 == ANY));
+                let probed = sources.iter().filter(|s| s.is_ipv6() == dst.is_ipv6());
+                for &src in probed.filter(|s| !any_src || nodes.iter().any(|n| n.addresses.contains(s))) {
+                    let icmp = if dst.is_ipv6() { PROTO_ICMPV6 } else { PROTO_ICMP };
+                    for proto in [PROTO_TCP, PROTO_UDP, PROTO_SCTP, icmp] {
+                        for &port in PORTS {
+                            let want = recorded_accepts(recorded, src, dst, proto, port);
+                            assert_eq!(
+                                filter.accepts(src, dst, proto, port),
+                                want,
+                                "{}: {src} -> {name} {dst} proto {proto} port {port}",
+                                c.id
+                            );
+                            probes += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(probes > 10_000, "{probes}");
+}
