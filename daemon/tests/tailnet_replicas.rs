@@ -5,7 +5,8 @@
 //! different order. A node registered through one replica sees and reaches
 //! a node registered through the other; when the replica a node streams from
 //! is SIGKILLed, the node's traffic keeps flowing and it moves to the other
-//! replica, whose changes then reach it.
+//! replica, whose changes then reach it. And (no root) the client alone
+//! passing over replicas that cannot be reached.
 
 #[path = "../../testsupport/netns.rs"]
 mod netns;
@@ -13,11 +14,13 @@ mod netns;
 #[path = "support/tailnet.rs"]
 mod tailnet;
 
-#[path = "support/postgres.rs"]
-mod postgres_support;
+#[path = "support/control.rs"]
+mod control_server;
 
+use control_server::pg as postgres_support;
 use std::time::{Duration, Instant};
 use tailnet::*;
+use wiremesh_daemon::control::client::{Client, ControlUrl};
 
 const NAME: &str = "tailnet_replicas_nodes_move_to_the_other_replica_and_traffic_keeps_flowing";
 
@@ -114,4 +117,50 @@ fn tailnet_replicas_nodes_move_to_the_other_replica_and_traffic_keeps_flowing() 
     eprintln!("an admin removal through replica B reached alpha in {removed:?}");
     assert!(removed < Duration::from_secs(1), "{removed:?}\n{}", logs(&all));
     assert!(alpha.ping(&beta_v4), "{}", logs(&all));
+}
+
+/// A port on 127.0.0.1 nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+}
+
+#[test]
+fn tailnet_replicas_client_passes_over_replicas_that_cannot_be_reached() {
+    let store = control_server::Store::sqlite("replicas-client");
+    let server = store.start();
+    let fingerprint = server.url.fingerprint;
+    let dead = ControlUrl { host: "127.0.0.1".into(), port: closed_port(), fingerprint };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        // The first URL is down: the request goes to the second, which
+        // stays the one in use.
+        let c = Client::with_replicas(dead.clone(), vec![server.url.clone()]);
+        assert_eq!(c.url(), &dead);
+        c.challenge().await.expect("the live replica answers");
+        assert_eq!(c.url(), &server.url);
+        c.challenge().await.unwrap();
+        assert_eq!(c.url(), &server.url);
+        // After a broken stream the agent moves on: the next is the dead
+        // one, passed over again.
+        c.next_replica();
+        assert_eq!(c.url(), &dead);
+        c.challenge().await.unwrap();
+        assert_eq!(c.url(), &server.url);
+        // None answers: one error naming each.
+        let other = ControlUrl { port: closed_port(), ..dead.clone() };
+        let none = Client::with_replicas(dead.clone(), vec![other.clone()]);
+        let e = none.challenge().await.unwrap_err().to_string();
+        assert!(e.contains("no replica answers"), "{e}");
+        assert!(e.contains(&format!(":{}: ", dead.port)) && e.contains(&format!(":{}: ", other.port)), "{e}");
+        // A server with another certificate is not trusted as a replica.
+        let stranger_store = control_server::Store::sqlite("replicas-client-other");
+        let stranger = stranger_store.start();
+        assert_ne!(stranger.url.fingerprint, fingerprint);
+        let wrong = ControlUrl { fingerprint, ..stranger.url.clone() };
+        let c = Client::with_replicas(wrong.clone(), vec![server.url.clone()]);
+        c.challenge().await.unwrap();
+        assert_eq!(c.url(), &server.url, "a certificate other than the pinned one is passed over");
+        let alone = Client::new(wrong);
+        assert!(alone.challenge().await.is_err());
+    });
 }
