@@ -5,6 +5,7 @@
 use super::caller::Caller;
 use super::jwt;
 use super::keys::SigningKey;
+use super::provider::form::FormError;
 use crate::control::ApiError;
 use serde_json::{json, Map, Value};
 
@@ -58,35 +59,11 @@ pub fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     Ok(out)
 }
 
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
 fn decode_component(s: &[u8]) -> Result<String, ApiError> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hi = s.get(i + 1).copied().and_then(hex_value);
-                let lo = s.get(i + 2).copied().and_then(hex_value);
-                let (Some(hi), Some(lo)) = (hi, lo) else {
-                    return Err(ApiError::bad_request("bad percent-encoding in the form".into()));
-                };
-                out.push(hi << 4 | lo);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| ApiError::bad_request("the form is not UTF-8".into()))
+    super::provider::form::decode(s).map_err(|e| match e {
+        FormError::NotUtf8 => ApiError::bad_request("the form is not UTF-8".into()),
+        _ => ApiError::bad_request("bad percent-encoding in the form".into()),
+    })
 }
 
 /// What a `POST /token` asks for.

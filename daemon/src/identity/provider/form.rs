@@ -96,7 +96,7 @@ fn hex_value(b: u8) -> Option<u8> {
 }
 
 /// Percent-decodes one name or value (`+` is a space).
-fn decode(s: &[u8]) -> Result<String, FormError> {
+pub(crate) fn decode(s: &[u8]) -> Result<String, FormError> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
