@@ -11,7 +11,7 @@ use wiremesh_daemon::control::proto::{self, NodeInfo, StreamMessage};
 #[path = "support/control.rs"]
 mod control_server;
 
-use control_server::{Store, TestNode, TEST_ENDPOINT};
+use control_server::{stream_lines, Store, TestNode, TEST_ENDPOINT};
 
 /// These tests are about the control API and its store: without the
 /// identity service's own node and key, which would show in their counts.
@@ -37,26 +37,6 @@ fn assert_json_error(status: u16, body: &[u8], want_status: u16, want_code: &str
     let e: proto::ErrorBody = serde_json::from_slice(body).expect("a JSON error body");
     assert_eq!(e.code, want_code, "{e:?}");
     assert!(!e.error.is_empty());
-}
-
-/// Reads map-stream lines into a channel.
-fn stream_lines(mut body: hyper::body::Incoming) -> tokio::sync::mpsc::UnboundedReceiver<StreamMessage> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(d) = frame.into_data() {
-                buf.extend_from_slice(&d);
-            }
-            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=nl).collect();
-                if tx.send(serde_json::from_slice(&line).unwrap()).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    rx
 }
 
 async fn next_map(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StreamMessage>) -> proto::NetworkMap {

@@ -7,7 +7,6 @@
 //! connections PostgreSQL drops are opened again.
 //! No root needed; skipped outside CI when PostgreSQL is not installed.
 
-use http_body_util::BodyExt;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
 use wiremesh_daemon::control::client::Client;
@@ -16,7 +15,7 @@ use wiremesh_daemon::control::proto::{self, NetworkMap, NodeInfo, StreamMessage}
 #[path = "support/control.rs"]
 mod control_server;
 
-use control_server::{pg, start_on, Server, TestNode};
+use control_server::{pg, start_on, stream_lines, Server, TestNode};
 
 /// Presence timeout given to the replicas (seconds): short, so a killed
 /// replica's nodes go offline quickly.
@@ -29,25 +28,6 @@ impl TestNode {
         assert_eq!(resp.status(), 200);
         stream_lines(resp.into_body())
     }
-}
-
-fn stream_lines(mut body: hyper::body::Incoming) -> UnboundedReceiver<StreamMessage> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(d) = frame.into_data() {
-                buf.extend_from_slice(&d);
-            }
-            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=nl).collect();
-                if tx.send(serde_json::from_slice(&line).unwrap()).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    rx
 }
 
 /// Reads maps until one satisfies `want`, at most `within`; returns it and how long it took.

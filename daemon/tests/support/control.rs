@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 use wiremesh_daemon::control::client::{Client, ClientError, ControlUrl};
-use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, RegisterRequest};
+use wiremesh_daemon::control::proto::{self, MapRequest, NodeInfo, RegisterRequest, StreamMessage};
 use wiremesh_daemon::node::keys::MachineKey;
 
 #[path = "postgres.rs"]
@@ -210,4 +210,25 @@ impl TestNode {
         let req = self.register_req(c, auth_key, hostname, endpoints).await;
         c.json(hyper::Method::POST, "/api/v1/register", Some(&req), None).await
     }
+}
+
+/// Reads map-stream lines into a channel.
+pub fn stream_lines(mut body: hyper::body::Incoming) -> tokio::sync::mpsc::UnboundedReceiver<StreamMessage> {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(d) = frame.into_data() {
+                buf.extend_from_slice(&d);
+            }
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if tx.send(serde_json::from_slice(&line).unwrap()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
