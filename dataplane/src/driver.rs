@@ -75,6 +75,8 @@ const KIND_TUN_WRITE: u64 = 4;
 const KIND_CTRL_SEND: u64 = 5;
 const KIND_EVENTFD: u64 = 6;
 const KIND_CANCEL: u64 = 7;
+/// How long a stopping worker waits for its cancelled operations.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 const KIND_TUN_POLL: u64 = 8;
 
 /// How the worker reads and writes the TUN device.
@@ -350,6 +352,12 @@ pub struct Worker {
     stats: Arc<DataplaneStats>,
     /// Ring entries not yet submitted.
     queued: usize,
+    /// Operations submitted (or queued) whose completion is not reaped yet,
+    /// cancellations not counted. At exit they are cancelled and reaped, so
+    /// no request still holds the TUN file or points into our buffers when
+    /// the ring goes away (the kernel would otherwise release the TUN
+    /// device only later, from the ring's asynchronous teardown).
+    in_flight: usize,
     tun_io: TunIo,
     /// With `TunIo::Sync`: slots free to read into, and whether a poll is armed.
     free_tun: Vec<usize>,
@@ -423,6 +431,7 @@ impl Worker {
             stop: stop.clone(),
             stats: stats.clone(),
             queued: 0,
+            in_flight: 0,
             tun_io: match std::env::var("WIREMESH_TUN_IO").as_deref() {
                 Ok("sync") => TunIo::Sync,
                 _ => TunIo::Uring,
@@ -503,6 +512,9 @@ impl Worker {
                     break;
                 }
                 for &(ud, res, _flags) in &cqes {
+                    if decode_user_data(ud).0 != KIND_CANCEL {
+                        self.in_flight -= 1;
+                    }
                     self.complete(ud, res);
                 }
                 // Submit what the completions queued, so the kernel works while we continue.
@@ -512,6 +524,7 @@ impl Worker {
                 }
             }
         }
+        self.cancel_in_flight();
         if let Some(reason) = &self.exit_reason {
             eprintln!("wiremeshd: {reason}; exiting");
         }
@@ -519,6 +532,37 @@ impl Worker {
             eprintln!("wiremeshd: data plane counters: {}", self.stats.summary());
         }
         Ok(())
+    }
+
+    /// Cancels every operation still in the ring and reaps the completions
+    /// (without acting on them), for at most [`DRAIN_LIMIT`].
+    fn cancel_in_flight(&mut self) {
+        if self.in_flight == 0 {
+            return;
+        }
+        let cancel =
+            opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(user_data(KIND_CANCEL, 0, 0));
+        // SAFETY: a cancel request points to no memory.
+        unsafe { self.push(cancel) };
+        let deadline = std::time::Instant::now() + DRAIN_LIMIT;
+        while self.in_flight > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let ts = types::Timespec::new().sec(left.as_secs()).nsec(left.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+                Err(_) => break,
+            }
+            for cqe in self.ring.completion() {
+                if decode_user_data(cqe.user_data()).0 != KIND_CANCEL {
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                }
+            }
+        }
     }
 
     /// Re-reads the TUN MTU; a vanished device stops the worker.
@@ -558,6 +602,9 @@ impl Worker {
             while self.ring.submission().push(&entry).is_err() {
                 let _ = self.ring.submit();
             }
+        }
+        if decode_user_data(entry.get_user_data()).0 != KIND_CANCEL {
+            self.in_flight += 1;
         }
         self.queued += 1;
     }
@@ -823,6 +870,7 @@ impl Worker {
                     let _ = self.ring.submit();
                 }
             }
+            self.in_flight += 1;
             self.queued += 1;
         }
         let pending = self.tun_slots[i].pending;
