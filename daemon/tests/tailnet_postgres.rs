@@ -346,3 +346,24 @@ fn tailnet_postgres_store_answers_as_sqlite_does() {
     // A second open finds the tailnet made: no new admin token.
     assert!(Db::open_postgres(&url).unwrap().1.is_none());
 }
+
+/// A replica that cannot listen (its port taken by another replica) exits
+/// with an error naming the address, after its store opened: the PostgreSQL
+/// client is closed off the async workers, not with a panic.
+#[test]
+fn tailnet_postgres_replica_whose_port_is_taken_exits_with_its_reason() {
+    let Some(cluster) = pg::Cluster::start_or_skip("tailnet_postgres_port_taken") else { return };
+    let url = cluster.create_db("wiremesh");
+    let a = start_replica(&url);
+    let taken = format!("{}:{}", a.url.host, a.url.port);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wiremeshd"))
+        .args(["control", "--listen", &taken, "--state", &url, "--identity", "off", "--relay", "off"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run wiremeshd control");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("second replica on {taken}: {} / {}", out.status, stderr.trim());
+    assert!(!out.status.success(), "a replica on a taken port succeeded");
+    assert!(!stderr.contains("panicked"), "the replica panicked: {stderr}");
+    assert!(stderr.contains("cannot listen on") && stderr.contains(&taken), "the error does not say why: {stderr}");
+}

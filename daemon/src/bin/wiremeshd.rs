@@ -236,7 +236,6 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-
             let ephemeral_grace = std::time::Duration::from_secs(ephemeral_grace_secs);
             let presence_timeout = std::time::Duration::from_secs(presence_timeout_secs);
             let relay = match relay.as_str() {

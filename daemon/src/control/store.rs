@@ -296,7 +296,37 @@ impl rusqlite::ToSql for Value {
 
 enum Inner {
     Sqlite(rusqlite::Connection),
-    Postgres { client: Box<postgres::Client>, url: String, statements: HashMap<String, postgres::Statement> },
+    Postgres { client: PgClient, url: String, statements: HashMap<String, postgres::Statement> },
+}
+
+/// The synchronous PostgreSQL client, which must not be dropped on an async
+/// worker: its drop runs a small runtime of its own to close the connection,
+/// and tokio refuses that inside another runtime (a server failing after its
+/// store opened, say because its port is taken, would panic instead of
+/// printing why). Dropped there, it is handed to a plain thread.
+struct PgClient(Option<Box<postgres::Client>>);
+
+impl std::ops::Deref for PgClient {
+    type Target = postgres::Client;
+    fn deref(&self) -> &postgres::Client {
+        self.0.as_deref().expect("the client is present until drop")
+    }
+}
+
+impl std::ops::DerefMut for PgClient {
+    fn deref_mut(&mut self) -> &mut postgres::Client {
+        self.0.as_deref_mut().expect("the client is present until drop")
+    }
+}
+
+impl Drop for PgClient {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::Builder::new().name("pg-close".into()).spawn(move || drop(client));
+            }
+        }
+    }
 }
 
 /// A connection to either store.
@@ -331,7 +361,11 @@ impl Conn {
     pub fn postgres(url: &str) -> Result<Conn, ApiError> {
         let client = connect_postgres(url, APPLICATION_NAME)?;
         Ok(Conn {
-            inner: Inner::Postgres { client: Box::new(client), url: url.to_string(), statements: HashMap::new() },
+            inner: Inner::Postgres {
+                client: PgClient(Some(Box::new(client))),
+                url: url.to_string(),
+                statements: HashMap::new(),
+            },
             in_tx: false,
         })
     }
