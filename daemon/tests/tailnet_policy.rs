@@ -65,9 +65,9 @@ fn tailnet_policy_allows_only_what_it_says_and_changes_live() {
     if !netns::require_or_skip("tailnet_policy_allows_only_what_it_says_and_changes_live") {
         return;
     }
-    if !netns::have_command("iperf3")
-        && netns::skip_or_fail("tailnet_policy_allows_only_what_it_says_and_changes_live", "iperf3 is not installed")
-    {
+    if !netns::have_command("iperf3") {
+        // Skips outside CI, fails in CI.
+        netns::skip_or_fail("tailnet_policy_allows_only_what_it_says_and_changes_live", "iperf3 is not installed");
         return;
     }
     let mut lab = Lab::new();
