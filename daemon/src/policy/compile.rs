@@ -226,7 +226,9 @@ pub fn compile(policy: &Policy, nodes: &[Node]) -> Vec<NodePolicy> {
                         let Some(user) = id.user.filter(|_| !id.tagged) else { continue };
                         let mut same = Bits::new(n);
                         for s in src.iter() {
-                            if s != d && !net.ids[s].tagged && net.ids[s].user == Some(user) {
+                            // The destination itself counts (as Tailscale computes it:
+                            // a user's only device still gets the rule).
+                            if !net.ids[s].tagged && net.ids[s].user == Some(user) {
                                 same.set(s);
                             }
                         }

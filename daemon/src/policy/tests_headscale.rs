@@ -85,10 +85,6 @@ const TAGGED: &str = "tagged-server tagged-prod tagged-client subnet-router exit
 ///
 /// Left out because our result differs from the recorded one (docs/policy.md,
 /// "Known differences from Tailscale"):
-/// * ACL-A10 and ACL-C05: Tailscale's `autogroup:self` includes the
-///   destination node itself among the sources (a user's only device still
-///   gets a rule from its own addresses); ours leaves the node out, so a
-///   user with one device gets no rule.
 /// * ACL-AH03: a rule to a prefix (`internal:22`, 10.0.0.0/8) puts a rule on
 ///   the subnet router whose approved route (10.33.0.0/16) overlaps it; our
 ///   compiler knows no routes (that filter is extended by the route logic).
@@ -141,6 +137,12 @@ const CASES: &[HsCase] = &[
             ("subnet-router", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
             ("exit-node", &[("10.0.0.0/8 192.168.1.0/24", "*:0-65535")]),
         ],
+    },
+    // `autogroup:self` counts the destination itself among the sources.
+    HsCase {
+        id: "ACL-A10",
+        acls: r#"[{"action": "accept", "src": ["kratail2tid@passkey"], "dst": ["autogroup:self:*"]}]"#,
+        expect: &[("user1", &[("user1", "user1:0-65535")])],
     },
     HsCase {
         id: "ACL-AU01",
