@@ -27,6 +27,12 @@ mod hujson;
 #[path = "../../daemon/src/policy/model.rs"]
 mod model;
 pub use error::{ErrorKind, PolicyError};
+/// What the compiler's route module names through `crate::policy`.
+#[allow(dead_code)]
+mod policy {
+    pub use super::compile::Node;
+    pub(crate) use super::model;
+}
 
 fn nodes() -> Vec<compile::Node> {
     let users =

@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use wiremesh_core::filter::{Filter, Prefix, Rule as FilterRule, PROTO_ICMP, PROTO_ICMPV6};
 
+// Named by path so the fuzz target, which includes this file by path, finds it too.
+#[path = "compile/routes.rs"]
 pub mod routes;
 
 /// How deep tag ownership may chain through tags owning tags.
