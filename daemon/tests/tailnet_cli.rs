@@ -263,3 +263,64 @@ fn tailnet_cli_keys_with_a_key_expiry_give_their_nodes_one_on_postgres() {
         keys_with_a_key_expiry_give_their_nodes_one(&store);
     }
 }
+
+fn nodes_rename_and_tailnet_show(store: &Store) {
+    let server = store.start();
+    let key = ok(&admin(&server, &["keys", "create", "--reusable"])).trim().to_string();
+    let client = Client::new(server.url.clone());
+    let rt = rt();
+    for (n, host) in [(1u8, "web"), (2, "db")] {
+        let machine = MachineKey::generate().unwrap().0;
+        rt.block_on(register(&client, &machine, &proto::b64_key(&[n; 32]), &key, host));
+    }
+    let names = |s: &Server| {
+        let mut v: Vec<(String, String)> = listed(s).into_iter().map(|n| (n.node.name, n.node.fqdn)).collect();
+        v.sort();
+        v
+    };
+
+    // Renamed by name, then by id; the full name follows.
+    let text = ok(&admin(&server, &["nodes", "rename", "web", "frontend"]));
+    assert_eq!(text.trim(), "web is now frontend.wiremesh.internal");
+    let id = listed(&server).into_iter().find(|n| n.node.name == "frontend").unwrap().node.id.to_string();
+    ok(&admin(&server, &["nodes", "rename", &id, "frontend-2"]));
+    assert_eq!(
+        names(&server),
+        vec![
+            ("db".to_string(), "db.wiremesh.internal".to_string()),
+            ("frontend-2".to_string(), "frontend-2.wiremesh.internal".to_string()),
+        ]
+    );
+
+    // Refused, and nothing changes: a name another node has, names that are
+    // not DNS labels, a node that does not exist.
+    let before = names(&server);
+    assert!(err(&admin(&server, &["nodes", "rename", "db", "frontend-2"])).contains("another node is named"));
+    for bad in ["Front_End", "x-", "a.b", &"x".repeat(64)] {
+        assert!(err(&admin(&server, &["nodes", "rename", "db", bad])).contains("is not a DNS label"), "{bad}");
+    }
+    assert!(err(&admin(&server, &["nodes", "rename", "nosuch", "x"])).contains("no such node"));
+    assert_eq!(names(&server), before);
+
+    // The tailnet's settings.
+    let t: proto::TailnetInfo = serde_json::from_str(&ok(&admin(&server, &["tailnet", "show", "--json"]))).unwrap();
+    assert_eq!(t.domain, "wiremesh.internal");
+    assert_eq!(t.ipv4_range, "100.64.0.0/10");
+    assert!(t.ipv6_range.starts_with("fd") && t.ipv6_range.ends_with("::/48"), "{}", t.ipv6_range);
+    assert_eq!(t.cert_sha256, proto::hex(&server.url.fingerprint));
+    let text = ok(&admin(&server, &["tailnet", "show"]));
+    assert!(text.contains("domain:         wiremesh.internal") && text.contains(&t.cert_sha256), "{text}");
+    drop(server);
+}
+
+#[test]
+fn tailnet_cli_nodes_rename_and_tailnet_show() {
+    nodes_rename_and_tailnet_show(&Store::sqlite("cli-nodes-rename-and-tailnet"));
+}
+
+#[test]
+fn tailnet_cli_nodes_rename_and_tailnet_show_on_postgres() {
+    if let Some(store) = Store::postgres("tailnet_cli_nodes_rename_and_tailnet_show_on_postgres") {
+        nodes_rename_and_tailnet_show(&store);
+    }
+}

@@ -85,6 +85,11 @@ enum Command {
         #[command(subcommand)]
         command: NodesCommand,
     },
+    /// The tailnet's settings (admin).
+    Tailnet {
+        #[command(subcommand)]
+        command: TailnetCommand,
+    },
     /// Users, who own the untagged nodes made with their keys (admin).
     Users {
         #[command(subcommand)]
@@ -397,6 +402,27 @@ enum NodesCommand {
         /// The node's id or name.
         node: String,
     },
+    /// Renames a node: its DNS label, and so its full name, change for every peer.
+    Rename {
+        #[command(flatten)]
+        admin: Admin,
+        /// The node's id or name.
+        node: String,
+        /// The new name (a DNS label).
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TailnetCommand {
+    /// The tailnet's settings: DNS domain, address ranges, certificate, schema.
+    Show {
+        #[command(flatten)]
+        admin: Admin,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -412,6 +438,7 @@ fn main() -> ExitCode {
         Command::Keys { command } => keys(command),
         Command::Nodes { command } => nodes(command),
         Command::Users { command } => users(command),
+        Command::Tailnet { command: TailnetCommand::Show { admin, json } } => tailnet_show(&admin, json),
         Command::Policy { command } => policy(command),
         Command::Routes { command } => routes(command),
         Command::Federation { command } => federation(command),
@@ -848,6 +875,21 @@ fn users(cmd: UsersCommand) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn tailnet_show(admin: &Admin, json: bool) -> Result<ExitCode, String> {
+    let t: proto::TailnetInfo =
+        admin_call(admin, hyper::Method::GET, &format!("{}/admin/tailnet", proto::API), None::<&()>)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&t).map_err(|e| e.to_string())?);
+    } else {
+        println!("domain:         {}", t.domain);
+        println!("IPv4 range:     {}", t.ipv4_range);
+        println!("IPv6 range:     {}", t.ipv6_range);
+        println!("certificate:    sha256 {}", t.cert_sha256);
+        println!("schema version: {}", t.schema_version);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn nodes(cmd: NodesCommand) -> Result<ExitCode, String> {
     let path = format!("{}/admin/nodes", proto::API);
     match cmd {
@@ -872,6 +914,12 @@ fn nodes(cmd: NodesCommand) -> Result<ExitCode, String> {
             let _: serde_json::Value =
                 admin_call(&admin, hyper::Method::DELETE, &format!("{path}/{node}"), None::<&()>)?;
             println!("removed {node}");
+        }
+        NodesCommand::Rename { admin, node, name } => {
+            let req = proto::RenameNodeRequest { name };
+            let n: proto::AdminNode =
+                admin_call(&admin, hyper::Method::POST, &format!("{path}/{node}/name"), Some(&req))?;
+            println!("{node} is now {}", n.node.fqdn);
         }
         NodesCommand::Expire { admin, node, in_, now, never, json } => {
             let expiry_secs = match (in_, now, never) {

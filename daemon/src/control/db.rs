@@ -664,6 +664,26 @@ impl Db {
         }
     }
 
+    /// Renames a node (its DNS label, so its full name too). Returns its id,
+    /// or `None` if there is no such node. A name that is not a DNS label is
+    /// refused (400), one another node has is refused (409).
+    pub fn rename_node(&mut self, id_or_name: &str, name: &str) -> Result<Option<i64>, ApiError> {
+        if name.is_empty() || name.len() > 63 || dns_label(name) != name {
+            return Err(ApiError::bad_request(format!(
+                "{name:?} is not a DNS label (lowercase letters, digits and inner hyphens, at most 63)"
+            )));
+        }
+        let Some(id) = self.node_id(id_or_name)? else { return Ok(None) };
+        let name = name.to_string();
+        self.write(|c| {
+            if c.query_opt("SELECT id FROM nodes WHERE name = $1 AND id <> $2", params![name.clone(), id])?.is_some() {
+                return Err(ApiError::conflict(format!("another node is named {name:?}")));
+            }
+            Ok(c.execute("UPDATE nodes SET name = $2 WHERE id = $1", params![id, name])? > 0)
+        })
+        .map(|changed| changed.then_some(id))
+    }
+
     /// Sets when a node's key expires (Unix seconds; `None`: never). Returns
     /// its id, or `None` if there is no such node.
     pub fn set_node_key_expiry(&mut self, id_or_name: &str, expires_at: Option<i64>) -> Result<Option<i64>, ApiError> {

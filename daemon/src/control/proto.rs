@@ -138,6 +138,14 @@ pub struct NodeExpiryRequest {
     pub expiry_secs: Option<u64>,
 }
 
+/// `POST /api/v1/admin/nodes/<id or name>/name`: the node's new DNS label.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameNodeRequest {
+    /// A DNS label: lowercase letters, digits and inner hyphens, 1 to 63 characters.
+    pub name: String,
+}
+
 /// One rule of a node's inbound packet filter (see docs/policy.md): packets
 /// from `src` to `dst` of one of `protocols` (to one of `ports`, for TCP,
 /// UDP and SCTP) are accepted. A tailnet without a policy sends the single

@@ -938,6 +938,17 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
             let node = snap.nodes.iter().find(|n| n.id == id).ok_or_else(|| ApiError::not_found("no such node"))?;
             Ok(json_response(200, &snap.admin_node(node)))
         }
+        (["nodes", which, "name"], &Method::POST) => {
+            let which = which.to_string();
+            let r: proto::RenameNodeRequest = read_json(req).await?;
+            let Some(id) = app.with_db(move |db| db.rename_node(&which, &r.name)).await? else {
+                return Err(ApiError::not_found("no such node"));
+            };
+            app.publish();
+            let snap = app.snapshot();
+            let node = snap.nodes.iter().find(|n| n.id == id).ok_or_else(|| ApiError::not_found("no such node"))?;
+            Ok(json_response(200, &snap.admin_node(node)))
+        }
         (["nodes", which], &Method::DELETE) => {
             let which = which.to_string();
             match app.with_db(move |db| db.remove_node(&which)).await? {
