@@ -108,8 +108,10 @@ pub fn start_on(state: &std::ffi::OsStr, extra: &[&str]) -> Server {
         .arg(state)
         .args(extra)
         // The identity service registers a node of its own: off unless a
-        // test asks for it (`--identity on`), so node counts stay the tests' own.
-        .args(if extra.contains(&"--identity") { &[][..] } else { &["--identity", "off"][..] })
+        // test says (`--identity on|off`, `--identity=on`), so node counts
+        // stay the tests' own. Only that flag counts: `--identity-issuer`
+        // and the other `--identity-*` flags leave it off.
+        .args(if names_identity(extra) { &[][..] } else { &["--identity", "off"][..] })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -135,6 +137,11 @@ pub fn start_on(state: &std::ffi::OsStr, extra: &[&str]) -> Server {
             return server;
         }
     }
+}
+
+/// Whether `args` set `--identity` themselves (either spelling).
+fn names_identity(args: &[&str]) -> bool {
+    args.iter().any(|a| *a == "--identity" || a.starts_with("--identity="))
 }
 
 /// Where test nodes say they can be reached unless a test says otherwise.
