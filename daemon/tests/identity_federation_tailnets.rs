@@ -71,13 +71,15 @@ fn token(sock: &std::path::Path, aud: &str) -> Output {
         .unwrap()
 }
 
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+/// Polls `f` until it answers `Ok`; on timeout, fails with its last `Err`.
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        let last = match f() {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {last}");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -128,7 +130,9 @@ fn a_workload_token_of_tailnet_a_registers_a_tagged_node_with_tailnet_b() {
     let ca = dir.join("a-cert.pem");
     std::fs::write(&ca, ck.cert.pem()).unwrap();
 
-    let a = control_server::start_with(&a_state, &["--relay", "off", "--identity", "on"]);
+    // A configures its identity service without naming `--identity`: the
+    // test harness keeps the service on (the server's default) for that.
+    let a = control_server::start_with(&a_state, &["--relay", "off", "--identity-token-lifetime", "5m"]);
     let b = control_server::start_with(
         &b_state,
         &["--relay", "off", "--identity", "off", "--federation-ca", ca.to_str().unwrap()],
@@ -161,8 +165,20 @@ fn a_workload_token_of_tailnet_a_registers_a_tagged_node_with_tailnet_b() {
     let sock = dir.join("alpha.sock");
     let fed_token = wait_for("a workload token from A's identity service", Duration::from_secs(15), || {
         let out = token(&sock, &cred.audience);
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
     });
+    let payload = fed_token.split('.').nth(1).expect("a JWT");
+    let claims: serde_json::Value =
+        serde_json::from_slice(&wiremesh_daemon::identity::unb64url(payload).unwrap()).unwrap();
+    assert_eq!(
+        (claims["iss"].as_str(), claims["aud"].as_str()),
+        (Some(a_issuer.as_str()), Some(cred.audience.as_str()))
+    );
+    assert!(claims["sub"].as_str().unwrap().starts_with("node:"), "{claims}");
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 300, "A's --identity-token-lifetime");
     let other = token(&sock, "https://vault.example");
     let other_token = ok(&other);
 
@@ -184,7 +200,7 @@ fn a_workload_token_of_tailnet_a_registers_a_tagged_node_with_tailnet_b() {
     let seen = wait_for("the federated node online on B", Duration::from_secs(15), || {
         let list: Vec<NodeInfo> =
             rt.block_on(c.json(hyper::Method::GET, "/api/v1/admin/nodes", None::<&()>, Some(&admin))).unwrap();
-        list.into_iter().find(|n| n.name == "fed" && n.online)
+        list.iter().find(|n| n.name == "fed" && n.online).cloned().ok_or_else(|| format!("{list:?}"))
     });
     assert_eq!(seen.tags, ["tag:fed"]);
 

@@ -108,9 +108,9 @@ pub fn start_on(state: &std::ffi::OsStr, extra: &[&str]) -> Server {
         .arg(state)
         .args(extra)
         // The identity service registers a node of its own: off unless a
-        // test says (`--identity on|off`, `--identity=on`), so node counts
-        // stay the tests' own. Only that flag counts: `--identity-issuer`
-        // and the other `--identity-*` flags leave it off.
+        // test names it (`--identity on`, `--identity=on`) or configures it
+        // (`--identity-issuer …`, any `--identity-*`: then the server's own
+        // default, on), so node counts stay the tests' own.
         .args(if names_identity(extra) { &[][..] } else { &["--identity", "off"][..] })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -139,9 +139,12 @@ pub fn start_on(state: &std::ffi::OsStr, extra: &[&str]) -> Server {
     }
 }
 
-/// Whether `args` set `--identity` themselves (either spelling).
+/// Whether `args` set `--identity` (either spelling) or one of the
+/// service's settings (`--identity-*`). A test that gives the service an
+/// issuer but had `--identity off` added behind its back found no identity
+/// service on its tailnet ("no identity service"), with no error anywhere.
 fn names_identity(args: &[&str]) -> bool {
-    args.iter().any(|a| *a == "--identity" || a.starts_with("--identity="))
+    args.iter().any(|a| a.starts_with("--identity"))
 }
 
 /// Where test nodes say they can be reached unless a test says otherwise.
