@@ -61,8 +61,8 @@ enum Command {
         /// How often the identity service's signing key rotates (e.g. 24h, 30m, 90s, 7d).
         #[arg(long, default_value = "24h", value_parser = wiremesh_daemon::identity::service::parse_duration)]
         identity_key_rotation: std::time::Duration,
-        /// The signing algorithm of new identity keys: ES256 or EdDSA.
-        #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
+        /// The signing algorithm of new identity keys: ES256, EdDSA or RS256.
+        #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA", "RS256"])]
         identity_alg: String,
         /// Workload token lifetime when a request names none.
         #[arg(long, default_value = "10m", value_parser = wiremesh_daemon::identity::service::parse_duration)]

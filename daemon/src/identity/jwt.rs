@@ -89,6 +89,7 @@ mod tests {
         match alg {
             Algorithm::ES256 => jsonwebtoken::Algorithm::ES256,
             Algorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+            Algorithm::RS256 => jsonwebtoken::Algorithm::RS256,
         }
     }
 
@@ -115,7 +116,7 @@ mod tests {
 
     #[test]
     fn an_independent_library_verifies_our_tokens_from_our_jwks() {
-        for alg in [Algorithm::ES256, Algorithm::EdDSA] {
+        for alg in [Algorithm::ES256, Algorithm::EdDSA, Algorithm::RS256] {
             let set = KeySet::generate(alg, now()).unwrap();
             let mut claims = Claims::new(ISS, "node:web1", "https://app.example", now(), 300).unwrap();
             claims.extra.insert("tags".into(), serde_json::json!(["tag:web"]));
@@ -127,9 +128,10 @@ mod tests {
             let got = verify(&jwks_text(&set), &token, "https://app.example").unwrap();
             assert_eq!(got, serde_json::to_value(&claims).unwrap(), "{alg:?}");
             assert_eq!(got["tags"][0], "tag:web");
-            // ES256 signatures are r || s, 64 bytes, as JWS wants (not DER).
+            // ES256 signatures are r || s, 64 bytes, as JWS wants (not DER);
+            // RS256 ones as long as the 2048-bit modulus.
             let sig = unb64url(token.rsplit('.').next().unwrap()).unwrap();
-            assert_eq!(sig.len(), 64);
+            assert_eq!(sig.len(), if alg == Algorithm::RS256 { 256 } else { 64 }, "{alg:?}");
 
             // What must fail: another audience, a changed payload, a changed
             // signature, an expired token, a token from another issuer's key
@@ -182,6 +184,54 @@ mod tests {
         let ed = sign(set.current(), &claims).unwrap();
         assert_eq!(decode_header(&ed).unwrap().alg, jsonwebtoken::Algorithm::EdDSA);
         assert!(verify(&jwks_text(&set), &ed, "aud").is_ok());
+    }
+
+    #[test]
+    fn rs256_tokens_verify_across_rotations_and_an_algorithm_switch() {
+        let t = now();
+        let mut set = KeySet::generate(Algorithm::ES256, t).unwrap();
+        let claims = Claims::new(ISS, "node:db", "aud", t, 600).unwrap();
+        let es = sign(set.current(), &claims).unwrap();
+        // Switching to RS256: the next key (already published) signs ES256
+        // once more, then the RS256 key made at the first rotation signs.
+        set.rotate(Algorithm::RS256, t).unwrap();
+        assert_eq!(set.next().alg(), Algorithm::RS256);
+        let cached = jwks_text(&set);
+        set.rotate(Algorithm::RS256, t + 1).unwrap();
+        let rs = sign(set.current(), &claims).unwrap();
+        assert_eq!(decode_header(&rs).unwrap().alg, jsonwebtoken::Algorithm::RS256);
+        // A verifier holding the JWKS from before this rotation knows the key.
+        assert!(verify(&cached, &rs, "aud").is_ok());
+        // Another rotation: the RS256 token and the ES256 one from before
+        // the switch both still verify from the fresh JWKS.
+        set.rotate(Algorithm::RS256, t + 2).unwrap();
+        assert_ne!(set.current().kid(), decode_header(&rs).unwrap().kid.unwrap());
+        let jwks = jwks_text(&set);
+        assert_eq!(verify(&jwks, &rs, "aud").unwrap()["sub"], "node:db");
+        assert!(verify(&jwks, &es, "aud").is_ok());
+        // A tampered RS256 token is refused: payload, signature, or the
+        // header's alg swapped to HS256 with the public key as the secret.
+        let parts: Vec<&str> = rs.split('.').collect();
+        let mut forged = claims.clone();
+        forged.aud = "other".into();
+        let forged = format!("{}.{}.{}", parts[0], b64url(&serde_json::to_vec(&forged).unwrap()), parts[2]);
+        assert!(verify(&jwks, &forged, "other").unwrap_err().contains("InvalidSignature"));
+        let mut sig = unb64url(parts[2]).unwrap();
+        sig[0] ^= 0x80;
+        let bad_sig = format!("{}.{}.{}", parts[0], parts[1], b64url(&sig));
+        assert!(verify(&jwks, &bad_sig, "aud").is_err());
+        let kid = decode_header(&rs).unwrap().kid.unwrap();
+        let hs_header = b64url(format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{kid}"}}"#).as_bytes());
+        let hs_input = format!("{hs_header}.{}", parts[1]);
+        let n = set.published().find(|k| k.kid() == kid).unwrap().public_jwk().n.clone().unwrap();
+        let mac = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, n.as_bytes()), hs_input.as_bytes());
+        assert!(verify(&jwks, &format!("{hs_input}.{}", b64url(mac.as_ref())), "aud").is_err());
+        // Its key retired at t + 2: kept for a token's lifetime after that,
+        // then no longer published.
+        set.prune(t + 2 + 599, 600);
+        assert!(verify(&jwks_text(&set), &rs, "aud").is_ok());
+        set.prune(t + 2 + 600, 600);
+        assert_eq!(verify(&jwks_text(&set), &rs, "aud").unwrap_err(), "kid not in the JWKS");
     }
 
     #[test]

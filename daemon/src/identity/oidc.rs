@@ -103,9 +103,10 @@ mod tests {
     fn jwks_lists_every_published_key_in_rfc_form() {
         let mut set = KeySet::generate(Algorithm::ES256, 0).unwrap();
         set.rotate(Algorithm::EdDSA, 10).unwrap();
+        set.rotate(Algorithm::RS256, 20).unwrap();
         let doc = serde_json::to_value(jwks(&set)).unwrap();
         let keys = doc["keys"].as_array().unwrap();
-        assert_eq!(keys.len(), 3);
+        assert_eq!(keys.len(), 4);
         let kids: Vec<&str> = keys.iter().map(|k| k["kid"].as_str().unwrap()).collect();
         let ours: Vec<&str> = set.published().map(|k| k.kid()).collect();
         assert_eq!(kids, ours);
@@ -122,10 +123,18 @@ mod tests {
                     assert_eq!(k["x"].as_str().unwrap().len(), 43);
                     assert!(k.get("y").is_none());
                 }
+                "RSA" => {
+                    assert_eq!((&k["alg"], &k["e"]), (&"RS256".into(), &"AQAB".into()));
+                    // 256 bytes of modulus, base64url without padding.
+                    assert_eq!(k["n"].as_str().unwrap().len(), 342);
+                    assert!(k.get("crv").is_none() && k.get("x").is_none());
+                }
                 other => panic!("kty {other}"),
             }
             // Public keys only.
-            assert!(k.get("d").is_none());
+            for private in ["d", "p", "q", "dp", "dq", "qi"] {
+                assert!(k.get(private).is_none());
+            }
         }
     }
 
@@ -140,6 +149,11 @@ mod tests {
         let d = Discovery::new("https://control.example/tailnet", &set).unwrap();
         assert_eq!(d.jwks_uri, "https://control.example/tailnet/.well-known/jwks.json");
         assert_eq!(d.id_token_signing_alg_values_supported, ["ES256", "EdDSA"]);
+        // Switched to RS256: listed once its key is published, and ES256
+        // stays while an ES256 key does.
+        set.rotate(Algorithm::RS256, 2).unwrap();
+        let d = Discovery::new("https://control.example", &set).unwrap();
+        assert_eq!(d.id_token_signing_alg_values_supported, ["EdDSA", "RS256", "ES256"]);
         let json = serde_json::to_value(&d).unwrap();
         assert!(json.get("token_endpoint").is_none());
         assert_eq!(json["subject_types_supported"][0], "public");

@@ -89,11 +89,8 @@ pub fn settings_from_flags(
     if on == "off" {
         return Ok(None);
     }
-    let alg = match alg {
-        "ES256" => Algorithm::ES256,
-        "EdDSA" => Algorithm::EdDSA,
-        other => return Err(format!("--identity-alg: {other:?} is not ES256 or EdDSA")),
-    };
+    let alg =
+        Algorithm::from_name(alg).ok_or_else(|| format!("--identity-alg: {alg:?} is not ES256, EdDSA or RS256"))?;
     let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
     let lifetimes = Lifetimes { default: secs(lifetime), max: secs(max_lifetime) };
     if lifetimes.default > lifetimes.max {
