@@ -11,11 +11,16 @@
 //! address they learn is the one peers must send to; it is added to the
 //! local endpoints the probes advertise. A chosen direct path turns the
 //! peer's WireGuard roaming off and sets its endpoint; with no working path
-//! the peer is left to WireGuard's own endpoint and roaming. Relay paths are
-//! not offered yet: no relay client runs in the worker, so relay-bound
-//! probes are counted and dropped and no peer is ever moved to the relay.
+//! the peer is left to WireGuard's own endpoint and roaming. Relay paths
+//! exist only once the agent holds a [`RelayLink`] ([`PathAgent::set_relay`]):
+//! then every peer is reachable through the relay, relay-bound probes go into
+//! the link and probes from it come back through
+//! [`PathAgent::handle_relay_probe`]. Without a link (the worker sets none
+//! yet) relay-bound probes are counted and dropped and no peer is ever moved
+//! to the relay.
 
 use crate::driver::Device;
+use crate::relay::{RelayDatagram, RelayLink, RelayLinkCounts};
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use std::collections::BTreeMap;
@@ -81,8 +86,10 @@ pub struct DiscoStatus {
     pub stun_answers: u64,
     /// STUN messages refused (malformed, unsolicited, from elsewhere).
     pub stun_refused: u64,
-    /// Probes that needed the relay, which this data plane does not run.
+    /// Probes that needed the relay while no relay link was set.
     pub relay_dropped: u64,
+    /// The relay link's counters, while one is set.
+    pub relay: Option<RelayLinkCounts>,
 }
 
 /// The core's [`Disco`] and a STUN client for one device key.
@@ -96,6 +103,7 @@ pub struct PathAgent {
     stun_answers: u64,
     stun_refused: u64,
     relay_dropped: u64,
+    relay: Option<RelayLink>,
 }
 
 impl PathAgent {
@@ -112,6 +120,7 @@ impl PathAgent {
             stun_answers: 0,
             stun_refused: 0,
             relay_dropped: 0,
+            relay: None,
         };
         agent.apply(settings, now);
         agent
@@ -135,6 +144,7 @@ impl PathAgent {
                 if self.disco.add_peer(*key, now).is_err() {
                     continue;
                 }
+                self.disco.set_peer_relay(key, self.relay.is_some(), now);
             } else if old.get(key) == Some(endpoints) {
                 continue;
             }
@@ -161,6 +171,40 @@ impl PathAgent {
     /// (counted in [`DiscoStats`]).
     pub fn handle_probe(&mut self, from: SocketAddr, buf: &[u8], now: Instant) -> bool {
         self.disco.handle_datagram(Source::Direct(from), buf, now).is_ok()
+    }
+
+    /// Sets (or with `None` removes) the link to a relay client: while set,
+    /// every peer is reachable through the relay, probes for the relay go
+    /// into it, and [`PathAgent::relay_recv`] drains what the relay sent.
+    pub fn set_relay(&mut self, link: Option<RelayLink>, now: Instant) {
+        let on = link.is_some();
+        self.relay = link;
+        for (key, _) in &self.settings.peers {
+            self.disco.set_peer_relay(key, on, now);
+        }
+    }
+
+    /// Handles a probe that came through the relay; `false` if refused.
+    pub fn handle_relay_probe(&mut self, buf: &[u8], now: Instant) -> bool {
+        self.disco.handle_datagram(Source::Relay, buf, now).is_ok()
+    }
+
+    /// The next datagram the relay delivered (a probe, or a WireGuard
+    /// message for the device from [`crate::relay::RELAY_ENDPOINT`]).
+    pub fn relay_recv(&mut self) -> Option<RelayDatagram> {
+        self.relay.as_mut()?.try_recv()
+    }
+
+    /// Queues a datagram for `peer` through the relay; `false` (counted in
+    /// the link, or in `relay_dropped` without one) when it cannot go.
+    pub fn relay_send(&mut self, peer: PublicKey, buf: &[u8]) -> bool {
+        match &self.relay {
+            Some(link) => link.send(peer, buf),
+            None => {
+                self.relay_dropped += 1;
+                false
+            }
+        }
     }
 
     /// Handles a STUN message from `from`: an answer to our pending request
@@ -221,7 +265,10 @@ impl PathAgent {
             match self.disco.poll_transmit(&mut buf[..MAX_MESSAGE_LEN]) {
                 Ok(Some(t)) => match t.destination {
                     Destination::Direct(to) => return Some((to, t.len)),
-                    Destination::Relay => self.relay_dropped += 1,
+                    Destination::Relay => {
+                        let peer = t.peer;
+                        let _ = self.relay_send(peer, &buf[..t.len]);
+                    }
                 },
                 Ok(None) | Err(_) => return None,
             }
@@ -242,6 +289,7 @@ impl PathAgent {
             stun_answers: self.stun_answers,
             stun_refused: self.stun_refused,
             relay_dropped: self.relay_dropped,
+            relay: self.relay.as_ref().map(RelayLink::stats),
         }
     }
 
@@ -364,6 +412,71 @@ mod tests {
         let (_, n) = b.poll_transmit(at(10_000), &mut buf).unwrap();
         assert!(a.handle_probe(ab, &buf[..n], at(10_000)));
         assert!(!a.handle_probe(ab, &buf[..n], at(10_000)));
+    }
+
+    /// Two agents whose direct probes are all lost (a blocked NAT) but
+    /// which hold relay links: the probes cross the links (forwarded here by
+    /// node key, as the relay does) and both settle on the relay path;
+    /// taking the link away leaves no path.
+    #[tokio::test]
+    async fn with_a_relay_link_probes_cross_the_relay_and_the_path_is_the_relay() {
+        let ka = PrivateKey::from_bytes([1; 32]);
+        let kb = PrivateKey::from_bytes([2; 32]);
+        let (pa, pb) = (ka.public_key(), kb.public_key());
+        let (aa, ab) = (addr(1, 51820), addr(2, 51820));
+        let sa = DiscoSettings { stun_server: None, local_endpoints: vec![aa], peers: vec![(pb, vec![ab])] };
+        let sb = DiscoSettings { stun_server: None, local_endpoints: vec![ab], peers: vec![(pa, vec![aa])] };
+        let mut a = PathAgent::new(ka, sa, wall(), at(0));
+        let mut b = PathAgent::new(kb, sb, wall(), at(0));
+        let wake: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(|| {});
+        let (la, mut port_a) = crate::relay::link(64, wake.clone());
+        let (lb, mut port_b) = crate::relay::link(64, wake);
+        a.set_relay(Some(la), at(0));
+        b.set_relay(Some(lb), at(0));
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        let mut relayed = 0;
+        for step in 0..50u64 {
+            let now = at(step * 10);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            // Direct probes are lost.
+            while a.poll_transmit(now, &mut buf).is_some() {}
+            while b.poll_transmit(now, &mut buf).is_some() {}
+            while let Some(d) = port_a.try_next_outbound() {
+                assert_eq!(d.peer, pb);
+                assert!(port_b.deliver(pa, &d.bytes).await);
+            }
+            while let Some(d) = port_b.try_next_outbound() {
+                assert_eq!(d.peer, pa);
+                assert!(port_a.deliver(pb, &d.bytes).await);
+            }
+            while let Some(d) = b.relay_recv() {
+                assert_eq!((d.peer, classify(&d.bytes)), (pa, Kind::Probe));
+                assert!(b.handle_relay_probe(&d.bytes, now));
+                relayed += 1;
+            }
+            while let Some(d) = a.relay_recv() {
+                assert_eq!((d.peer, classify(&d.bytes)), (pb, Kind::Probe));
+                assert!(a.handle_relay_probe(&d.bytes, now));
+                relayed += 1;
+            }
+        }
+        assert!(relayed > 0);
+        assert_eq!(a.status().paths[0].1, Some(Path::Relay));
+        assert_eq!(b.status().paths[0].1, Some(Path::Relay));
+        let s = a.status();
+        assert_eq!(s.relay_dropped, 0);
+        let link = s.relay.unwrap();
+        assert!(link.sent > 0 && link.received > 0 && link.send_dropped == 0);
+        // A WireGuard datagram for the peer goes the same way.
+        assert!(a.relay_send(pb, &[4u8; 32]));
+        assert_eq!(port_a.try_next_outbound().map(|d| (d.peer, d.bytes.len())), Some((pb, 32)));
+        // Without the link the relay is no path, and sends are counted drops.
+        a.set_relay(None, at(600));
+        assert_eq!(a.status().paths[0].1, None);
+        assert_eq!(a.status().relay, None);
+        assert!(!a.relay_send(pb, &[4u8; 32]));
+        assert_eq!(a.status().relay_dropped, 1);
     }
 
     #[test]
