@@ -29,6 +29,15 @@ impl Drop for Agent {
     }
 }
 
+/// The test's directory, removed however the test ends.
+struct Dir(std::path::PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn cli(server: &control_server::Server, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wiremesh"))
         .args(args)
@@ -117,7 +126,8 @@ fn refused_code(r: Result<NodeInfo, ClientError>) -> String {
 fn a_workload_token_of_tailnet_a_registers_a_tagged_node_with_tailnet_b() {
     let started = Instant::now();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let dir = control_server::state_dir("fed-tailnets");
+    let guard = Dir(control_server::state_dir("fed-tailnets"));
+    let dir = guard.0.clone();
     let (a_state, b_state) = (dir.join("a"), dir.join("b"));
     std::fs::create_dir_all(&a_state).unwrap();
     std::fs::create_dir_all(&b_state).unwrap();
@@ -212,6 +222,7 @@ fn a_workload_token_of_tailnet_a_registers_a_tagged_node_with_tailnet_b() {
     assert_eq!(list.len(), 1, "only the federated node is on B: {list:?}");
 
     eprintln!("tailnet to tailnet federation in {:?}", started.elapsed());
+    // The processes first, then their directory.
     drop((_fed, _alpha, a, b));
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(guard);
 }
