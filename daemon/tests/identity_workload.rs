@@ -8,7 +8,9 @@
 //! tailnet source sent through the caller's tunnel) and the underlay get
 //! nothing; browser headers, bad input and audiences the policy does not
 //! grant are refused with JSON errors; tokens signed before a key rotation
-//! and before a server restart still verify.
+//! and before a server restart still verify; restarted with
+//! `--identity-alg RS256`, two rotations later RS256 tokens verify from the
+//! published RSA key and the earlier ES256 ones still do.
 
 #[path = "../../testsupport/netns.rs"]
 mod netns;
@@ -52,11 +54,16 @@ fn identity_url(n: &Node) -> Option<String> {
     Some(format!("http://{}", id["node"]["ipv4"].as_str()?))
 }
 
-/// Verifies `token` with the keys in `jwks` for `aud`; the claims.
+/// Verifies `token` with the keys in `jwks` for `aud`; the claims. ES256
+/// (the default) and RS256 (`--identity-alg RS256`) are accepted.
 fn verify(token: &str, jwks: &JwkSet, issuer: &str, aud: &str) -> Result<Value, String> {
-    let kid = decode_header(token).map_err(|e| e.to_string())?.kid.ok_or("no kid")?;
+    let header = decode_header(token).map_err(|e| e.to_string())?;
+    if !matches!(header.alg, Algorithm::ES256 | Algorithm::RS256) {
+        return Err(format!("alg {:?} refused", header.alg));
+    }
+    let kid = header.kid.ok_or("no kid")?;
     let jwk = jwks.find(&kid).ok_or_else(|| format!("kid {kid} not in the JWKS"))?;
-    let mut v = Validation::new(Algorithm::ES256);
+    let mut v = Validation::new(header.alg);
     v.set_audience(&[aud]);
     v.set_issuer(&[issuer]);
     v.set_required_spec_claims(&["exp", "nbf", "iat", "aud", "iss", "sub"]);
@@ -269,8 +276,26 @@ fn identity_workload_tokens_over_the_tailnet() {
     verify(&new_token, &jwks, &issuer, "db").unwrap();
 
     // A restart keeps the keys and the identity node: earlier tokens verify.
+    // It restarts with `--identity-alg RS256`: the stored ES256 set stays
+    // until rotations switch it over.
     lab.server.take();
-    lab.start_server();
+    let listen = format!("{}:8443", lab.subnet.v4(1));
+    let state = lab.server_state.to_str().unwrap().to_string();
+    let mut child = lab.server_ns.spawn(&[
+        WIREMESHD,
+        "control",
+        "--listen",
+        &listen,
+        "--state",
+        &state,
+        "--identity",
+        "on",
+        "--identity-alg",
+        "RS256",
+    ]);
+    let out = Output::attach(&mut child);
+    out.wait_for("control URL: ", Duration::from_secs(30));
+    lab.server = Some(Proc { child, out });
     wait_until(
         Duration::from_secs(40),
         "the identity service back after the restart",
@@ -280,6 +305,37 @@ fn identity_workload_tokens_over_the_tailnet() {
     let jwks = fetch_jwks(&beta.ns, &url);
     verify(&cli_token, &jwks, &issuer, "https://vault.example").expect("verifies after the restart");
     verify(&new_token, &jwks, &issuer, "db").expect("verifies after the restart");
+
+    // RS256: two rotations switch the set over (the already-published
+    // ES256 `next` key signs first), with no gap for verifiers.
+    let rs256_started = std::time::Instant::now();
+    for _ in 0..2 {
+        let out = lab.admin(&["idp", "rotate-keys"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (code, body) = token_request(&alpha.ns, &url, &["audience=db"], &[]);
+    assert_eq!(code, 200, "{body}");
+    let rs_token = body["access_token"].as_str().unwrap().to_string();
+    let rs_header = decode_header(&rs_token).unwrap();
+    assert_eq!(rs_header.alg, Algorithm::RS256, "RS256 signs after two rotations");
+    let jwks = fetch_jwks(&beta.ns, &url);
+    let rs_jwk = serde_json::to_value(jwks.find(rs_header.kid.as_deref().unwrap()).unwrap()).unwrap();
+    assert_eq!((rs_jwk["kty"].as_str(), rs_jwk["e"].as_str()), (Some("RSA"), Some("AQAB")), "{rs_jwk}");
+    let claims = verify(&rs_token, &jwks, &issuer, "db").unwrap();
+    assert_eq!((claims["name"].as_str(), claims["sub"].as_str()), (Some("alpha"), Some(&*format!("node:{alpha_id}"))));
+    verify(&new_token, &jwks, &issuer, "db").expect("an ES256 token from before the switch still verifies");
+    let (code, body) = curl(&beta.ns, &[&format!("{url}/.well-known/openid-configuration")]);
+    assert_eq!(code, 200, "{body}");
+    let algs: Value = serde_json::from_str::<Value>(&body).unwrap()["id_token_signing_alg_values_supported"].clone();
+    assert!(algs.as_array().unwrap().iter().any(|a| a == "RS256") && algs.to_string().contains("ES256"), "{algs}");
+    // Tampered: another subject under the RS256 signature is refused.
+    let parts: Vec<&str> = rs_token.split('.').collect();
+    let mut forged: Value = serde_json::from_slice(&wiremesh_daemon::identity::unb64url(parts[1]).unwrap()).unwrap();
+    forged["sub"] = "node:0".into();
+    let forged = wiremesh_daemon::identity::b64url(&serde_json::to_vec(&forged).unwrap());
+    let err = verify(&format!("{}.{forged}.{}", parts[0], parts[2]), &jwks, &issuer, "db").unwrap_err();
+    assert!(err.contains("InvalidSignature"), "{err}");
+    eprintln!("RS256 switch-over (two rotations, checks): {:.1} s", rs256_started.elapsed().as_secs_f64());
 
     // A policy: audiences come from the workload-token capability.
     let policy = r#"{
