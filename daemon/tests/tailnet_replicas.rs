@@ -108,6 +108,14 @@ fn tailnet_replicas_nodes_move_to_the_other_replica_and_traffic_keeps_flowing() 
     let seen = wait_until(Duration::from_secs(5), "alpha sees gamma", || peer_count(&alpha) == 2, || logs(&all));
     eprintln!("gamma's registration through replica B reached alpha within {seen:?} of its log line");
     assert!(seen < Duration::from_secs(1), "{seen:?}\n{}", logs(&all));
+    // Gamma's own status has its addresses once its first map arrived, which
+    // may be after alpha saw it.
+    wait_until(
+        Duration::from_secs(10),
+        "gamma has its map",
+        || gamma.status()["self"]["ipv4"].is_string(),
+        || logs(&all),
+    );
     let gamma_v4 = gamma.ipv4();
     wait_until(Duration::from_secs(10), "alpha -> gamma", || alpha.ping(&gamma_v4), || logs(&all));
     // And an admin removal through B: alpha loses gamma.
