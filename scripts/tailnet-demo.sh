@@ -326,8 +326,13 @@ for node in "${NODES[@]}"; do
         --hostname "$node" --state "$DIR/$node" --tun "$PREFIX-$node"
 done
 
-# Peers the node's map shows online (from the human status: one line per peer).
-online_peers() { cli "$1" status 2>/dev/null | grep -c '  online  ' || true; }
+# The demo's other nodes that the node's map shows online (from the human
+# status: one line per peer, the full name third, online fourth). The tailnet
+# also holds the control server's identity-service node, not counted here.
+online_peers() {
+    cli "$1" status 2>/dev/null | awk -v names=" ${NODES[*]} " \
+        '$4 == "online" { split($3, label, "."); if (index(names, " " label[1] " ")) n++ } END { print n + 0 }'
+}
 
 say "waiting (up to ${WAIT_MAPS}s) for every node to register and get a map with the other two"
 want=$((${#NODES[@]} - 1))
