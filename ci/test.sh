@@ -3,8 +3,9 @@
 #
 # Sections: install test dependencies (ci/install-deps.sh), rustfmt, clippy,
 # no_std builds of wiremesh-core (host and thumbv7em-none-eabihf, with and
-# without `alloc`), `cargo test --workspace`, then a short bounded run of
-# every cargo-fuzz target when fuzz/ and a nightly toolchain exist.
+# without `alloc`), `cargo test --workspace`, the README's first command
+# (scripts/tailnet-demo.sh, as root), then a short bounded run of every
+# cargo-fuzz target when fuzz/ and a nightly toolchain exist.
 #
 # Every section runs even if an earlier one failed (so one run shows all
 # problems); the script exits non-zero if any failed. Set FAIL_FAST=1 to stop
@@ -163,6 +164,17 @@ TEST_TOTALS=$(awk '/^test result:/ {
         }
     } END { printf "%d passed, %d failed, %d skipped", p, f, s }' "$TEST_LOG")
 rm -f "$TEST_LOG"
+
+# --- the README's first command -------------------------------------------------
+# A local tailnet of three nodes in namespaces, pinged by name, then torn down.
+if [ "$(id -u)" -eq 0 ]; then
+    step "README first command (scripts/tailnet-demo.sh)" bash scripts/tailnet-demo.sh
+elif [ -n "${CI:-}" ]; then
+    echo "ci/test.sh: the README's first command needs root (network namespaces)" >&2
+    step "README first command (scripts/tailnet-demo.sh)" false
+else
+    skip "README first command" "needs root (network namespaces)"
+fi
 
 # --- fuzzing (short, bounded) ----------------------------------------------------
 if [ ! -f fuzz/Cargo.toml ]; then
