@@ -25,7 +25,7 @@ set -euo pipefail
 CI_LIB=/usr/local/lib/wiremesh-ci
 WG_GO_STABLE=0.0.20220316
 WG_GO_BACKPORTS=0.0.20231211
-PACKAGES=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping procps postgresql curl nftables)
+PACKAGES=(wireguard-go wireguard-tools iperf3 iproute2 iputils-ping procps postgresql curl nftables conntrack)
 BPO_SOURCES=/etc/apt/sources.list.d/wiremesh-backports.sources
 APT_OPTS=(-o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
 
