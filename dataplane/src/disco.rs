@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 use wiremesh_core::disco::{
-    is_disco, Destination, Disco, DiscoConfig, DiscoStats, Path, PathChanged, Source, MAX_MESSAGE_LEN,
+    is_disco, Destination, Disco, DiscoConfig, DiscoStats, Path, PathChanged, Source, MAX_MESSAGE_LEN, RELAY_ENDPOINT,
 };
 use wiremesh_core::keys::{PrivateKey, PublicKey};
 use wiremesh_core::stun::{self, Class, TransactionId, BINDING_REQUEST_LEN};
@@ -184,6 +184,24 @@ impl PathAgent {
         }
     }
 
+    /// Takes the relay link away (to move it to a new agent); every peer
+    /// loses its relay path.
+    pub fn take_relay(&mut self, now: Instant) -> Option<RelayLink> {
+        let link = self.relay.take();
+        if link.is_some() {
+            for (key, _) in &self.settings.peers {
+                self.disco.set_peer_relay(key, false, now);
+            }
+        }
+        link
+    }
+
+    /// Counts a STUN message that came through the relay (STUN is only
+    /// spoken directly; a relayed one is refused).
+    pub fn count_relayed_stun(&mut self) {
+        self.stun_refused += 1;
+    }
+
     /// Handles a probe that came through the relay; `false` if refused.
     pub fn handle_relay_probe(&mut self, buf: &[u8], now: Instant) -> bool {
         self.disco.handle_datagram(Source::Relay, buf, now).is_ok()
@@ -302,20 +320,28 @@ impl PathAgent {
     }
 }
 
-/// Applies a path change to the device: a direct path pins the endpoint
-/// (roaming off, so WireGuard's roaming cannot undo the choice); no path
-/// hands the peer back to WireGuard's own endpoint and roaming. A relay
-/// path is never produced here (see the module's documentation).
+/// Applies a path change to the device: a direct path or the relay pins
+/// the endpoint (the relay as [`RELAY_ENDPOINT`], which the worker diverts
+/// into the relay link) with roaming off, so WireGuard's roaming cannot
+/// undo the choice; no path hands the peer back to WireGuard's own
+/// endpoint and roaming.
 pub(crate) fn apply_path(device: &mut Device, change: PathChanged) {
     let Some(id) = device.peer_by_key(&change.peer) else { return };
     match change.path {
-        Some(Path::Direct(addr)) => {
+        Some(path) => {
             let _ = device.set_peer_roaming(id, false);
-            let _ = device.set_peer_endpoint(id, Some(addr));
+            let _ = device.set_peer_endpoint(id, Some(path.endpoint()));
         }
-        Some(Path::Relay) | None => {
-            let _ = device.set_peer_roaming(id, true);
-        }
+        None => release_peer(device, id),
+    }
+}
+
+/// Hands a peer back to WireGuard's own roaming; a relay endpoint left on
+/// it is cleared (nothing can be sent there without the agent).
+pub(crate) fn release_peer(device: &mut Device, id: wiremesh_core::device::PeerId) {
+    let _ = device.set_peer_roaming(id, true);
+    if device.peer_endpoint(id) == Some(RELAY_ENDPOINT) {
+        let _ = device.set_peer_endpoint(id, None);
     }
 }
 

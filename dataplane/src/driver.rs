@@ -21,6 +21,7 @@
 
 use crate::disco::{apply_path, classify, DiscoSettings, DiscoStatus, Kind, PathAgent};
 use crate::gro::{coalesce, Group, Packet};
+use crate::relay::{RelayLink, RelayPort, RELAY_ENDPOINT};
 use crate::tun::split;
 use crate::tun::{Tun, VirtioNetHdr};
 use crate::uapi::{DeviceConfig, Request, Response, SetOp, UapiError};
@@ -60,6 +61,8 @@ const RECV_BUF: usize = 65536;
 const MAX_RECV_PACKETS: usize = 128;
 /// Sends of handshakes, keepalives and staged packets in flight.
 const CTRL_SLOTS: usize = 32;
+/// Datagrams from the relay handled per turn of the loop.
+const RELAY_DRAIN_BUDGET: usize = 256;
 const CTRL_BUF: usize = 65536 + 64;
 /// The largest UDP payload one GSO send may carry in total.
 const GSO_MAX_BYTES: usize = 65000;
@@ -242,6 +245,8 @@ pub(crate) enum ControlMsg {
     Disco(Option<DiscoSettings>),
     /// What path discovery knows (`None`: it is off or unsupported).
     DiscoStatus(mpsc::SyncSender<Option<DiscoStatus>>),
+    /// The link to a relay client task, or none.
+    Relay(Option<RelayLink>),
 }
 
 /// The handle other threads use to configure and stop a running worker.
@@ -314,6 +319,34 @@ impl Control {
         sent
     }
 
+    /// Makes a link to a relay client and gives the worker its end: from
+    /// then on every peer is reachable through the relay (while discovery
+    /// is on), traffic for a peer whose path is the relay goes into the
+    /// link, and what the task delivers wakes the worker. Returns the
+    /// task's end (`None` if the worker is gone). A new link replaces the
+    /// old one; see [`crate::relay`].
+    pub fn relay_link(&self, capacity: usize) -> Option<RelayPort> {
+        let efd = self.eventfd.clone();
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a live u64 to an eventfd.
+            unsafe { libc::write(efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        });
+        let (link, port) = crate::relay::link(capacity, wake);
+        self.tx.send(ControlMsg::Relay(Some(link))).ok()?;
+        self.wake();
+        Some(port)
+    }
+
+    /// Removes the relay link: peers on the relay path lose it (their
+    /// probes go on, and a direct path is still taken when one answers).
+    /// Returns `false` if the worker is gone.
+    pub fn clear_relay(&self) -> bool {
+        let sent = self.tx.send(ControlMsg::Relay(None)).is_ok();
+        self.wake();
+        sent
+    }
+
     /// What path discovery knows: the reflexive address, each peer's path,
     /// the counters. `None` if it is off, unsupported or the worker is gone.
     pub fn disco_status(&self) -> Option<DiscoStatus> {
@@ -374,6 +407,9 @@ pub struct Worker {
     /// device has a key.
     disco_settings: Option<DiscoSettings>,
     disco: Option<PathAgent>,
+    /// The relay link while path discovery is off (the agent holds it
+    /// while on).
+    parked_relay: Option<RelayLink>,
 }
 
 impl Worker {
@@ -444,6 +480,7 @@ impl Worker {
             filter: None,
             disco_settings: None,
             disco: None,
+            parked_relay: None,
         };
         w.config.listen_port = config.listen_port;
         w.config.fwmark = config.fwmark;
@@ -478,6 +515,7 @@ impl Worker {
             if self.mtu_checked.elapsed() >= MTU_CHECK_INTERVAL {
                 self.refresh_mtu();
             }
+            self.drain_relay();
             let now = self.now();
             if let Some(dev) = self.device.as_mut() {
                 if dev.poll_timeout().is_some_and(|t| t <= now) {
@@ -726,6 +764,7 @@ impl Worker {
             }
             KIND_EVENTFD => {
                 self.drain_control();
+                self.drain_relay();
                 self.arm_eventfd();
             }
             _ => {}
@@ -760,6 +799,7 @@ impl Worker {
             self.arm_tun_read(i);
             return;
         };
+        let mut agent = self.disco.as_mut();
         let slot = &mut self.tun_slots[i];
         let (hdr, packet) = if self.vnet {
             match VirtioNetHdr::parse(&slot.read[..n]) {
@@ -801,6 +841,10 @@ impl Worker {
         for (k, chunk) in chunks.iter_mut().enumerate().take(count) {
             let len = slot.sizes[k];
             match device.encapsulate(chunk, len, now) {
+                Ok(Encapsulated::Ready(t)) if t.destination == RELAY_ENDPOINT => {
+                    // The peer's path is the relay: into the link, never the socket.
+                    send_relayed(agent.as_deref_mut(), device, t.peer, &chunk[..t.len]);
+                }
                 Ok(Encapsulated::Ready(t)) => {
                     let extend = match run {
                         Some((start, cnt, last_len, dest)) => {
@@ -1080,6 +1124,10 @@ impl Worker {
                     return;
                 }
             };
+            if t.destination == RELAY_ENDPOINT {
+                send_relayed(self.disco.as_mut(), device, t.peer, &slot.buf[..t.len]);
+                continue;
+            }
             let ptr = slot.buf.as_mut_ptr();
             slot.msg.prepare_send(&self.udp, ptr, t.len, t.destination, None);
             slot.busy = true;
@@ -1124,19 +1172,28 @@ impl Worker {
             (Some(settings), Some(key)) => {
                 match self.disco.as_mut().filter(|a| a.public_key() == key.public_key()) {
                     Some(agent) => agent.apply(settings.clone(), now),
-                    None => self.disco = Some(PathAgent::new(key, settings.clone(), Self::wall(), now)),
+                    None => {
+                        // A new key: the relay link moves to the new agent.
+                        let link = self.disco.as_mut().and_then(|a| a.take_relay(now)).or(self.parked_relay.take());
+                        let mut agent = PathAgent::new(key, settings.clone(), Self::wall(), now);
+                        if link.is_some() {
+                            agent.set_relay(link, now);
+                        }
+                        self.disco = Some(agent);
+                    }
                 }
                 if let (Some(agent), Some(device)) = (self.disco.as_ref(), self.device.as_mut()) {
                     agent.apply_all(device);
                 }
             }
             _ => {
-                if self.disco.take().is_some() {
+                if let Some(mut agent) = self.disco.take() {
+                    self.parked_relay = agent.take_relay(now);
                     // Hand every peer back to WireGuard's own roaming.
                     if let Some(device) = self.device.as_mut() {
                         let ids: Vec<_> = device.peer_ids().collect();
                         for id in ids {
-                            let _ = device.set_peer_roaming(id, true);
+                            crate::disco::release_peer(device, id);
                         }
                     }
                 }
@@ -1165,7 +1222,80 @@ impl Worker {
                 ControlMsg::DiscoStatus(reply) => {
                     let _ = reply.send(self.disco.as_ref().map(PathAgent::status));
                 }
+                ControlMsg::Relay(link) => {
+                    let now = self.now();
+                    match self.disco.as_mut() {
+                        Some(agent) => {
+                            agent.set_relay(link, now);
+                            self.parked_relay = None;
+                        }
+                        None => self.parked_relay = link,
+                    }
+                    self.flush_control_output();
+                }
             }
+        }
+    }
+
+    /// Hands what the relay delivered to the path agent (probes) and the
+    /// device (WireGuard messages, as datagrams from [`RELAY_ENDPOINT`]),
+    /// writing decrypted packets to the TUN device. At most
+    /// [`RELAY_DRAIN_BUDGET`] per call, so the relay cannot starve the
+    /// socket; the loop calls it again on its next turn.
+    fn drain_relay(&mut self) {
+        if let Some(parked) = self.parked_relay.as_mut() {
+            // Discovery is off: nothing is sent through the relay, and what
+            // comes from it is dropped.
+            while parked.try_recv().is_some() {}
+        }
+        if self.disco.is_none() {
+            return;
+        }
+        let now = self.now();
+        let vnet = self.vnet;
+        let tun_fd = self.tun.as_raw_fd();
+        let mut handled = 0;
+        for _ in 0..RELAY_DRAIN_BUDGET {
+            let Some(agent) = self.disco.as_mut() else { break };
+            let Some(mut dg) = agent.relay_recv() else { break };
+            handled += 1;
+            match classify(&dg.bytes) {
+                Kind::Probe => {
+                    agent.handle_relay_probe(&dg.bytes, now);
+                }
+                // STUN is never relayed: a relayed one is refused.
+                Kind::Stun => agent.count_relayed_stun(),
+                Kind::WireGuard => {
+                    let Some(device) = self.device.as_mut() else { continue };
+                    self.stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
+                    let Ok(Received::Packet { range, .. }) = device.handle_datagram(RELAY_ENDPOINT, &mut dg.bytes, now)
+                    else {
+                        continue;
+                    };
+                    // A transport message's 16-byte header precedes the
+                    // packet, so the virtio header fits in front of it.
+                    let (ws, wl) = if vnet && range.start >= VirtioNetHdr::LEN {
+                        dg.bytes[range.start - VirtioNetHdr::LEN..range.start]
+                            .copy_from_slice(&VirtioNetHdr::NONE.to_bytes());
+                        (range.start - VirtioNetHdr::LEN, range.len() + VirtioNetHdr::LEN)
+                    } else if vnet {
+                        self.stats.bad_tun_packets.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    } else {
+                        (range.start, range.len())
+                    };
+                    // SAFETY: writing initialized bytes of our own buffer.
+                    let r = unsafe { libc::write(tun_fd, dg.bytes[ws..].as_ptr().cast(), wl) };
+                    if r < 0 {
+                        self.stats.io_errors.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.stats.tun_writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        if handled > 0 {
+            self.flush_control_output();
         }
     }
 
@@ -1229,6 +1359,19 @@ impl Worker {
         }
         self.flush_control_output();
         Ok(())
+    }
+}
+
+/// Queues a sealed datagram for `peer` through the relay link (counted as
+/// dropped by the agent when it cannot go).
+fn send_relayed(
+    agent: Option<&mut PathAgent>,
+    device: &Device,
+    peer: Option<wiremesh_core::device::PeerId>,
+    bytes: &[u8],
+) {
+    if let (Some(agent), Some(key)) = (agent, peer.and_then(|id| device.peer_public_key(id))) {
+        agent.relay_send(key, bytes);
     }
 }
 

@@ -164,16 +164,14 @@ impl RelayPort {
     /// wakes it. `false` when the length is out of bounds (counted, nothing
     /// delivered) or the worker's end is gone.
     pub async fn deliver(&self, peer: PublicKey, bytes: &[u8]) -> bool {
-        if !length_ok(bytes.len()) {
-            self.stats.bad_length.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        if self.inbound.send(RelayDatagram { peer, bytes: bytes.to_vec() }).await.is_err() {
-            return false;
-        }
-        self.stats.received.fetch_add(1, Ordering::Relaxed);
-        (self.wake)();
-        true
+        deliver(&self.inbound, &self.wake, &self.stats, peer, bytes).await
+    }
+
+    /// A handle that delivers to the worker like [`RelayPort::deliver`],
+    /// for a task that reads the relay's stream while another part of it
+    /// waits on [`RelayPort::next_outbound`].
+    pub fn deliverer(&self) -> RelayDeliverer {
+        RelayDeliverer { inbound: self.inbound.clone(), wake: self.wake.clone(), stats: self.stats.clone() }
     }
 
     /// Whether the worker's end is gone.
@@ -185,6 +183,41 @@ impl RelayPort {
     pub fn stats(&self) -> RelayLinkCounts {
         self.stats.snapshot()
     }
+}
+
+/// Delivers datagrams from the relay to the worker (see
+/// [`RelayPort::deliverer`]).
+#[derive(Clone)]
+pub struct RelayDeliverer {
+    inbound: mpsc::Sender<RelayDatagram>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+    stats: Arc<RelayLinkStats>,
+}
+
+impl RelayDeliverer {
+    /// As [`RelayPort::deliver`].
+    pub async fn deliver(&self, peer: PublicKey, bytes: &[u8]) -> bool {
+        deliver(&self.inbound, &self.wake, &self.stats, peer, bytes).await
+    }
+}
+
+async fn deliver(
+    inbound: &mpsc::Sender<RelayDatagram>,
+    wake: &Arc<dyn Fn() + Send + Sync>,
+    stats: &RelayLinkStats,
+    peer: PublicKey,
+    bytes: &[u8],
+) -> bool {
+    if !length_ok(bytes.len()) {
+        stats.bad_length.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    if inbound.send(RelayDatagram { peer, bytes: bytes.to_vec() }).await.is_err() {
+        return false;
+    }
+    stats.received.fetch_add(1, Ordering::Relaxed);
+    wake();
+    true
 }
 
 #[cfg(test)]

@@ -399,7 +399,8 @@ impl Inner {
                     self.filter = filter;
                 }
                 // Path discovery runs in the TUN worker only, so far.
-                ControlMsg::Disco(_) => {}
+                // No path discovery (nor relay) in the netstack yet.
+                ControlMsg::Disco(_) | ControlMsg::Relay(_) => {}
                 ControlMsg::DiscoStatus(reply) => {
                     let _ = reply.send(None);
                 }
