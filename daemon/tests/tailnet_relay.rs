@@ -1,14 +1,19 @@
 //! The relay over real TLS on loopback: frames between two proven node
 //! keys, a client claiming a key it does not hold, malformed and oversized
 //! frames, the per-client rate limit, the STUN responder, and the relayed
-//! throughput figure docs/nat.md quotes.
+//! throughput figure docs/nat.md quotes; the embedded relay's counters as
+//! administrators read them (`wiremesh relay stats`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wiremesh_core::keys::PrivateKey;
+use wiremesh_daemon::control::client::ClientError;
 use wiremesh_daemon::relay::client::{self, RelayError};
 use wiremesh_daemon::relay::{self, Limits, Relay, MAX_PAYLOAD};
+
+#[path = "support/control.rs"]
+mod control_server;
 
 fn key() -> PrivateKey {
     use ring::rand::SecureRandom;
@@ -316,4 +321,158 @@ fn maps_name_the_relays() {
     let relay = RelayInfo { host: None, port: 8444, fingerprint: None };
     app.set_relays(std::slice::from_ref(&relay));
     assert_eq!(parse(app.map_body(&snap, id).unwrap()).relays, vec![relay]);
+}
+
+/// `wiremesh relay stats ARGS --control URL [--admin-token TOKEN]`.
+fn relay_stats(server: &control_server::Server, args: &[&str]) -> std::process::Output {
+    let url = server.url.to_string();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wiremesh"));
+    cmd.args(["relay", "stats", "--control", &url]).args(args).env_remove("WIREMESH_ADMIN_TOKEN");
+    cmd.output().unwrap()
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// `wiremesh relay stats --json` as a JSON object, checked to carry exactly
+/// the documented fields.
+fn stats_json(server: &control_server::Server) -> serde_json::Map<String, serde_json::Value> {
+    let token = server.token.clone().unwrap();
+    let text = stdout_of(&relay_stats(server, &["--json", "--admin-token", &token]));
+    let serde_json::Value::Object(m) = serde_json::from_str(&text).unwrap() else { panic!("not an object: {text}") };
+    let mut keys: Vec<&str> = m.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    let mut want = [
+        "listen",
+        "clients",
+        "accepted",
+        "auth_failed",
+        "malformed",
+        "forwarded",
+        "forwarded_bytes",
+        "no_peer",
+        "rate_limited",
+        "queue_full",
+        "stun_answered",
+    ];
+    want.sort_unstable();
+    assert_eq!(keys, want, "{text}");
+    m
+}
+
+fn field(m: &serde_json::Map<String, serde_json::Value>, name: &str) -> u64 {
+    m[name].as_u64().unwrap_or_else(|| panic!("{name} is not a number: {m:?}"))
+}
+
+/// The embedded relay's counters through the admin API and the CLI: the
+/// address it listens on, the clients connected, the frames forwarded
+/// between two of them; refused without the admin token.
+#[test]
+fn admins_read_the_embedded_relays_counters() {
+    let state = control_server::state_dir("relay-stats");
+    let server = control_server::start(&state);
+    let before = stats_json(&server);
+    let listen: SocketAddr = before["listen"].as_str().unwrap().parse().unwrap();
+    assert_ne!(listen.port(), server.url.port, "the relay has a port of its own");
+    assert_eq!((field(&before, "clients"), field(&before, "forwarded")), (0, 0));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let fp = server.url.fingerprint;
+    let (a, b) = (key(), key());
+    let (mut a_tx, mut a_rx) = rt.block_on(client::connect(listen, fp, &a)).unwrap();
+    let (mut b_tx, mut b_rx) = rt.block_on(client::connect(listen, fp, &b)).unwrap();
+    // Three frames one way, two the other, each received before counting.
+    let sizes = [1usize, 148, 1452, 32, MAX_PAYLOAD];
+    let mut bytes = 0u64;
+    rt.block_on(async {
+        let mut buf = vec![0u8; MAX_PAYLOAD];
+        for (i, &len) in sizes.iter().enumerate() {
+            let payload = vec![i as u8; len];
+            let (tx, rx, to, from) =
+                if i < 3 { (&mut a_tx, &mut b_rx, &b, &a) } else { (&mut b_tx, &mut a_rx, &a, &b) };
+            tx.send(&to.public_key(), &payload).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv(&mut buf)).await.unwrap().unwrap().unwrap();
+            assert_eq!((got.0, &buf[..got.1]), (from.public_key(), &payload[..]));
+            bytes += len as u64;
+        }
+    });
+    let after = stats_json(&server);
+    assert_eq!(after["listen"], before["listen"]);
+    assert_eq!(field(&after, "clients"), 2, "{after:?}");
+    assert_eq!(field(&after, "accepted"), 2, "{after:?}");
+    assert_eq!(field(&after, "forwarded"), sizes.len() as u64, "{after:?}");
+    assert_eq!(field(&after, "forwarded_bytes"), bytes, "{after:?}");
+    for zero in ["auth_failed", "malformed", "no_peer", "rate_limited", "queue_full", "stun_answered"] {
+        assert_eq!(field(&after, zero), 0, "{zero}: {after:?}");
+    }
+
+    // The text form: one `name: value` line per counter, the same values.
+    let token = server.token.clone().unwrap();
+    let text = stdout_of(&relay_stats(&server, &["--admin-token", &token]));
+    let lines: std::collections::HashMap<&str, &str> =
+        text.lines().filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim(), v.trim())).collect();
+    assert_eq!(lines.len(), 11, "{text}");
+    for (name, value) in &after {
+        let want = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+        assert_eq!(lines.get(name.as_str()).copied(), Some(want.as_str()), "{name} in {text}");
+    }
+
+    // A client leaving is seen at once in the count.
+    drop((b_tx, b_rx));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while field(&stats_json(&server), "clients") != 1 {
+        assert!(Instant::now() < deadline, "the closed client is still counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Without the admin token, or with a wrong one: 401, no counters.
+    let api = api_client(&server);
+    let path = format!("{}/admin/relay", wiremesh_daemon::control::proto::API);
+    for bearer in [None, Some("not-the-token")] {
+        let r = rt.block_on(api.json::<serde_json::Value>(hyper::Method::GET, &path, None::<&()>, bearer));
+        match r {
+            Err(ClientError::Api { status: 401, body }) => assert_eq!(body.code, "unauthorized"),
+            other => panic!("{bearer:?}: {other:?}"),
+        }
+    }
+    let out = relay_stats(&server, &["--admin-token", "not-the-token"]);
+    assert!(!out.status.success() && out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Only GET.
+    let r = rt.block_on(api.json::<serde_json::Value>(hyper::Method::POST, &path, None::<&()>, Some(&token)));
+    assert!(matches!(r, Err(ClientError::Api { status: 405, .. })), "{r:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// With `--relay off` the route answers 404 `no_relay`, and the CLI says so.
+#[test]
+fn relay_stats_without_a_relay_is_404() {
+    let state = control_server::state_dir("relay-stats-off");
+    let server = control_server::start_with(&state, &["--relay", "off"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let api = api_client(&server);
+    let path = format!("{}/admin/relay", wiremesh_daemon::control::proto::API);
+    let r = rt.block_on(api.json::<serde_json::Value>(hyper::Method::GET, &path, None::<&()>, server.token.as_deref()));
+    match r {
+        Err(ClientError::Api { status: 404, body }) => assert_eq!(body.code, "no_relay"),
+        other => panic!("{other:?}"),
+    }
+    // The token is still checked first: nothing about the relay leaks.
+    let r = rt.block_on(api.json::<serde_json::Value>(hyper::Method::GET, &path, None::<&()>, None));
+    assert!(matches!(r, Err(ClientError::Api { status: 401, .. })), "{r:?}");
+    let token = server.token.clone().unwrap();
+    let out = relay_stats(&server, &["--json", "--admin-token", &token]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{err}");
+    assert!(err.contains("no_relay") && err.contains("HTTP 404"), "{err}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+fn api_client(server: &control_server::Server) -> wiremesh_daemon::control::client::Client {
+    wiremesh_daemon::control::client::Client::new(server.url.clone())
 }

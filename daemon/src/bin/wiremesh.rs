@@ -128,6 +128,11 @@ enum Command {
         #[command(subcommand)]
         command: FederationCommand,
     },
+    /// The control server's embedded relay (admin; docs/nat.md).
+    Relay {
+        #[command(subcommand)]
+        command: RelayCommand,
+    },
     /// Changes this node's preferences through the running agent.
     Set {
         /// Send Internet traffic through this exit node (a node name; "" for none).
@@ -414,6 +419,18 @@ enum NodesCommand {
 }
 
 #[derive(Subcommand)]
+enum RelayCommand {
+    /// The relay's address, connected clients and counters since it started.
+    Stats {
+        #[command(flatten)]
+        admin: Admin,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum TailnetCommand {
     /// The tailnet's settings: DNS domain, address ranges, certificate, schema.
     Show {
@@ -439,6 +456,7 @@ fn main() -> ExitCode {
         Command::Nodes { command } => nodes(command),
         Command::Users { command } => users(command),
         Command::Tailnet { command: TailnetCommand::Show { admin, json } } => tailnet_show(&admin, json),
+        Command::Relay { command: RelayCommand::Stats { admin, json } } => relay_stats(&admin, json),
         Command::Policy { command } => policy(command),
         Command::Routes { command } => routes(command),
         Command::Federation { command } => federation(command),
@@ -886,6 +904,28 @@ fn tailnet_show(admin: &Admin, json: bool) -> Result<ExitCode, String> {
         println!("IPv6 range:     {}", t.ipv6_range);
         println!("certificate:    sha256 {}", t.cert_sha256);
         println!("schema version: {}", t.schema_version);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn relay_stats(admin: &Admin, json: bool) -> Result<ExitCode, String> {
+    let r: wiremesh_daemon::relay::Report =
+        admin_call(admin, hyper::Method::GET, &format!("{}/admin/relay", proto::API), None::<&()>)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?);
+    } else {
+        let s = &r.stats;
+        println!("listen:          {}", r.listen);
+        println!("clients:         {}", r.clients);
+        println!("accepted:        {}", s.accepted);
+        println!("auth_failed:     {}", s.auth_failed);
+        println!("malformed:       {}", s.malformed);
+        println!("forwarded:       {}", s.forwarded);
+        println!("forwarded_bytes: {}", s.forwarded_bytes);
+        println!("no_peer:         {}", s.no_peer);
+        println!("rate_limited:    {}", s.rate_limited);
+        println!("queue_full:      {}", s.queue_full);
+        println!("stun_answered:   {}", s.stun_answered);
     }
     Ok(ExitCode::SUCCESS)
 }

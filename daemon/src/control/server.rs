@@ -193,6 +193,8 @@ pub struct App {
     identity_json: std::sync::OnceLock<String>,
     /// The identity service (`--identity on`): discovery and JWKS on this listener too.
     pub(crate) identity: std::sync::OnceLock<Arc<crate::identity::service::Service>>,
+    /// The embedded relay and its bound address, for `GET /admin/relay` (unset: relay off).
+    relay: std::sync::OnceLock<(Arc<crate::relay::Relay>, SocketAddr)>,
 }
 
 pub(super) type Body = BoxBody<Bytes, Infallible>;
@@ -249,6 +251,7 @@ impl App {
             relays_json: std::sync::OnceLock::new(),
             identity_json: std::sync::OnceLock::new(),
             identity: std::sync::OnceLock::new(),
+            relay: std::sync::OnceLock::new(),
         });
         app.publish();
         app
@@ -259,6 +262,12 @@ impl App {
         if let Ok(j) = serde_json::to_string(info) {
             let _ = self.identity_json.set(j);
         }
+    }
+
+    /// Keeps the embedded relay, so administrators can read its counters
+    /// (set once, at start).
+    pub fn set_embedded_relay(&self, relay: Arc<crate::relay::Relay>, listen: SocketAddr) {
+        let _ = self.relay.set((relay, listen));
     }
 
     /// Names the relays every map carries from now on (set once, at start).
@@ -686,7 +695,8 @@ async fn serve(opts: &Options) -> Result<(), String> {
     // nodes' pin covers it; a port it cannot bind disables it, not the server.
     let relay_addr = match opts.relay {
         Some(at) => match crate::relay::start(at, identity.config.clone(), crate::relay::Limits::default()).await {
-            Ok((_relay, bound)) => {
+            Ok((relay, bound)) => {
+                app.set_embedded_relay(relay, bound);
                 app.set_relays(&[proto::RelayInfo { host: None, port: bound.port(), fingerprint: None }]);
                 Some(bound)
             }
@@ -989,10 +999,15 @@ async fn admin(app: Arc<App>, segments: &[&str], req: Request<Incoming>) -> Resu
             let version = app.set_policy(text.clone()).await?;
             Ok(json_response(200, &proto::PolicyInfo { policy: Some(text), version }))
         }
+        (["relay"], &Method::GET) => {
+            let (relay, listen) =
+                app.relay.get().ok_or_else(|| ApiError::new(404, "no_relay", "this control server runs no relay"))?;
+            Ok(json_response(200, &relay.report(*listen)))
+        }
         (["routes", ..], _) => super::routes::admin(&app, &segments[1..], req).await,
         (["idp", ..], _) => super::provider_store::admin(&app, &segments[1..], req).await,
         (["federation", ..], _) => super::federation::admin(&app, &segments[1..], req).await,
-        (["tailnet" | "keys" | "nodes" | "users" | "policy", ..], _) => {
+        (["tailnet" | "keys" | "nodes" | "users" | "policy" | "relay", ..], _) => {
             Err(ApiError::new(405, "method_not_allowed", "method not allowed"))
         }
         _ => Err(ApiError::not_found("no such endpoint")),

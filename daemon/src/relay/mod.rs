@@ -104,9 +104,10 @@ impl Stats {
     }
 }
 
-/// The values of [`Stats`] at one moment.
+/// The values of [`Stats`] at one moment (field names as in the admin API's
+/// `GET /api/v1/admin/relay`).
 #[allow(missing_docs)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub accepted: u64,
     pub auth_failed: u64,
@@ -117,6 +118,19 @@ pub struct StatsSnapshot {
     pub rate_limited: u64,
     pub queue_full: u64,
     pub stun_answered: u64,
+}
+
+/// What `GET /api/v1/admin/relay` answers: where the relay listens, how many
+/// clients are connected, and its counters (flattened beside them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// The bound address (TLS on TCP, STUN on UDP), `ADDR:PORT`.
+    pub listen: SocketAddr,
+    /// Clients connected now.
+    pub clients: usize,
+    /// The counters since the relay started.
+    #[serde(flatten)]
+    pub stats: StatsSnapshot,
 }
 
 /// A frame on its way to a client: the source key and the payload.
@@ -153,6 +167,11 @@ impl Relay {
     /// How many clients are connected.
     pub fn clients(&self) -> usize {
         self.clients.read().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// The counters and the client count, as the admin API reports them.
+    pub fn report(&self, listen: SocketAddr) -> Report {
+        Report { listen, clients: self.clients(), stats: self.stats.snapshot() }
     }
 
     /// Accepts TLS connections on `listener` until the task is dropped.
