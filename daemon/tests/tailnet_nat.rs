@@ -2,11 +2,22 @@
 //! masquerade), and the control server with its embedded relay and STUN on
 //! the "public" bridge (root only; skipped elsewhere, failing in CI).
 //!
-//! Neither node can reach the other's private address, and neither NAT lets
-//! in what its node did not send out first, so the pair only connects if
-//! both learned their reflexive address by STUN from the WireGuard socket,
-//! reported it, and probed each other's at the same time (disco): the
-//! WireGuard endpoint each ends with is the other's NAT address.
+//! Two kinds of NAT ([`Nat`]):
+//! * [`Nat::PortRestrictedCone`], the usual home router: plain masquerade
+//!   keeps the node's source port (one public port for every destination,
+//!   endpoint-independent mapping), and nothing new comes in from outside.
+//!   Two of these connect directly: both nodes learn their reflexive address
+//!   by STUN from the WireGuard socket, report it, and probe each other's at
+//!   the same time (disco).
+//! * [`Nat::RandomPorts`]: `masquerade random` gives every destination
+//!   (address and port) its own random public port (address-and-port-
+//!   dependent mapping, "symmetric"), so the port STUN reports is not the one
+//!   the peer sees; facing a port-restricted cone the pair has no direct
+//!   path and must go through the relay. The test checks the router really
+//!   maps that way (its conntrack table) before relying on it.
+//!
+//! Traffic through the relay is measured on the relay's own counter
+//! (`wiremesh relay stats --json`, `forwarded` frames).
 
 #[path = "../../testsupport/netns.rs"]
 mod netns;
@@ -15,30 +26,97 @@ mod netns;
 mod tailnet;
 
 use netns::{veth_pair, Netns, VethPair};
-use std::time::Duration;
+use std::process::Child;
+use std::time::{Duration, Instant};
 use tailnet::*;
+
+/// The endpoint WireGuard shows for a peer reached through the relay.
+const RELAY_MARKER: &str = "127.3.3.40:0";
+
+/// How a router namespace translates its node's outbound traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Nat {
+    /// Endpoint-independent mapping (masquerade keeps the source port),
+    /// inbound `ct state new` dropped: a port-restricted cone.
+    PortRestrictedCone,
+    /// Address-and-port-dependent mapping (`masquerade random`: a random
+    /// public port per destination), inbound `ct state new` dropped.
+    RandomPorts,
+}
+
+impl Nat {
+    fn masquerade(self) -> &'static str {
+        match self {
+            Nat::PortRestrictedCone => "masquerade",
+            Nat::RandomPorts => "masquerade random",
+        }
+    }
+}
 
 /// A node namespace behind a NAT router namespace attached to the bridge.
 struct Natted {
-    _router: Netns,
-    _uplink: VethPair,
+    router: Netns,
+    uplink: VethPair,
     public_ip: String,
+    private_ip: String,
     node: Node,
 }
 
-fn natted(lab: &mut Lab, name: &str, key: &str, private: u8) -> Natted {
+impl Natted {
+    /// Replaces the router's NAT rule by `nat`'s and forgets every mapping
+    /// it made (so no old random mapping outlives the change).
+    fn set_nat(&self, nat: Nat) {
+        self.router.run_ok(&["nft", "flush chain ip wmnat post"]);
+        self.router
+            .run_ok(&["nft", &format!("add rule ip wmnat post oifname \"{}\" {}", self.uplink.a_if, nat.masquerade())]);
+        // conntrack -F exits 0 and reports how many entries went on stderr.
+        self.router.run_ok(&["conntrack", "-F"]);
+    }
+
+    /// The public port the router mapped the node's UDP `sport` to, for each
+    /// destination address and port it has a mapping towards (from its
+    /// conntrack table).
+    fn udp_mappings(&self, sport: u16) -> Vec<(String, u16)> {
+        let out = self.router.exec(&["conntrack", "-L", "-p", "udp", "-s", &self.private_ip]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut found = Vec::new();
+        for line in text.lines() {
+            // Original direction first, then the reply direction:
+            // src= dst= sport= dport= ... src= dst= sport= dport=
+            let field = |key: &str| -> Vec<&str> {
+                line.split_whitespace().filter_map(|w| w.strip_prefix(key)).collect::<Vec<_>>()
+            };
+            let (dst, sports, dports) = (field("dst="), field("sport="), field("dport="));
+            if dst.len() != 2 || sports.len() != 2 || dports.len() != 2 {
+                continue;
+            }
+            if sports[0].parse::<u16>().ok() != Some(sport) {
+                continue;
+            }
+            let (Ok(public_port), Ok(dport)) = (dports[1].parse::<u16>(), dports[0].parse::<u16>()) else {
+                continue;
+            };
+            found.push((format!("{}:{dport}", dst[0]), public_port));
+        }
+        found.sort();
+        found
+    }
+}
+
+fn natted(lab: &mut Lab, name: &str, key: &str, private: u8, nat: Nat) -> Natted {
     let router = Netns::new();
     let host = lab.next_host;
     lab.next_host += 1;
     let uplink = Lab::attach(&lab.hub, &router, &lab.subnet.v4_cidr(host));
     let public_ip = lab.subnet.v4(host);
     let ns = Netns::new();
-    let inner = veth_pair(&ns, &format!("10.{private}.0.2/24"), Some(&router), &format!("10.{private}.0.1/24"));
+    let private_ip = format!("10.{private}.0.2");
+    let inner = veth_pair(&ns, &format!("{private_ip}/24"), Some(&router), &format!("10.{private}.0.1/24"));
     ns.run_ok(&["ip", "route", "add", "default", "via", &format!("10.{private}.0.1")]);
     router.run_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
     router.run_ok(&["nft", "add table ip wmnat"]);
     router.run_ok(&["nft", "add chain ip wmnat post { type nat hook postrouting priority 100 ; }"]);
-    router.run_ok(&["nft", &format!("add rule ip wmnat post oifname \"{}\" masquerade", uplink.a_if)]);
+    router.run_ok(&["nft", &format!("add rule ip wmnat post oifname \"{}\" {}", uplink.a_if, nat.masquerade())]);
     // Like a home router's firewall: nothing new comes in from outside.
     // (Dropped before conntrack confirms it, so a peer's early probe leaves
     // no entry that would later clash with the node's own mapping and make
@@ -50,26 +128,70 @@ fn natted(lab: &mut Lab, name: &str, key: &str, private: u8) -> Natted {
     let socket = state.join("api.sock");
     let mut node = Node { ns, _link: inner, tun, state, socket, proc: None };
     lab.start_agent(&mut node, name, key);
-    Natted { _router: router, _uplink: uplink, public_ip, node }
+    Natted { router, uplink, public_ip, private_ip, node }
 }
 
 fn wg_endpoints(n: &Node) -> String {
     String::from_utf8_lossy(&n.ns.exec(&["wg", "show", &n.tun, "endpoints"]).stdout).into_owned()
 }
 
+fn wg_listen_port(n: &Node) -> u16 {
+    let out = n.ns.run_ok(&["wg", "show", &n.tun, "listen-port"]);
+    out.trim().parse().unwrap_or_else(|_| panic!("listen port of {}: {out:?}", n.tun))
+}
+
+fn node_key(n: &Node) -> String {
+    n.status()["self"]["node_key"].as_str().expect("registered").to_string()
+}
+
+/// Frames the control server's embedded relay has forwarded so far.
+fn relay_forwarded(lab: &Lab) -> u64 {
+    let out = lab.admin(&["relay", "stats", "--json"]);
+    assert!(out.status.success(), "wiremesh relay stats: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("relay stats --json: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+    v["forwarded"].as_u64().unwrap_or_else(|| panic!("no forwarded counter in {v}"))
+}
+
+/// Sends `n` pings 50 ms apart and returns how many were answered.
+fn pings(from: &Node, to: &str, n: u32) -> u32 {
+    let count = n.to_string();
+    let out = from.ns.exec(&["ping", "-q", "-n", "-c", &count, "-i", "0.05", "-W", "1", to]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "N packets transmitted, M received, ..."
+    text.split(',')
+        .find_map(|part| part.trim().strip_suffix(" received").and_then(|m| m.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("ping summary not found in {text:?}"))
+}
+
+/// Whether the tools a test needs are here (skipping, or failing in CI, if not).
+fn have_tools(test: &str, tools: &[&str]) -> bool {
+    if !netns::require_or_skip(test) {
+        return false;
+    }
+    for tool in tools {
+        if !netns::have_command(tool) {
+            return netns::skip_or_fail(test, &format!("{tool} is not installed (ci/install-deps.sh installs it)"));
+        }
+    }
+    true
+}
+
+/// Waits until `n` has logged `line` after the first `from` bytes of its log.
+fn wait_logged(n: &Node, from: usize, line: &str, timeout: Duration, all: &[&Node]) -> Duration {
+    wait_until(timeout, line, || n.log().get(from..).is_some_and(|l| l.contains(line)), || logs(all))
+}
+
 #[test]
 fn two_nodes_behind_nats_connect_directly() {
     const TEST: &str = "two_nodes_behind_nats_connect_directly";
-    if !netns::require_or_skip(TEST) {
-        return;
-    }
-    if !netns::have_command("nft") && !netns::skip_or_fail(TEST, "nft is not installed") {
+    if !have_tools(TEST, &["nft"]) {
         return;
     }
     let mut lab = Lab::new();
     let key = lab.new_key(true);
-    let a = natted(&mut lab, "alpha", &key, 71);
-    let b = natted(&mut lab, "beta", &key, 72);
+    let a = natted(&mut lab, "alpha", &key, 71, Nat::PortRestrictedCone);
+    let b = natted(&mut lab, "beta", &key, 72, Nat::PortRestrictedCone);
     let all = [&a.node, &b.node];
     for n in all {
         wait_until(Duration::from_secs(20), "the peer in the map", || peer_count(n) == 1, || logs(&all));
@@ -82,19 +204,251 @@ fn two_nodes_behind_nats_connect_directly() {
     let (va, vb) = (a.node.ipv4(), b.node.ipv4());
     let took = wait_until(Duration::from_secs(30), "alpha -> beta", || a.node.ping(&vb), || logs(&all));
     assert!(b.node.ping(&va), "beta -> alpha\n{}", logs(&all));
-    // Direct: each sends to the other's NAT, not to a relay or a private address.
+    // Disco chose the direct paths, each to the other's NAT (not a relay or
+    // a private address).
+    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
+    let direct =
+        wait_logged(&a.node, 0, &format!("path to {kb}: direct {}:", b.public_ip), Duration::from_secs(30), &all);
+    wait_logged(&b.node, 0, &format!("path to {ka}: direct {}:", a.public_ip), Duration::from_secs(10), &all);
     let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
     assert!(ea.contains(&format!("\t{}:", b.public_ip)), "alpha's endpoint for beta: {ea:?}");
     assert!(eb.contains(&format!("\t{}:", a.public_ip)), "beta's endpoint for alpha: {eb:?}");
-    // Disco chose those paths (not WireGuard's roaming alone).
-    let (ka, kb) = (
-        a.node.status()["self"]["node_key"].as_str().unwrap().to_string(),
-        b.node.status()["self"]["node_key"].as_str().unwrap().to_string(),
+    // And the traffic does not go through the relay: 50 pings each way
+    // (200 frames, were they relayed) leave its counter where it was, but
+    // for a probe or two already on their way.
+    let before = relay_forwarded(&lab);
+    assert_eq!(pings(&a.node, &vb, 50), 50, "alpha -> beta, direct\n{}", logs(&all));
+    assert_eq!(pings(&b.node, &va, 50), 50, "beta -> alpha, direct\n{}", logs(&all));
+    let relayed = relay_forwarded(&lab) - before;
+    assert!(relayed <= 4, "the relay forwarded {relayed} frames while 100 pings crossed a direct path\n{}", logs(&all));
+    eprintln!(
+        "{TEST}: first ping after {took:?}, both paths direct after {direct:?} more; relay forwarded {relayed} frames \
+         during 100 direct pings; endpoints: {} / {}",
+        ea.trim(),
+        eb.trim()
     );
-    let want = format!("path to {kb}: direct {}:", b.public_ip);
-    wait_until(Duration::from_secs(10), "alpha's disco path", || a.node.log().contains(&want), || logs(&all));
-    let want = format!("path to {ka}: direct {}:", a.public_ip);
-    wait_until(Duration::from_secs(10), "beta's disco path", || b.node.log().contains(&want), || logs(&all));
-    eprintln!("{TEST}: direct through both NATs after {took:?}; endpoints: {} / {}", ea.trim(), eb.trim());
+    drop(lab.server.take());
+}
+
+/// Alpha behind a random-port NAT, beta behind a port-restricted cone, both
+/// registered, each with the peer in its map and connected to the relay,
+/// and alpha's router checked to map one socket to a different public port
+/// per destination.
+fn relayed_pair(test: &str) -> (Lab, Natted, Natted) {
+    let mut lab = Lab::new();
+    let key = lab.new_key(true);
+    let a = natted(&mut lab, "alpha", &key, 73, Nat::RandomPorts);
+    let b = natted(&mut lab, "beta", &key, 74, Nat::PortRestrictedCone);
+    {
+        let all = [&a.node, &b.node];
+        for n in all {
+            wait_until(Duration::from_secs(20), "the peer in the map", || peer_count(n) == 1, || logs(&all));
+            wait_logged(n, 0, "relay: connected to ", Duration::from_secs(20), &all);
+        }
+        for n in [&a, &b] {
+            let want = format!("reflexive address {}:", n.public_ip);
+            wait_logged(&n.node, 0, &want, Duration::from_secs(20), &all);
+        }
+        // Alpha's WireGuard socket has been to the STUN server and (probing)
+        // to beta's NAT: the two mappings must differ, or this is not the
+        // NAT the test means.
+        let port = wg_listen_port(&a.node);
+        let stun = format!("{}:", lab.subnet.v4(1));
+        let peer = format!("{}:", b.public_ip);
+        let seen = std::cell::RefCell::new(Vec::new());
+        wait_until(
+            Duration::from_secs(10),
+            "alpha's router mapping its WireGuard socket towards STUN and towards beta",
+            || {
+                let maps = a.udp_mappings(port);
+                let both =
+                    maps.iter().any(|(d, _)| d.starts_with(&stun)) && maps.iter().any(|(d, _)| d.starts_with(&peer));
+                *seen.borrow_mut() = maps;
+                both
+            },
+            || format!("mappings of port {port}: {:?}\n{}", seen.borrow(), logs(&all)),
+        );
+        let maps = seen.into_inner();
+        let ports: std::collections::BTreeSet<u16> = maps.iter().map(|&(_, p)| p).collect();
+        assert_eq!(ports.len(), maps.len(), "masquerade random reused a public port: {maps:?}");
+        eprintln!("{test}: alpha's WireGuard port {port} maps to {maps:?}");
+    }
+    (lab, a, b)
+}
+
+/// Pings both ways through the relay and checks it carried them.
+fn check_relayed(test: &str, lab: &Lab, a: &Natted, b: &Natted) {
+    let all = [&a.node, &b.node];
+    let (va, vb) = (a.node.ipv4(), b.node.ipv4());
+    let took = wait_until(Duration::from_secs(20), "alpha -> beta", || a.node.ping(&vb), || logs(&all));
+    assert!(b.node.ping(&va), "beta -> alpha\n{}", logs(&all));
+    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
+    wait_logged(&a.node, 0, &format!("path to {kb}: relay"), Duration::from_secs(10), &all);
+    wait_logged(&b.node, 0, &format!("path to {ka}: relay"), Duration::from_secs(10), &all);
+    let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
+    assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
+    assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
+    // Each echo request and each reply crosses the relay once.
+    const N: u32 = 20;
+    let before = relay_forwarded(lab);
+    assert_eq!(pings(&a.node, &vb, N), N, "alpha -> beta, relayed\n{}", logs(&all));
+    assert_eq!(pings(&b.node, &va, N), N, "beta -> alpha, relayed\n{}", logs(&all));
+    let relayed = relay_forwarded(lab) - before;
+    assert!(relayed >= u64::from(4 * N), "{} pings both ways, but the relay forwarded {relayed} frames", 2 * N);
+    // No direct path was found through the random-port NAT.
+    for (n, k) in [(&a.node, &kb), (&b.node, &ka)] {
+        let direct = format!("path to {k}: direct");
+        assert!(!n.log().contains(&direct), "{}: a direct path through the random-port NAT?\n{}", n.tun, logs(&all));
+    }
+    eprintln!(
+        "{test}: first ping after {took:?}; the relay forwarded {relayed} frames for {} pings; endpoints: {} / {}",
+        2 * N,
+        ea.trim(),
+        eb.trim()
+    );
+}
+
+#[test]
+fn random_port_nat_goes_through_the_relay() {
+    const TEST: &str = "random_port_nat_goes_through_the_relay";
+    if !have_tools(TEST, &["nft", "conntrack"]) {
+        return;
+    }
+    let (mut lab, a, b) = relayed_pair(TEST);
+    check_relayed(TEST, &lab, &a, &b);
+    drop(lab.server.take());
+}
+
+/// An iperf3 run from `client` to an iperf3 server on `server`'s tailnet
+/// address (one client, then the server exits): started, not waited for.
+struct Iperf {
+    server: Child,
+    client: Child,
+    started: Instant,
+}
+
+const IPERF_PORT: &str = "5201";
+
+fn start_iperf(client: &Node, server: &Node, seconds: u32) -> Iperf {
+    let ip = server.ipv4();
+    let srv = server.ns.spawn(&["iperf3", "-s", "-1", "-B", &ip, "-p", IPERF_PORT]);
+    wait_until(
+        Duration::from_secs(5),
+        "iperf3 listening",
+        || {
+            let out = server.ns.exec(&["ss", "-Htln", "sport", "=", &format!(":{IPERF_PORT}")]);
+            !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+        },
+        String::new,
+    );
+    let secs = seconds.to_string();
+    let cli = client.ns.spawn(&["iperf3", "-c", &ip, "-p", IPERF_PORT, "-t", &secs, "-J"]);
+    Iperf { server: srv, client: cli, started: Instant::now() }
+}
+
+impl Iperf {
+    fn running(&mut self) -> bool {
+        matches!(self.client.try_wait(), Ok(None))
+    }
+
+    /// Waits for both ends (bounded: killed after `limit`) and returns the
+    /// client's JSON report, asserting it ended well.
+    fn finish(self, limit: Duration) -> serde_json::Value {
+        let Iperf { server, client, started } = self;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pid = client.id();
+        std::thread::spawn(move || {
+            let _ = tx.send(client.wait_with_output());
+        });
+        let out = match rx.recv_timeout(limit.saturating_sub(started.elapsed())) {
+            Ok(out) => out.expect("iperf3 client"),
+            Err(_) => {
+                // SAFETY: signalling our own child, which has not been reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                panic!("iperf3 client still running after {limit:?}");
+            }
+        };
+        let mut server = server;
+        let _ = server.kill();
+        let _ = server.wait();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("iperf3 -J: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        });
+        assert!(out.status.success(), "iperf3 client failed ({}): {report}", out.status);
+        assert!(report.get("error").is_none(), "iperf3 reported an error: {}", report["error"]);
+        report
+    }
+}
+
+/// The receiver's average throughput in Mbit/s.
+fn mbits(report: &serde_json::Value) -> f64 {
+    report["end"]["sum_received"]["bits_per_second"].as_f64().expect("sum_received in the iperf3 report") / 1e6
+}
+
+#[test]
+fn lifting_the_block_moves_to_direct_without_breaking_tcp() {
+    const TEST: &str = "lifting_the_block_moves_to_direct_without_breaking_tcp";
+    if !have_tools(TEST, &["nft", "conntrack", "iperf3", "ss"]) {
+        return;
+    }
+    let (mut lab, a, b) = relayed_pair(TEST);
+    check_relayed(TEST, &lab, &a, &b);
+    let all = [&a.node, &b.node];
+    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
+
+    // Relayed throughput, for the figure.
+    let relayed = mbits(&start_iperf(&a.node, &b.node, 3).finish(Duration::from_secs(15)));
+
+    // A TCP transfer through the tunnel, and, while it runs, alpha's router
+    // turns into a port-restricted cone.
+    const TRANSFER: u32 = 30;
+    let mut transfer = start_iperf(&a.node, &b.node, TRANSFER);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(transfer.running(), "the transfer ended before the NAT changed\n{}", logs(&all));
+    let (from_a, from_b) = (a.node.log().len(), b.node.log().len());
+    a.set_nat(Nat::PortRestrictedCone);
+    let changed = Instant::now();
+    let direct_a = format!("path to {kb}: direct {}:", b.public_ip);
+    let direct_b = format!("path to {ka}: direct {}:", a.public_ip);
+    let limit = Duration::from_secs(u64::from(TRANSFER) - 4);
+    wait_logged(&a.node, from_a, &direct_a, limit, &all);
+    wait_logged(&b.node, from_b, &direct_b, limit.saturating_sub(changed.elapsed()), &all);
+    let switched = changed.elapsed();
+    assert!(transfer.running(), "the transfer ended before the pair went direct\n{}", logs(&all));
+    let report = transfer.finish(Duration::from_secs(u64::from(TRANSFER) + 15));
+    // One connection from start to end, carrying data to the last interval.
+    let connected = report["start"]["connected"].as_array().map(Vec::len);
+    assert_eq!(connected, Some(1), "iperf3 connections: {}", report["start"]["connected"]);
+    let intervals = report["intervals"].as_array().expect("iperf3 intervals");
+    assert!(intervals.len() + 1 >= TRANSFER as usize, "{} intervals of {TRANSFER}", intervals.len());
+    let last = intervals.last().map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0)).unwrap_or(0);
+    assert!(last > 0, "nothing moved in the transfer's last second\n{}", logs(&all));
+    let stalled = intervals.iter().filter(|i| i["sum"]["bytes"].as_u64() == Some(0)).count();
+
+    let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
+    assert!(ea.contains(&format!("{kb}\t{}:", b.public_ip)), "alpha's endpoint for beta: {ea:?}");
+    assert!(eb.contains(&format!("{ka}\t{}:", a.public_ip)), "beta's endpoint for alpha: {eb:?}");
+
+    // Direct now: 50 pings leave the relay's counter (almost) flat.
+    let vb = b.node.ipv4();
+    let before = relay_forwarded(&lab);
+    assert_eq!(pings(&a.node, &vb, 50), 50, "alpha -> beta, direct\n{}", logs(&all));
+    let through_relay = relay_forwarded(&lab) - before;
+    assert!(through_relay <= 4, "the relay forwarded {through_relay} frames while 50 pings crossed directly");
+
+    // Direct throughput, for the figure.
+    let direct = mbits(&start_iperf(&a.node, &b.node, 3).finish(Duration::from_secs(15)));
+    eprintln!(
+        "{TEST}: direct {switched:?} after the NAT change, during a {TRANSFER} s TCP transfer ({:.0} Mbit/s on \
+         average, {stalled} of {} one-second intervals without data, one connection); relay forwarded \
+         {through_relay} frames during 50 direct pings",
+        mbits(&report),
+        intervals.len()
+    );
+    eprintln!(
+        "{TEST}: throughput through the NATs (iperf3 -t 3, one TCP stream): relayed {relayed:.0} Mbit/s, direct \
+         {direct:.0} Mbit/s, direct/relayed {:.2}",
+        direct / relayed
+    );
     drop(lab.server.take());
 }
