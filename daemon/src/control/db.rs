@@ -6,6 +6,7 @@
 //! SHA-256 hashes: they are 32 random bytes, so a plain hash cannot be
 //! brute-forced and a slow password hash would buy nothing.
 
+use super::alloc::{self, dns_label, Ipv4Range, NewNode};
 use super::proto::{hex, AuthKeyInfo, NodeInfo, UserInfo};
 use super::store::{params, Conn, Dialect, Row};
 use super::ApiError;
@@ -205,8 +206,6 @@ pub const IPV4_BASE: u32 = u32::from_be_bytes([100, 64, 0, 0]);
 pub const IPV4_PREFIX: u8 = 10;
 /// Kept free for a tailnet resolver (MagicDNS-style).
 pub const IPV4_RESOLVER: u32 = u32::from_be_bytes([100, 100, 100, 100]);
-const IPV4_FIRST: u32 = IPV4_BASE + 1;
-const IPV4_LAST: u32 = IPV4_BASE + (1 << (32 - IPV4_PREFIX)) - 2;
 
 /// The tailnet's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,64 +273,6 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-/// A DNS label made from a host name: lowercase letters, digits and inner
-/// hyphens, at most 63 characters (RFC 1035 §2.3.1), `node` when nothing is left.
-pub fn dns_label(hostname: &str) -> String {
-    let first = hostname.split('.').next().unwrap_or("");
-    let mut s = String::with_capacity(first.len());
-    for c in first.chars() {
-        let c = c.to_ascii_lowercase();
-        if c.is_ascii_lowercase() || c.is_ascii_digit() {
-            s.push(c);
-        } else if !s.ends_with('-') {
-            s.push('-');
-        }
-    }
-    let mut s: String = s.trim_matches('-').chars().take(63).collect();
-    while s.ends_with('-') {
-        s.pop();
-    }
-    if s.is_empty() {
-        "node".into()
-    } else {
-        s
-    }
-}
-
-/// `base`, or `base-2`, `base-3`, … : the first that `taken` says is free,
-/// kept within 63 characters.
-pub fn unique_name(base: &str, mut taken: impl FnMut(&str) -> bool) -> String {
-    if !taken(base) {
-        return base.to_string();
-    }
-    let mut n = 2u64;
-    loop {
-        let suffix = format!("-{n}");
-        let keep = 63usize.saturating_sub(suffix.len()).min(base.len());
-        let candidate = format!("{}{suffix}", base[..keep].trim_end_matches('-'));
-        if !taken(&candidate) {
-            return candidate;
-        }
-        n += 1;
-    }
-}
-
-/// The first free IPv4 (as u32) at or after `next`, wrapping once around the
-/// range and skipping the resolver address; `None` when the range is full.
-pub fn pick_ipv4(next: u32, mut used: impl FnMut(u32) -> bool) -> Option<u32> {
-    let start = if (IPV4_FIRST..=IPV4_LAST).contains(&next) { next } else { IPV4_FIRST };
-    let mut a = start;
-    loop {
-        if a != IPV4_RESOLVER && !used(a) {
-            return Some(a);
-        }
-        a = if a == IPV4_LAST { IPV4_FIRST } else { a + 1 };
-        if a == start {
-            return None;
-        }
-    }
-}
-
 /// The owner of nodes that have tags.
 pub const OWNER_TAGGED: &str = "tagged-devices";
 /// The owner of untagged nodes whose key has no user.
@@ -371,6 +312,8 @@ pub struct Db {
     conn: Conn,
     tailnet: Tailnet,
     replica: String,
+    /// Where new nodes' addresses come from ([`Ipv4Range::TAILNET`]; tests narrow it).
+    ipv4_range: Ipv4Range,
 }
 
 /// What [`Db::sweep`] changed.
@@ -442,7 +385,7 @@ impl Db {
             migrate(conn)?;
             conn.transaction(None, create_tailnet)
         })?;
-        Ok((Db { conn, tailnet, replica }, token))
+        Ok((Db { conn, tailnet, replica, ipv4_range: Ipv4Range::TAILNET }, token))
     }
 
     /// The tailnet's settings.
@@ -469,6 +412,17 @@ impl Db {
     /// The connection, for reads by the control modules' own queries (routes).
     pub(super) fn conn(&mut self) -> &mut Conn {
         &mut self.conn
+    }
+
+    /// Where new nodes' addresses come from.
+    pub(super) fn ipv4_range(&self) -> Ipv4Range {
+        self.ipv4_range
+    }
+
+    /// Narrows where new nodes' addresses come from (tests fill a small range).
+    #[cfg(test)]
+    pub(super) fn set_ipv4_range(&mut self, range: Ipv4Range) {
+        self.ipv4_range = range;
     }
 
     /// The schema version in force.
@@ -562,11 +516,11 @@ impl Db {
     pub fn register(&mut self, reg: &Registration) -> Result<NodeInfo, ApiError> {
         let now = unix_now();
         let endpoints = serde_json::to_string(&reg.endpoints).map_err(internal)?;
-        let lock = self.dialect().for_update();
+        let range = self.ipv4_range();
         let id = self.write(|c| {
-            // Registrations go one at a time across replicas: the tailnet row
+            // Registrations go one at a time across replicas: the lock
             // guards the address cursor, name choice and the one-off key.
-            c.query_one(&format!("SELECT next_ipv4 FROM tailnet WHERE id = 1{lock}"), &[])?;
+            alloc::lock_registrations(c)?;
             let known = c
                 .query_opt(
                     "SELECT id, key_expires_at FROM nodes WHERE machine_key = $1",
@@ -596,7 +550,7 @@ impl Db {
                     Ok(id)
                 }
                 None => {
-                    let id = insert_node(c, reg, &endpoints, now)?;
+                    let id = insert_node(c, reg, &endpoints, now, range)?;
                     // The key's node key expiry, if it has one.
                     c.execute(
                         "UPDATE nodes SET key_expires_at = (SELECT $2 + k.node_key_expiry_secs FROM auth_keys k
@@ -930,7 +884,7 @@ fn create_tailnet(c: &mut Conn) -> Result<(Tailnet, Option<String>), ApiError> {
     let tailnet = Tailnet { domain: "wiremesh.internal".into(), ula_prefix };
     c.execute(
         "INSERT INTO tailnet (id, domain, ula_prefix, next_ipv4, created_at) VALUES (1, $1, $2, $3, $4)",
-        params![&tailnet.domain, &ula_prefix[..], IPV4_FIRST, unix_now()],
+        params![&tailnet.domain, &ula_prefix[..], Ipv4Range::TAILNET.first, unix_now()],
     )?;
     let token = new_secret("wmadmin-");
     c.execute(
@@ -1052,58 +1006,21 @@ fn check_auth_key(c: &mut Conn, auth_key: &str, now: i64) -> Result<UsableKey, A
     Ok(UsableKey { id: k.int(0)?, ephemeral: k.bool(2)?, tags: k.text(3)?, user: k.opt_int(7)? })
 }
 
-fn insert_node(c: &mut Conn, reg: &Registration, endpoints: &str, now: i64) -> Result<i64, ApiError> {
+fn insert_node(c: &mut Conn, reg: &Registration, endpoints: &str, now: i64, range: Ipv4Range) -> Result<i64, ApiError> {
     let UsableKey { id: key_id, ephemeral, tags, user } = check_auth_key(c, &reg.auth_key, now)?;
     // A key with tags makes tagged nodes, owned by no user.
     let user = if tags == "[]" { user } else { None };
-    if c.query_opt("SELECT id FROM nodes WHERE node_key = $1", params![&reg.node_key[..]])?.is_some() {
-        return Err(ApiError::conflict("node key already belongs to another node".into()));
-    }
-    let next = c.query_one("SELECT next_ipv4 FROM tailnet WHERE id = 1", &[])?.int(0)?;
-    let mut err = None;
-    let ipv4 = pick_ipv4(u32::try_from(next).unwrap_or(IPV4_FIRST), |a| {
-        c.query_opt("SELECT id FROM nodes WHERE ipv4 = $1", params![a]).map(|r| r.is_some()).unwrap_or_else(|e| {
-            err = Some(e);
-            false
-        })
-    });
-    if let Some(e) = err {
-        return Err(e);
-    }
-    let ipv4 = ipv4.ok_or_else(|| ApiError::new(507, "address_space_full", "no free tailnet address"))?;
-    let mut err = None;
-    let name = unique_name(&dns_label(&reg.hostname), |n| {
-        c.query_opt("SELECT id FROM nodes WHERE name = $1", params![n]).map(|r| r.is_some()).unwrap_or_else(|e| {
-            err = Some(e);
-            true
-        })
-    });
-    if let Some(e) = err {
-        return Err(e);
-    }
-    let id = c
-        .query_one(
-            "INSERT INTO nodes (machine_key, node_key, hostname, name, ipv4, endpoints, tags, ephemeral, auth_key_id,
-                                created_at, last_seen, user_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) RETURNING id",
-            params![
-                &reg.machine_key[..],
-                &reg.node_key[..],
-                &reg.hostname,
-                &name,
-                ipv4,
-                endpoints,
-                &tags,
-                ephemeral,
-                key_id,
-                now,
-                user
-            ],
-        )?
-        .int(0)?;
-    // Addresses are not handed out again soon after a node is removed.
-    let next = if ipv4 == IPV4_LAST { IPV4_FIRST } else { ipv4 + 1 };
-    c.execute("UPDATE tailnet SET next_ipv4 = $1 WHERE id = 1", params![next])?;
+    let node = NewNode {
+        reg,
+        endpoints,
+        tags: &tags,
+        ephemeral,
+        auth_key_id: Some(key_id),
+        user_id: user,
+        federation_id: None,
+        now,
+    };
+    let id = alloc::insert_node(c, &node, range)?;
     c.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = $1", params![key_id])?;
     Ok(id)
 }
@@ -1144,41 +1061,7 @@ fn migrate(c: &mut Conn) -> Result<usize, ApiError> {
 mod tests {
     use super::*;
 
-    fn reg(key: &str, n: u8, hostname: &str) -> Registration {
-        Registration {
-            auth_key: key.into(),
-            machine_key: [n; 32],
-            node_key: [n.wrapping_add(100); 32],
-            hostname: hostname.into(),
-            endpoints: vec!["192.0.2.1:41641".into()],
-        }
-    }
-
-    #[test]
-    fn ipv4_allocation_skips_used_and_resolver_and_wraps() {
-        assert_eq!(pick_ipv4(0, |_| false), Some(IPV4_FIRST));
-        assert_eq!(Ipv4Addr::from(IPV4_FIRST), Ipv4Addr::new(100, 64, 0, 1));
-        assert_eq!(Ipv4Addr::from(IPV4_LAST), Ipv4Addr::new(100, 127, 255, 254));
-        assert_eq!(pick_ipv4(IPV4_FIRST, |a| a < IPV4_FIRST + 3), Some(IPV4_FIRST + 3));
-        assert_eq!(pick_ipv4(IPV4_RESOLVER, |_| false), Some(IPV4_RESOLVER + 1));
-        assert_eq!(pick_ipv4(IPV4_LAST, |a| a == IPV4_LAST), Some(IPV4_FIRST));
-        assert_eq!(pick_ipv4(IPV4_FIRST + 10, |_| true), None);
-    }
-
-    #[test]
-    fn names_are_dns_safe_and_unique() {
-        assert_eq!(dns_label("My_Laptop.local"), "my-laptop");
-        assert_eq!(dns_label("--web--01--"), "web-01");
-        assert_eq!(dns_label("ÄÖÜ"), "node");
-        assert_eq!(dns_label(&"a".repeat(100)).len(), 63);
-        let taken = ["web", "web-2"];
-        assert_eq!(unique_name("web", |n| taken.contains(&n)), "web-3");
-        assert_eq!(unique_name("db", |n| taken.contains(&n)), "db");
-        let long = "b".repeat(63);
-        let got = unique_name(&long, |n| n == long);
-        assert_eq!(got.len(), 63);
-        assert!(got.ends_with("-2"));
-    }
+    use super::alloc::test_registration as reg;
 
     #[test]
     fn secrets_are_stored_hashed() {

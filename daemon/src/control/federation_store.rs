@@ -4,9 +4,10 @@
 //! recorded in the same transaction that stores the node, so a token
 //! registers one node at most, on any replica.
 
+use super::alloc::{self, NewNode};
 use super::db::{self, Db, Registration};
 use super::proto::NodeInfo;
-use super::store::{params, Conn, Row};
+use super::store::{params, Row};
 use super::ApiError;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
@@ -155,10 +156,10 @@ impl Db {
         let now = db::unix_now();
         let endpoints = serde_json::to_string(&reg.endpoints).map_err(|e| ApiError::internal(e.to_string()))?;
         let tags = serde_json::to_string(&v.tags).map_err(|e| ApiError::internal(e.to_string()))?;
-        let lock = self.dialect().for_update();
+        let range = self.ipv4_range();
         let id = self.write(|c| {
             // One registration at a time across replicas, as db::register.
-            c.query_one(&format!("SELECT next_ipv4 FROM tailnet WHERE id = 1{lock}"), &[])?;
+            alloc::lock_registrations(c)?;
             c.execute("DELETE FROM federation_jtis WHERE expires_at < $1", params![now])?;
             let key = format!("{}\n{}", v.credential.issuer, v.jti);
             if c.query_opt("SELECT expires_at FROM federation_jtis WHERE token = $1", params![&key])?.is_some() {
@@ -186,68 +187,20 @@ impl Db {
                 )?;
                 return Ok(id);
             }
-            insert_federated_node(c, reg, &endpoints, &tags, v, now)
+            let node = NewNode {
+                reg,
+                endpoints: &endpoints,
+                tags: &tags,
+                ephemeral: v.credential.ephemeral,
+                auth_key_id: None,
+                user_id: None,
+                federation_id: Some(v.credential.id),
+                now,
+            };
+            alloc::insert_node(c, &node, range)
         })?;
         self.node(id)?.ok_or_else(|| ApiError::internal("node vanished".into()))
     }
-}
-
-fn insert_federated_node(
-    c: &mut Conn,
-    reg: &Registration,
-    endpoints: &str,
-    tags: &str,
-    v: &Verified,
-    now: i64,
-) -> Result<i64, ApiError> {
-    if c.query_opt("SELECT id FROM nodes WHERE node_key = $1", params![&reg.node_key[..]])?.is_some() {
-        return Err(ApiError::conflict("node key already belongs to another node".into()));
-    }
-    let next = c.query_one("SELECT next_ipv4 FROM tailnet WHERE id = 1", &[])?.int(0)?;
-    let mut err = None;
-    let ipv4 = db::pick_ipv4(u32::try_from(next).unwrap_or(0), |a| {
-        c.query_opt("SELECT id FROM nodes WHERE ipv4 = $1", params![a]).map(|r| r.is_some()).unwrap_or_else(|e| {
-            err = Some(e);
-            false
-        })
-    });
-    if let Some(e) = err {
-        return Err(e);
-    }
-    let ipv4 = ipv4.ok_or_else(|| ApiError::new(507, "address_space_full", "no free tailnet address"))?;
-    let mut err = None;
-    let name = db::unique_name(&db::dns_label(&reg.hostname), |n| {
-        c.query_opt("SELECT id FROM nodes WHERE name = $1", params![n]).map(|r| r.is_some()).unwrap_or_else(|e| {
-            err = Some(e);
-            true
-        })
-    });
-    if let Some(e) = err {
-        return Err(e);
-    }
-    let id = c
-        .query_one(
-            "INSERT INTO nodes (machine_key, node_key, hostname, name, ipv4, endpoints, tags, ephemeral,
-                                created_at, last_seen, federation_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10) RETURNING id",
-            params![
-                &reg.machine_key[..],
-                &reg.node_key[..],
-                &reg.hostname,
-                &name,
-                ipv4,
-                endpoints,
-                tags,
-                v.credential.ephemeral,
-                now,
-                v.credential.id
-            ],
-        )?
-        .int(0)?;
-    let last = db::IPV4_BASE + (1 << (32 - db::IPV4_PREFIX)) - 2;
-    let next = if ipv4 >= last { db::IPV4_BASE + 1 } else { ipv4 + 1 };
-    c.execute("UPDATE tailnet SET next_ipv4 = $1 WHERE id = 1", params![next])?;
-    Ok(id)
 }
 
 #[cfg(test)]
@@ -255,13 +208,7 @@ mod tests {
     use super::*;
 
     fn reg(n: u8, hostname: &str) -> Registration {
-        Registration {
-            auth_key: String::new(),
-            machine_key: [n; 32],
-            node_key: [n.wrapping_add(100); 32],
-            hostname: hostname.into(),
-            endpoints: vec!["192.0.2.1:41641".into()],
-        }
+        alloc::test_registration("", n, hostname)
     }
 
     #[test]

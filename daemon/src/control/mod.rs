@@ -1,6 +1,7 @@
 //! The coordination server (`wiremeshd control`), its protocol, and the
 //! client the node agent and the CLI use. See docs/control.md.
 
+pub mod alloc;
 pub mod client;
 pub mod db;
 pub mod federation;
