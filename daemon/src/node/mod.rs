@@ -9,6 +9,7 @@ pub mod keys;
 pub mod local;
 pub mod proxy;
 pub mod reconcile;
+pub mod relay;
 pub mod routes;
 pub mod userspace;
 
@@ -171,6 +172,8 @@ struct Agent {
     /// endpoints the open map stream reported (docs/nat.md).
     disco: Mutex<Option<wiremesh_dataplane::disco::DiscoSettings>>,
     reported: Mutex<Vec<String>>,
+    /// The relay client task and the relay it serves (docs/nat.md).
+    relay: Mutex<Option<(relay::RelayTarget, tokio::task::AbortHandle)>>,
 }
 
 /// Why following the map stopped.
@@ -267,6 +270,7 @@ fn start(opts: Options) -> Result<(Arc<Agent>, userspace::DataPlane), String> {
         control_addrs,
         disco: Mutex::new(None),
         reported: Mutex::new(Vec::new()),
+        relay: Mutex::new(None),
     });
     Ok((agent, dp))
 }
@@ -729,6 +733,55 @@ impl Agent {
         if last.as_ref() != Some(&settings) && self.control.set_disco(Some(settings.clone())) {
             *last = Some(settings);
         }
+        drop(last);
+        self.update_relay(map);
+    }
+
+    /// Runs the relay client for the map's relay (restarted when the relay
+    /// or this node's key changes), or stops it when the map names none.
+    /// The userspace netstack has no relay path yet.
+    fn update_relay(&self, map: &NetworkMap) {
+        let node_key = proto::unb64_key(&lock(&self.node_key)).map(wiremesh_core::keys::PublicKey);
+        let url = self.client.url();
+        let want = match (&self.netstack, node_key) {
+            (None, Some(k)) => relay::target(map, &url.host, url.fingerprint, k),
+            _ => None,
+        };
+        let mut current = lock(&self.relay);
+        if current.as_ref().map(|(t, _)| t) == want.as_ref() {
+            return;
+        }
+        let Some(target) = want else {
+            if let Some((_, task)) = current.take() {
+                task.abort();
+                self.control.clear_relay();
+                println!("relay: none in the map; relay client stopped");
+            }
+            return;
+        };
+        let key = match keys::load_or_create_node_key(&self.opts.state.join("node.key")) {
+            Ok(k) if k.public_key() == target.node_key => k,
+            Ok(_) => return, // the key is being replaced (logout); the next map brings it
+            Err(e) => {
+                eprintln!("wiremeshd node: relay: {e}");
+                return;
+            }
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        // The new link replaces the old one in the worker before the old
+        // task goes, so the worker never holds a link nobody serves.
+        let Some(port) = self.control.relay_link(wiremesh_dataplane::relay::DEFAULT_QUEUE) else { return };
+        let task = rt.spawn(relay::run(target.clone(), key, port)).abort_handle();
+        if let Some((_, old)) = current.replace((target, task)) {
+            old.abort();
+        }
+    }
+
+    fn stop_relay(&self) {
+        if let Some((_, task)) = lock(&self.relay).take() {
+            task.abort();
+            self.control.clear_relay();
+        }
     }
 
     fn apply_none(&self) -> Result<(), String> {
@@ -741,6 +794,7 @@ impl Agent {
         if lock(&self.disco).take().is_some() {
             self.control.set_disco(None);
         }
+        self.stop_relay();
         self.dns.set_zone(dns::Zone::default());
         lock(&self.shared).map = None;
         Ok(())
