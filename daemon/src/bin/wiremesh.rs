@@ -514,7 +514,7 @@ fn status(socket: &std::path::Path, json: bool) -> Result<ExitCode, String> {
     }
     for p in &s.peers {
         println!(
-            "{}  {}  {}  {}  handshake {}  rx {} tx {}  endpoint {}",
+            "{}  {}  {}  {}  handshake {}  rx {} tx {}  endpoint {}{}",
             p.node.ipv4,
             p.node.ipv6,
             p.node.fqdn,
@@ -523,6 +523,11 @@ fn status(socket: &std::path::Path, json: bool) -> Result<ExitCode, String> {
             p.rx_bytes,
             p.tx_bytes,
             p.endpoint.as_deref().unwrap_or("-"),
+            match (&p.path, p.rtt_ms) {
+                (Some(path), Some(ms)) => format!("  path {path} ({ms:.1} ms)"),
+                (Some(path), None) => format!("  path {path}"),
+                _ => String::new(),
+            },
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -99,6 +99,13 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Bytes sent to the peer.
     pub tx_bytes: u64,
+    /// The path discovery chose: `direct ADDR`, `relay`, or absent (none
+    /// found, or discovery is off: WireGuard's own endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The round-trip time of a direct path's last probe, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
 }
 
 /// The answer to [`LocalRequest::Status`].
@@ -201,6 +208,8 @@ pub struct AgentInfo<'a> {
     pub last_error: Option<String>,
     /// The data plane's UDP port.
     pub listen_port: u16,
+    /// What path discovery knows (`None`: it is off).
+    pub disco: Option<wiremesh_dataplane::disco::DiscoStatus>,
 }
 
 /// Builds the status from the map and a `get=1` answer.
@@ -211,15 +220,28 @@ pub fn status(map: Option<&NetworkMap>, get: &str, agent: AgentInfo<'_>) -> Stat
             m.peers
                 .iter()
                 .map(|n| {
-                    let w = crate::control::proto::unb64_key(&n.node_key)
-                        .and_then(|k| wg.get(&hex(&k)).cloned())
-                        .unwrap_or_default();
+                    let key = crate::control::proto::unb64_key(&n.node_key);
+                    let w = key.and_then(|k| wg.get(&hex(&k)).cloned()).unwrap_or_default();
+                    let found = agent
+                        .disco
+                        .as_ref()
+                        .and_then(|d| d.paths.iter().find(|(pk, _, _)| Some(pk.0) == key))
+                        .and_then(|(_, path, rtt)| path.map(|p| (p, *rtt)));
+                    let (path, rtt_ms) = match found {
+                        Some((wiremesh_core::disco::Path::Direct(a), rtt)) => {
+                            (Some(format!("direct {a}")), rtt.map(|r| r.as_secs_f64() * 1000.0))
+                        }
+                        Some((wiremesh_core::disco::Path::Relay, _)) => (Some("relay".to_string()), None),
+                        None => (None, None),
+                    };
                     PeerStatus {
                         node: n.clone(),
                         endpoint: w.endpoint,
                         last_handshake: w.last_handshake,
                         rx_bytes: w.rx_bytes,
                         tx_bytes: w.tx_bytes,
+                        path,
+                        rtt_ms,
                     }
                 })
                 .collect()

@@ -878,6 +878,8 @@ impl Agent {
                 .await
                 .unwrap_or_default();
                 let control = self.client.url().to_string();
+                let dp = self.control.clone();
+                let disco = tokio::task::spawn_blocking(move || dp.disco_status()).await.unwrap_or_default();
                 let agent = local::AgentInfo {
                     tun: &self.opts.tun,
                     control: &control,
@@ -885,6 +887,7 @@ impl Agent {
                     state: *self.reached.borrow(),
                     last_error,
                     listen_port: self.listen_port,
+                    disco,
                 };
                 LocalResponse::Status(local::status(map.as_ref(), &get, agent))
             }
