@@ -410,10 +410,25 @@ fn lifting_the_block_moves_to_direct_without_breaking_tcp() {
     let changed = Instant::now();
     let direct_a = format!("path to {kb}: direct {}:", b.public_ip);
     let direct_b = format!("path to {ka}: direct {}:", a.public_ip);
-    let limit = Duration::from_secs(u64::from(TRANSFER) - 4);
-    wait_logged(&a.node, from_a, &direct_a, limit, &all);
-    wait_logged(&b.node, from_b, &direct_b, limit.saturating_sub(changed.elapsed()), &all);
+    // Alpha's STUN sees its new (port-keeping) mapping and reports it; then
+    // the pair probes its way to the direct path.
+    let restun_line = format!("reflexive address {}:", a.public_ip);
+    let mut restun = None;
+    wait_until(
+        Duration::from_secs(u64::from(TRANSFER) - 4),
+        "both sides on the direct path after the NAT change",
+        || {
+            let (la, lb) = (a.node.log(), b.node.log());
+            let (la, lb) = (la.get(from_a..).unwrap_or(""), lb.get(from_b..).unwrap_or(""));
+            if restun.is_none() {
+                restun = la.lines().find(|l| l.starts_with(&restun_line)).map(|l| (changed.elapsed(), l.to_string()));
+            }
+            la.contains(&direct_a) && lb.contains(&direct_b)
+        },
+        || logs(&all),
+    );
     let switched = changed.elapsed();
+    let restun = restun.map(|(t, l)| format!("{l:?} after {t:?}")).unwrap_or_else(|| "not logged".into());
     assert!(transfer.running(), "the transfer ended before the pair went direct\n{}", logs(&all));
     let report = transfer.finish(Duration::from_secs(u64::from(TRANSFER) + 15));
     // One connection from start to end, carrying data to the last interval.
@@ -439,10 +454,12 @@ fn lifting_the_block_moves_to_direct_without_breaking_tcp() {
     // Direct throughput, for the figure.
     let direct = mbits(&start_iperf(&a.node, &b.node, 3).finish(Duration::from_secs(15)));
     eprintln!(
-        "{TEST}: direct {switched:?} after the NAT change, during a {TRANSFER} s TCP transfer ({:.0} Mbit/s on \
-         average, {stalled} of {} one-second intervals without data, one connection); relay forwarded \
-         {through_relay} frames during 50 direct pings",
+        "{TEST}: direct {switched:?} after the NAT change (alpha's new mapping: {}), during a {TRANSFER} s TCP \
+         transfer ({:.0} Mbit/s on average, {} retransmits, {stalled} of {} one-second intervals without data, one \
+         connection); relay forwarded {through_relay} frames during 50 direct pings",
+        restun,
         mbits(&report),
+        report["end"]["sum_sent"]["retransmits"],
         intervals.len()
     );
     eprintln!(
