@@ -144,6 +144,12 @@ fn node_key(n: &Node) -> String {
     n.status()["self"]["node_key"].as_str().expect("registered").to_string()
 }
 
+/// The path `wiremesh status --json` shows for the node's one peer
+/// (`relay`, `direct ADDR`, or empty when there is none).
+fn status_path(n: &Node) -> String {
+    n.status()["peers"][0]["path"].as_str().unwrap_or_default().to_string()
+}
+
 /// Frames the control server's embedded relay has forwarded so far.
 fn relay_forwarded(lab: &Lab) -> u64 {
     let out = lab.admin(&["relay", "stats", "--json"]);
@@ -213,6 +219,9 @@ fn two_nodes_behind_nats_connect_directly() {
     let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
     assert!(ea.contains(&format!("\t{}:", b.public_ip)), "alpha's endpoint for beta: {ea:?}");
     assert!(eb.contains(&format!("\t{}:", a.public_ip)), "beta's endpoint for alpha: {eb:?}");
+    let (pa, pb) = (status_path(&a.node), status_path(&b.node));
+    assert!(pa.starts_with(&format!("direct {}:", b.public_ip)), "alpha's status path: {pa:?}");
+    assert!(pb.starts_with(&format!("direct {}:", a.public_ip)), "beta's status path: {pb:?}");
     // And the traffic does not go through the relay: 50 pings each way
     // (200 frames, were they relayed) leave its counter where it was, but
     // for a probe or two already on their way.
@@ -288,6 +297,9 @@ fn check_relayed(test: &str, lab: &Lab, a: &Natted, b: &Natted) {
     let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
     assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
     assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
+    for n in all {
+        assert_eq!(status_path(n), "relay", "{}'s status path", n.tun);
+    }
     // Each echo request and each reply crosses the relay once.
     const N: u32 = 20;
     let before = relay_forwarded(lab);
@@ -443,6 +455,9 @@ fn lifting_the_block_moves_to_direct_without_breaking_tcp() {
     let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
     assert!(ea.contains(&format!("{kb}\t{}:", b.public_ip)), "alpha's endpoint for beta: {ea:?}");
     assert!(eb.contains(&format!("{ka}\t{}:", a.public_ip)), "beta's endpoint for alpha: {eb:?}");
+    let (pa, pb) = (status_path(&a.node), status_path(&b.node));
+    assert!(pa.starts_with(&format!("direct {}:", b.public_ip)), "alpha's status path: {pa:?}");
+    assert!(pb.starts_with(&format!("direct {}:", a.public_ip)), "beta's status path: {pb:?}");
 
     // Direct now: 50 pings leave the relay's counter (almost) flat.
     let vb = b.node.ipv4();
