@@ -9,6 +9,11 @@
 //! the timers; the async tasks using the sockets move bytes under the same
 //! lock and push out what smoltcp can send at once.
 //!
+//! Path discovery and the relay run as in the TUN worker: with
+//! [`Control::set_disco`] probes and STUN share the UDP socket with
+//! WireGuard, and with [`Control::relay_link`] a peer whose path is the
+//! relay is reached through the link (see `crate::disco`, `crate::relay`).
+//!
 //! Configuration takes the wg(8) `set` path of the TUN driver:
 //! [`Netstack::control`] returns the same [`Control`] handle, so
 //! `Control::uapi` (and a UAPI socket served with it) configures keys,

@@ -2,8 +2,16 @@
 //! smoltcp to read; IP packets smoltcp emits are sealed in place by the core
 //! straight into a send batch, and batches go out as one UDP GSO `sendmsg`
 //! per destination (one `sendto` per datagram where the kernel lacks GSO).
+//!
+//! With path discovery on, the phy also holds the [`PathAgent`]: received
+//! datagrams are classified first (probes and STUN go to the agent, only
+//! WireGuard to the core), the agent's probes and STUN requests leave from
+//! the same socket, and datagrams the core addresses to [`RELAY_ENDPOINT`]
+//! go into the agent's relay link instead of the socket.
 
+use crate::disco::{apply_path, classify, Kind, PathAgent};
 use crate::driver::{DataplaneStats, Device};
+use crate::relay::{RelayLink, RELAY_ENDPOINT};
 use crate::udp::{read_gro_cmsg, write_gso_cmsg, UdpSock, CMSG_SPACE};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use std::collections::VecDeque;
@@ -24,6 +32,9 @@ const GSO_MAX_SEGMENTS: usize = 64;
 const RX_QUEUE_MAX: usize = 4096;
 /// How long a send waits for room in a full socket buffer before dropping.
 const SEND_WAIT_MS: i32 = 5;
+/// Datagrams from the relay handled per call of [`Phy::drain_relay`], so the
+/// relay cannot starve the socket.
+pub(crate) const RELAY_DRAIN_BUDGET: usize = 256;
 
 #[repr(C, align(8))]
 struct Cmsg([u8; CMSG_SPACE]);
@@ -46,6 +57,11 @@ pub(crate) struct Phy {
     pub(crate) mtu: usize,
     pub(crate) now: wiremesh_core::Instant,
     pub(crate) stats: Arc<DataplaneStats>,
+    /// The path agent while discovery is on and the device has a key.
+    pub(crate) disco: Option<PathAgent>,
+    /// The relay link while there is no agent (the agent holds it otherwise):
+    /// nothing is sent through it, and what arrives from it is dropped.
+    pub(crate) parked_relay: Option<RelayLink>,
     rx: VecDeque<Vec<u8>>,
     recv_buf: Box<[u8]>,
     /// Sealed datagrams of one destination, back to back, `seg` bytes each
@@ -68,6 +84,8 @@ impl Phy {
             mtu,
             now: wiremesh_core::Instant::from_duration(std::time::Duration::ZERO),
             stats,
+            disco: None,
+            parked_relay: None,
             rx: VecDeque::new(),
             recv_buf: vec![0u8; RECV_BUF].into_boxed_slice(),
             batch: vec![0u8; GSO_MAX_BYTES + HEADROOM + 65536 + TAILROOM],
@@ -86,7 +104,8 @@ impl Phy {
     }
 
     /// Reads one (possibly coalesced) UDP receive and hands each datagram
-    /// to the core; decrypted IP packets join the queue for smoltcp.
+    /// to the core (or, with discovery on, probes and STUN to the agent);
+    /// decrypted IP packets join the queue for smoltcp.
     pub(crate) fn recv(&mut self) -> RecvOutcome {
         // SAFETY: all-zero is a valid value for these plain C structs.
         let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
@@ -119,29 +138,87 @@ impl Phy {
         let seg = unsafe { read_gro_cmsg(&hdr) }.unwrap_or(n).max(1);
         let now = self.now;
         let Some(core) = self.core.as_mut() else { return RecvOutcome::Some };
+        let mut disco = self.disco.as_mut();
         let mut off = 0;
         while off < n {
             let len = seg.min(n - off);
             self.stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
             let dg = &mut self.recv_buf[off..off + len];
+            off += len;
+            if let Some(agent) = disco.as_deref_mut() {
+                match classify(dg) {
+                    Kind::WireGuard => {}
+                    Kind::Probe => {
+                        agent.handle_probe(from, dg, now);
+                        continue;
+                    }
+                    Kind::Stun => {
+                        agent.handle_stun(from, dg, now);
+                        continue;
+                    }
+                }
+            }
             if let Ok(Received::Packet { range, .. }) = core.handle_datagram(from, dg, now) {
                 if self.rx.len() < RX_QUEUE_MAX {
                     self.rx.push_back(dg[range].to_vec());
                 }
             }
-            off += len;
         }
         RecvOutcome::Some
+    }
+
+    /// Hands what the relay delivered to the path agent (probes) and the
+    /// core (WireGuard messages, as datagrams from [`RELAY_ENDPOINT`]);
+    /// decrypted IP packets join the queue for smoltcp. At most
+    /// [`RELAY_DRAIN_BUDGET`] datagrams per call; returns how many.
+    pub(crate) fn drain_relay(&mut self) -> usize {
+        if let Some(parked) = self.parked_relay.as_mut() {
+            // Discovery is off: what comes from the relay is dropped.
+            while parked.try_recv().is_some() {}
+        }
+        let now = self.now;
+        let Some(agent) = self.disco.as_mut() else { return 0 };
+        let mut handled = 0;
+        while handled < RELAY_DRAIN_BUDGET {
+            let Some(mut dg) = agent.relay_recv() else { break };
+            handled += 1;
+            match classify(&dg.bytes) {
+                Kind::Probe => {
+                    agent.handle_relay_probe(&dg.bytes, now);
+                }
+                // STUN is never relayed: a relayed one is refused.
+                Kind::Stun => agent.count_relayed_stun(),
+                Kind::WireGuard => {
+                    let Some(core) = self.core.as_mut() else { continue };
+                    self.stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(Received::Packet { range, .. }) = core.handle_datagram(RELAY_ENDPOINT, &mut dg.bytes, now)
+                    {
+                        if self.rx.len() < RX_QUEUE_MAX {
+                            // The packet is decrypted in place: keep just it.
+                            dg.bytes.truncate(range.end);
+                            dg.bytes.drain(..range.start);
+                            self.rx.push_back(dg.bytes);
+                        }
+                    }
+                }
+            }
+        }
+        handled
     }
 
     /// Sends what the core queued besides data (handshakes, cookie replies,
     /// keepalives, packets staged during a handshake), after the batch.
     pub(crate) fn flush(&mut self) {
         self.send_batch();
+        self.flush_disco();
         let now = self.now;
         loop {
             let Some(core) = self.core.as_mut() else { return };
             match core.poll_transmit(now, &mut self.ctrl) {
+                Ok(Some(t)) if t.destination == RELAY_ENDPOINT => {
+                    // The peer's path is the relay: into the link, never the socket.
+                    relay_send(self.disco.as_mut(), core, t.peer, &self.ctrl[..t.len]);
+                }
                 Ok(Some(t)) => {
                     let r = send_wait(&self.udp, &self.ctrl[..t.len], t.destination);
                     self.count_send(r);
@@ -152,6 +229,25 @@ impl Phy {
                     return;
                 }
             }
+        }
+    }
+
+    /// Applies the agent's path changes to the core and sends its STUN
+    /// requests and probes from the WireGuard socket (relay-bound probes go
+    /// into the link inside the agent).
+    fn flush_disco(&mut self) {
+        let now = self.now;
+        let Some(agent) = self.disco.as_mut() else { return };
+        while let Some(change) = agent.poll_event() {
+            if let Some(core) = self.core.as_mut() {
+                apply_path(core, change);
+            }
+        }
+        while let Some((to, len)) = agent.poll_transmit(now, &mut self.ctrl) {
+            match send_wait(&self.udp, &self.ctrl[..len], to) {
+                Ok(_) => self.stats.udp_sends.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.stats.io_errors.fetch_add(1, Ordering::Relaxed),
+            };
         }
     }
 
@@ -173,6 +269,11 @@ impl Phy {
             // Staged packets leave through `flush`; drops are counted by the core.
             Ok(Encapsulated::Staged { .. }) | Err(_) => return,
         };
+        if t.destination == RELAY_ENDPOINT {
+            // Into the relay link; the batch slot is reused by the next packet.
+            relay_send(self.disco.as_mut(), core, t.peer, &self.batch[off..off + t.len]);
+            return;
+        }
         self.stats.segments.fetch_add(1, Ordering::Relaxed);
         let fits = self.batch_count > 0
             && self.udp.gso
@@ -225,6 +326,15 @@ impl Phy {
             let r = send_wait(&self.udp, chunk, dest);
             self.count_send(r);
         }
+    }
+}
+
+/// Queues a sealed datagram for `peer` through the agent's relay link
+/// (counted as dropped by the link, or by the agent without one, when it
+/// cannot go; without an agent nothing can carry it).
+fn relay_send(agent: Option<&mut PathAgent>, core: &Device, peer: Option<wiremesh_core::device::PeerId>, bytes: &[u8]) {
+    if let (Some(agent), Some(key)) = (agent, peer.and_then(|id| core.peer_public_key(id))) {
+        agent.relay_send(key, bytes);
     }
 }
 

@@ -6,10 +6,17 @@
 //! datagrams, run timers and answer wg(8) requests; a task holds it to move
 //! bytes in or out of its socket and then pushes what smoltcp can send at
 //! once ([`Inner::pump`]), so a writer does not wait for the worker to wake.
+//!
+//! Path discovery and the relay run here as in the TUN worker: the path
+//! agent lives in the [`Phy`] (probes and STUN on the same UDP socket, the
+//! relay link for peers whose path is the relay), its timers count in the
+//! worker's sleep, and the relay link's wake-ups arrive on the same eventfd
+//! as the control requests.
 
-use super::phy::{Phy, RecvOutcome};
+use super::phy::{Phy, RecvOutcome, RELAY_DRAIN_BUDGET};
 use super::Options;
-use crate::driver::{next_config, reconcile_device, sync_stats, ControlInbox, ControlMsg, DataplaneStats};
+use crate::disco::{release_peer, DiscoSettings, PathAgent};
+use crate::driver::{next_config, reconcile_device, sync_stats, ControlInbox, ControlMsg, DataplaneStats, Worker};
 use crate::uapi::{DeviceConfig, Request, Response, UapiError};
 use crate::udp::UdpSock;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -63,6 +70,9 @@ pub(crate) struct Inner {
     /// The inbound packet filter (`Control::set_filter`), kept for a device
     /// re-created for a new key.
     filter: Option<Filter>,
+    /// Path discovery's settings while it is on (the agent is in the phy
+    /// while the device also has a key).
+    disco_settings: Option<DiscoSettings>,
     clock: std::time::Instant,
     /// When the worker will look at the timers next.
     pub(crate) next_wake: std::time::Instant,
@@ -130,6 +140,7 @@ impl Inner {
             next_port: *EPHEMERAL.start() + (rand::random::<u16>() % 16384),
             options,
             filter: None,
+            disco_settings: None,
             clock,
             next_wake: clock,
         };
@@ -217,9 +228,11 @@ impl Inner {
     pub(crate) fn deadline(&mut self) -> std::time::Instant {
         let now = self.smol_now();
         let smol = self.iface.poll_delay(now, &self.sockets).map(|d| Duration::from_micros(d.total_micros()));
-        let core =
-            self.phy.core.as_ref().and_then(|c| c.poll_timeout()).map(|t| t.saturating_duration_since(self.core_now()));
-        let wait = [smol, core].into_iter().flatten().min().unwrap_or(MAX_SLEEP).min(MAX_SLEEP);
+        let core_now = self.core_now();
+        let core = self.phy.core.as_ref().and_then(|c| c.poll_timeout()).map(|t| t.saturating_duration_since(core_now));
+        let disco =
+            self.phy.disco.as_ref().and_then(PathAgent::poll_timeout).map(|t| t.saturating_duration_since(core_now));
+        let wait = [smol, core, disco].into_iter().flatten().min().unwrap_or(MAX_SLEEP).min(MAX_SLEEP);
         std::time::Instant::now() + wait
     }
 
@@ -378,9 +391,50 @@ impl Inner {
             core.set_filter(self.filter.clone());
         }
         self.config = next;
+        if self.disco_settings.is_some() {
+            self.refresh_disco();
+        }
         self.phy.now = now;
         self.phy.flush();
         Ok(())
+    }
+
+    /// Makes, updates or drops the path agent after a change of settings or
+    /// of the device key, and puts its chosen paths on the device.
+    fn refresh_disco(&mut self) {
+        let now = self.core_now();
+        match (&self.disco_settings, self.config.private_key.clone()) {
+            (Some(settings), Some(key)) => {
+                match self.phy.disco.as_mut().filter(|a| a.public_key() == key.public_key()) {
+                    Some(agent) => agent.apply(settings.clone(), now),
+                    None => {
+                        // A new key: the relay link moves to the new agent.
+                        let link =
+                            self.phy.disco.as_mut().and_then(|a| a.take_relay(now)).or(self.phy.parked_relay.take());
+                        let mut agent = PathAgent::new(key, settings.clone(), Worker::wall(), now);
+                        if link.is_some() {
+                            agent.set_relay(link, now);
+                        }
+                        self.phy.disco = Some(agent);
+                    }
+                }
+                if let (Some(agent), Some(core)) = (self.phy.disco.as_ref(), self.phy.core.as_mut()) {
+                    agent.apply_all(core);
+                }
+            }
+            _ => {
+                if let Some(mut agent) = self.phy.disco.take() {
+                    self.phy.parked_relay = agent.take_relay(now);
+                    // Hand every peer back to WireGuard's own roaming.
+                    if let Some(core) = self.phy.core.as_mut() {
+                        let ids: Vec<_> = core.peer_ids().collect();
+                        for id in ids {
+                            release_peer(core, id);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// One turn of the worker: requests, datagrams, timers. Returns how long
@@ -398,11 +452,24 @@ impl Inner {
                     }
                     self.filter = filter;
                 }
-                // Path discovery runs in the TUN worker only, so far.
-                // No path discovery (nor relay) in the netstack yet.
-                ControlMsg::Disco(_) | ControlMsg::Relay(_) => {}
+                ControlMsg::Disco(settings) => {
+                    self.disco_settings = settings;
+                    self.refresh_disco();
+                    self.pump();
+                }
                 ControlMsg::DiscoStatus(reply) => {
-                    let _ = reply.send(None);
+                    let _ = reply.send(self.phy.disco.as_ref().map(PathAgent::status));
+                }
+                ControlMsg::Relay(link) => {
+                    let now = self.core_now();
+                    match self.phy.disco.as_mut() {
+                        Some(agent) => {
+                            agent.set_relay(link, now);
+                            self.phy.parked_relay = None;
+                        }
+                        None => self.phy.parked_relay = link,
+                    }
+                    self.pump();
                 }
             }
         }
@@ -417,11 +484,21 @@ impl Inner {
                 }
             }
         }
+        // What the relay delivered (its wake-ups come on the eventfd).
+        self.phy.now = self.core_now();
+        let relayed = self.phy.drain_relay();
+        if relayed > 0 {
+            self.pump();
+        }
         let now = self.core_now();
         if let Some(core) = self.phy.core.as_mut() {
             if core.poll_timeout().is_some_and(|t| t <= now) {
                 core.handle_timeout(now);
             }
+        }
+        if let Some(agent) = self.phy.disco.as_mut() {
+            // Its probes and STUN requests leave in the pump below.
+            agent.handle_timeout(now);
         }
         self.pump();
         self.reap();
@@ -430,7 +507,7 @@ impl Inner {
         }
         let deadline = self.deadline();
         self.next_wake = deadline;
-        if busy {
+        if busy || relayed == RELAY_DRAIN_BUDGET {
             // More datagrams may be waiting: look again without sleeping.
             return Duration::ZERO;
         }
@@ -499,5 +576,139 @@ pub(crate) fn run(shared: Arc<Shared>, inbox: ControlInbox) {
     }
     if std::env::var_os("WIREMESH_STATS").is_some() {
         eprintln!("wiremesh netstack counters: {}", shared.stats.summary());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Netstack, Options};
+    use crate::disco::DiscoSettings;
+    use crate::uapi::{parse_set, DeviceConfig, Request};
+    use std::net::{SocketAddr, UdpSocket};
+    use std::time::{Duration, Instant};
+    use wiremesh_core::device::DropReason;
+    use wiremesh_core::disco::{Path, HEADER_LEN, MAGIC, RELAY_ENDPOINT};
+    use wiremesh_core::keys::{PrivateKey, PublicKey};
+    use wiremesh_core::stun;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn start(key: &PrivateKey, peer: &PublicKey) -> Netstack {
+        let mut config = DeviceConfig::default();
+        let body =
+            format!("private_key={}\npublic_key={}\nallowed_ip=10.0.0.2/32\n", hex(&key.to_bytes()), hex(&peer.0));
+        config.apply(&parse_set(&body).unwrap()).unwrap();
+        Netstack::start(config, Options::default()).unwrap()
+    }
+
+    fn settings(peer: &PublicKey) -> DiscoSettings {
+        DiscoSettings { stun_server: None, local_endpoints: vec![], peers: vec![(*peer, vec![])] }
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// With discovery on, a probe and a STUN message on the WireGuard
+    /// socket reach the agent (which counts them) and never the device;
+    /// with it off, the same datagrams go to the device (which drops them
+    /// as malformed).
+    #[test]
+    fn probes_and_stun_go_to_the_agent_not_the_device_while_discovery_is_on() {
+        let key = PrivateKey::from_bytes([0x51; 32]);
+        let peer = PrivateKey::from_bytes([0x52; 32]).public_key();
+        let node = start(&key, &peer);
+        let control = node.control();
+        // Off by default.
+        assert_eq!(control.disco_status(), None);
+        let drops = || node.shared.lock().phy.core.as_ref().map(|c| c.drops()).unwrap();
+
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to: SocketAddr = format!("127.0.0.1:{}", node.listen_port()).parse().unwrap();
+        // A probe from an unknown sender (all-zero key, tag and body).
+        let mut probe = vec![0u8; HEADER_LEN + 1 + wiremesh_core::crypto::TAG_LEN + 16];
+        probe[..MAGIC.len()].copy_from_slice(&MAGIC);
+        assert_eq!(crate::disco::classify(&probe), crate::disco::Kind::Probe);
+        // An unsolicited STUN answer.
+        let mut answer = [0u8; 64];
+        let n = stun::encode_binding_response(&[9; 12], sock.local_addr().unwrap(), &mut answer).unwrap();
+        let answer = &answer[..n];
+
+        assert!(control.set_disco(Some(settings(&peer))));
+        assert!(control.disco_status().is_some());
+        let before = drops();
+        sock.send_to(&probe, to).unwrap();
+        sock.send_to(answer, to).unwrap();
+        wait_for("the agent to count both", || {
+            let s = control.disco_status().unwrap();
+            let refused = s.stats.malformed + s.stats.unknown_peer + s.stats.forged;
+            refused == 1 && s.stun_refused == 1
+        });
+        let s = control.disco_status().unwrap();
+        assert_eq!((s.stats.received, s.stun_answers), (0, 0));
+        assert_eq!(drops(), before, "the device saw neither");
+
+        // Off: no agent, and the device judges every datagram again.
+        assert!(control.set_disco(None));
+        assert_eq!(control.disco_status(), None);
+        sock.send_to(&probe, to).unwrap();
+        sock.send_to(answer, to).unwrap();
+        wait_for("the device to drop both", || drops().total() == before.total() + 2);
+        assert_eq!(drops().get(DropReason::Malformed), before.get(DropReason::Malformed) + 2);
+        node.shutdown();
+    }
+
+    /// The relay link waits (parked) while discovery is off, goes to the
+    /// agent when it is turned on, follows it to a new agent when the key
+    /// changes, and is parked again when discovery is turned off.
+    #[test]
+    fn the_relay_link_is_parked_and_moves_with_the_agent() {
+        let key = PrivateKey::from_bytes([0x61; 32]);
+        let peer = PrivateKey::from_bytes([0x62; 32]).public_key();
+        let node = start(&key, &peer);
+        let control = node.control();
+        let endpoint = || {
+            let inner = node.shared.lock();
+            let core = inner.phy.core.as_ref().unwrap();
+            core.peer_endpoint(core.peer_by_key(&peer).unwrap())
+        };
+        let port = control.relay_link(8).unwrap();
+        assert_eq!(control.disco_status(), None);
+        assert!(!port.is_closed());
+        assert!(control.set_disco(Some(settings(&peer))));
+        let s = control.disco_status().unwrap();
+        assert!(s.relay.is_some(), "the agent took the parked link");
+        // With a link, the relay is a path at once, and the device sends there.
+        assert_eq!(s.paths, vec![(peer, Some(Path::Relay), None)]);
+        assert_eq!(endpoint(), Some(RELAY_ENDPOINT));
+
+        // A new device key: a new agent, with the same link.
+        let new_key = PrivateKey::from_bytes([0x63; 32]);
+        let resp =
+            control.uapi(Request::Set(parse_set(&format!("private_key={}\n", hex(&new_key.to_bytes()))).unwrap()));
+        assert!(String::from_utf8_lossy(resp.as_bytes()).starts_with("errno=0"));
+        let s = control.disco_status().unwrap();
+        assert!(s.relay.is_some(), "the link moved to the new agent");
+        assert_eq!(s.paths, vec![(peer, Some(Path::Relay), None)]);
+        assert_eq!(endpoint(), Some(RELAY_ENDPOINT), "the new device got the agent's path");
+        assert!(!port.is_closed());
+
+        // Off: the peer is handed back to WireGuard, without the relay marker.
+        assert!(control.set_disco(None));
+        assert_eq!(control.disco_status(), None);
+        assert_eq!(endpoint(), None);
+        assert!(!port.is_closed(), "parked, not dropped");
+        assert!(control.set_disco(Some(settings(&peer))));
+        assert!(control.disco_status().unwrap().relay.is_some());
+        assert!(control.clear_relay());
+        assert_eq!(control.disco_status().unwrap().relay, None);
+        wait_for("the worker to drop the link", || port.is_closed());
+        node.shutdown();
     }
 }
