@@ -97,15 +97,19 @@ async fn echo(listener: wiremesh_dataplane::netstack::TcpListener) {
     }
 }
 
-/// Sends `len` random bytes through the echo and checks they come back.
-async fn round_trip(stream: &mut TcpStream, len: usize, seed: u64) {
+/// Sends `len` random bytes through the echo and checks they come back;
+/// returns how long that took.
+async fn round_trip(stream: &mut TcpStream, len: usize, seed: u64) -> Duration {
     let mut data = vec![0u8; len];
     rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
     let (mut r, mut w) = tokio::io::split(stream);
     let mut back = vec![0u8; len];
     let work = async { tokio::try_join!(w.write_all(&data), r.read_exact(&mut back)).map(|_| ()) };
+    let start = Instant::now();
     tokio::time::timeout(Duration::from_secs(20), work).await.expect("the echo timed out").unwrap();
+    let took = start.elapsed();
     assert!(back == data, "the echo changed the bytes");
+    took
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,11 +167,11 @@ async fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_d
             .await
             .expect("connect timed out")
             .unwrap();
-    round_trip(&mut stream, 256 * 1024, 1).await;
+    let relayed = round_trip(&mut stream, 1 << 20, 1).await;
     let after = ca.disco_status().unwrap().relay.unwrap();
-    // 256 KiB each way is at least 180 full datagrams each way.
-    assert!(after.sent - before.sent >= 180, "A's data went through the link: {before:?} -> {after:?}");
-    assert!(after.received - before.received >= 180, "B's echo came through the link: {before:?} -> {after:?}");
+    // 1 MiB each way is at least 720 full datagrams each way.
+    assert!(after.sent - before.sent >= 720, "A's data went through the link: {before:?} -> {after:?}");
+    assert!(after.received - before.received >= 720, "B's echo came through the link: {before:?} -> {after:?}");
     assert_eq!(field(&get(&ca), "last_handshake_time_sec").unwrap(), first_handshake);
 
     // The true addresses become known: both move to the direct path.
@@ -193,7 +197,13 @@ async fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_d
     let relay_before = (ca.disco_status().unwrap().relay.unwrap(), cb.disco_status().unwrap().relay.unwrap());
     let datagrams = |n: &Node| n.stack.stats().udp_datagrams.load(std::sync::atomic::Ordering::Relaxed);
     let udp_before = datagrams(&b);
-    round_trip(&mut stream, 1 << 20, 2).await;
+    let direct = round_trip(&mut stream, 1 << 20, 2).await;
+    let rate = |t: Duration| 2.0 * 8.0 / t.as_secs_f64(); // Mbit/s: 1 MiB each way
+    eprintln!(
+        "1 MiB echoed over the relay link in {relayed:?} ({:.0} Mbit/s), directly in {direct:?} ({:.0} Mbit/s)",
+        rate(relayed),
+        rate(direct)
+    );
     let relay_after = (ca.disco_status().unwrap().relay.unwrap(), cb.disco_status().unwrap().relay.unwrap());
     let udp_after = datagrams(&b);
     let quiet = |a: u64, b: u64| b - a <= 4;
