@@ -1,5 +1,5 @@
 //! Ways into a userspace node's tailnet for local programs: a SOCKS5
-//! proxy (RFC 1928, CONNECT, no authentication), an HTTP proxy (CONNECT,
+//! proxy (RFC 1928, CONNECT and UDP ASSOCIATE, no authentication), an HTTP proxy (CONNECT,
 //! and absolute-URI requests forwarded one per connection), and port
 //! forwards from a tailnet port to a local service.
 //!
@@ -9,19 +9,23 @@
 //! the tailnet is refused, the way `--socks5-hostname` clients expect.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use wire::{
+    method, rep, Command, Greeting, Host, HttpError, Parsed, ProxyRequest, Reply, Request, RequestHead, Target,
+    UdpDatagram, SOCKS_VERSION,
+};
 use wiremesh_dataplane::netstack::{Netstack, TcpStream};
+
+pub mod wire;
 
 /// How long a client may take to say where it wants to go.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection through the tunnel may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest HTTP request head the proxy reads.
-const MAX_HEAD: usize = 16 * 1024;
 
 /// Names to addresses: the tailnet's view (`None`: no such node).
 pub type Resolve = Arc<dyn Fn(&str) -> Option<Vec<IpAddr>> + Send + Sync>;
@@ -81,6 +85,16 @@ impl Dialer {
         }
         Err(last)
     }
+
+    /// The address a UDP datagram for `target` goes to: an IP literal, or a
+    /// node's first address (IPv4 first, as `dial` tries them).
+    fn resolve_one(&self, target: &Target) -> Option<SocketAddr> {
+        let ip = match &target.host {
+            Host::Ip(ip) => *ip,
+            Host::Domain(name) => *(self.resolve)(name)?.first()?,
+        };
+        Some(SocketAddr::new(ip, target.port))
+    }
 }
 
 /// A `--forward` rule: a tailnet TCP port to a local address.
@@ -122,114 +136,168 @@ pub async fn serve_socks5(listener: tokio::net::TcpListener, dialer: Dialer) {
     }
 }
 
-/// SOCKS5 reply codes (RFC 1928, section 6).
-mod rep {
-    pub const SUCCEEDED: u8 = 0;
-    pub const GENERAL_FAILURE: u8 = 1;
-    pub const HOST_UNREACHABLE: u8 = 4;
-    pub const CONNECTION_REFUSED: u8 = 5;
-    pub const TTL_EXPIRED: u8 = 6;
-    pub const COMMAND_NOT_SUPPORTED: u8 = 7;
-    pub const ADDRESS_TYPE_NOT_SUPPORTED: u8 = 8;
+/// Reads from `s` into `buf` until `parse` has a whole message, and takes
+/// that message's bytes off the front of `buf` (what follows stays there).
+/// The parsers ask for at most a few hundred bytes, so `buf` stays small.
+async fn read_message<S, T, E>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> Parsed<T, E>,
+) -> io::Result<Result<T, E>>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; 1024];
+    loop {
+        match parse(buf) {
+            Ok(Some((message, used))) => {
+                buf.drain(..used);
+                return Ok(Ok(message));
+            }
+            Ok(None) => {}
+            Err(e) => return Ok(Err(e)),
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// What a SOCKS5 client asked for.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    /// A request, and any bytes the client sent after it (early data).
+    Request(Request, Vec<u8>),
+    /// A request refused with this reply code.
+    Refuse(u8),
 }
 
 async fn socks5(mut client: tokio::net::TcpStream, dialer: &Dialer) -> io::Result<()> {
-    let (host, port) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, socks5_request(&mut client)).await {
-        Ok(Ok(Ok(target))) => target,
-        Ok(Ok(Err(code))) => {
-            socks5_reply(&mut client, code, None).await?;
-            return Ok(());
-        }
+    let (request, early) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, socks5_request(&mut client)).await {
+        Ok(Ok(Asked::Request(r, early))) => (r, early),
+        Ok(Ok(Asked::Refuse(code))) => return socks5_reply(&mut client, code, None).await,
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(()),
     };
-    let mut remote = match dialer.dial(&host, port).await {
+    match request.command {
+        Command::Connect => {}
+        Command::Bind => return socks5_reply(&mut client, rep::COMMAND_NOT_SUPPORTED, None).await,
+        Command::UdpAssociate => return udp_associate(client, dialer, request.target).await,
+    }
+    let mut remote = match dialer.dial(&request.target.host.to_string(), request.target.port).await {
         Ok(s) => s,
-        Err(e) => {
-            let code = match e {
-                DialError::UnknownHost(_) => rep::HOST_UNREACHABLE,
-                DialError::Refused(_) => rep::CONNECTION_REFUSED,
-                DialError::Timeout => rep::TTL_EXPIRED,
-                DialError::Other(_) => rep::GENERAL_FAILURE,
-            };
-            socks5_reply(&mut client, code, None).await?;
-            return Ok(());
-        }
+        Err(e) => return socks5_reply(&mut client, dial_reply(&e), None).await,
     };
     socks5_reply(&mut client, rep::SUCCEEDED, Some(remote.local_addr())).await?;
+    remote.write_all(&early).await?;
     relay(&mut client, &mut remote).await?;
     Ok(())
 }
 
-/// Reads the greeting and the request: the target, or the reply code to refuse with.
-async fn socks5_request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<Result<(String, u16), u8>> {
-    let mut head = [0u8; 2];
-    s.read_exact(&mut head).await?;
-    if head[0] != 5 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not SOCKS version 5"));
+/// The SOCKS5 reply code for a failed dial.
+fn dial_reply(e: &DialError) -> u8 {
+    match e {
+        DialError::UnknownHost(_) => rep::HOST_UNREACHABLE,
+        DialError::Refused(_) => rep::CONNECTION_REFUSED,
+        DialError::Timeout => rep::TTL_EXPIRED,
+        DialError::Other(_) => rep::GENERAL_FAILURE,
     }
-    let mut methods = vec![0u8; usize::from(head[1])];
-    s.read_exact(&mut methods).await?;
-    if !methods.contains(&0) {
-        // No acceptable method: the client must close (RFC 1928, section 3).
-        s.write_all(&[5, 0xff]).await?;
+}
+
+/// Reads the greeting, answers it, and reads the request.
+async fn socks5_request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<Asked> {
+    let mut buf = Vec::new();
+    let greeting = read_message(s, &mut buf, Greeting::parse)
+        .await?
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let chosen = greeting.choose();
+    s.write_all(&[SOCKS_VERSION, chosen]).await?;
+    if chosen == method::NO_ACCEPTABLE {
+        // The client must close (RFC 1928, section 3).
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             "the client offers no method without authentication",
         ));
     }
-    s.write_all(&[5, 0]).await?;
-    let mut req = [0u8; 4];
-    s.read_exact(&mut req).await?;
-    if req[0] != 5 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not SOCKS version 5"));
+    match read_message(s, &mut buf, Request::parse).await? {
+        Ok(request) => Ok(Asked::Request(request, buf)),
+        Err(e) => match e.reply() {
+            Some(code) => Ok(Asked::Refuse(code)),
+            None => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        },
     }
-    let host = match req[3] {
-        1 => {
-            let mut a = [0u8; 4];
-            s.read_exact(&mut a).await?;
-            Ipv4Addr::from(a).to_string()
-        }
-        3 => {
-            let mut len = [0u8; 1];
-            s.read_exact(&mut len).await?;
-            let mut name = vec![0u8; usize::from(len[0])];
-            s.read_exact(&mut name).await?;
-            match String::from_utf8(name) {
-                Ok(n) if !n.is_empty() => n,
-                _ => return Ok(Err(rep::HOST_UNREACHABLE)),
-            }
-        }
-        4 => {
-            let mut a = [0u8; 16];
-            s.read_exact(&mut a).await?;
-            Ipv6Addr::from(a).to_string()
-        }
-        _ => return Ok(Err(rep::ADDRESS_TYPE_NOT_SUPPORTED)),
-    };
-    let mut port = [0u8; 2];
-    s.read_exact(&mut port).await?;
-    if req[1] != 1 {
-        return Ok(Err(rep::COMMAND_NOT_SUPPORTED));
-    }
-    Ok(Ok((host, u16::from_be_bytes(port))))
 }
 
 async fn socks5_reply<S: AsyncWrite + Unpin>(s: &mut S, code: u8, bound: Option<SocketAddr>) -> io::Result<()> {
-    let mut out = vec![5, code, 0];
-    match bound.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))) {
-        SocketAddr::V4(a) => {
-            out.push(1);
-            out.extend_from_slice(&a.ip().octets());
-            out.extend_from_slice(&a.port().to_be_bytes());
-        }
-        SocketAddr::V6(a) => {
-            out.push(4);
-            out.extend_from_slice(&a.ip().octets());
-            out.extend_from_slice(&a.port().to_be_bytes());
+    let mut out = Vec::with_capacity(22);
+    Reply::new(code, bound).emit(&mut out).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    s.write_all(&out).await
+}
+
+/// The largest datagram relayed under UDP ASSOCIATE: a UDP payload of
+/// 65,507 bytes plus the longest SOCKS5 header (3 + 1 + 1 + 255 + 2).
+const UDP_BUF: usize = 65_507 + 262;
+
+/// Serves a UDP ASSOCIATE (RFC 1928, section 7) until the client closes
+/// its TCP connection: datagrams from the client (only from the client's
+/// address, and from the port its request named if it named one) go into
+/// the tailnet from one netstack UDP port; what comes back to that port
+/// goes to the client with the sender's address in front.
+async fn udp_associate(mut client: tokio::net::TcpStream, dialer: &Dialer, from: Target) -> io::Result<()> {
+    let client_ip = client.peer_addr()?.ip();
+    let local = match tokio::net::UdpSocket::bind(SocketAddr::new(client.local_addr()?.ip(), 0)).await {
+        Ok(s) => s,
+        Err(_) => return socks5_reply(&mut client, rep::GENERAL_FAILURE, None).await,
+    };
+    let tunnel = match dialer.stack.bind_udp(0) {
+        Ok(s) => s,
+        Err(_) => return socks5_reply(&mut client, rep::GENERAL_FAILURE, None).await,
+    };
+    socks5_reply(&mut client, rep::SUCCEEDED, Some(local.local_addr()?)).await?;
+    // The port the client said it would send from (0: not known yet).
+    let expected_port = match from.host {
+        Host::Ip(_) => from.port,
+        Host::Domain(_) => 0,
+    };
+    let mut client_udp: Option<SocketAddr> = None;
+    let mut control = [0u8; 64];
+    let mut up = vec![0u8; UDP_BUF];
+    let mut down = vec![0u8; UDP_BUF];
+    let mut framed = Vec::with_capacity(UDP_BUF);
+    loop {
+        tokio::select! {
+            // Anything on the TCP connection, or its end, ends the association.
+            _ = client.read(&mut control) => return Ok(()),
+            r = local.recv_from(&mut up) => {
+                let (n, sender) = r?;
+                let from_client = sender.ip() == client_ip
+                    && (expected_port == 0 || sender.port() == expected_port)
+                    && client_udp.is_none_or(|c| c == sender);
+                if !from_client {
+                    continue;
+                }
+                let Ok(datagram) = UdpDatagram::parse(&up[..n]) else { continue };
+                // Fragments are not reassembled; RFC 1928 lets a server drop them.
+                if datagram.frag != 0 {
+                    continue;
+                }
+                let Some(to) = dialer.resolve_one(&datagram.target) else { continue };
+                client_udp = Some(sender);
+                // A datagram the tunnel cannot take now is lost, as UDP may be.
+                let _ = tunnel.send_to(datagram.data, to).await;
+            }
+            r = tunnel.recv_from(&mut down) => {
+                let Ok((n, sender)) = r else { continue };
+                let Some(to) = client_udp else { continue };
+                framed.clear();
+                if (UdpDatagram { frag: 0, target: sender.into(), data: &down[..n] }).emit(&mut framed).is_ok() {
+                    let _ = local.send_to(&framed, to).await;
+                }
+            }
         }
     }
-    s.write_all(&out).await
 }
 
 /// Serves the HTTP proxy on `listener` until the runtime ends.
@@ -266,16 +334,17 @@ async fn http_error<S: AsyncWrite + Unpin>(s: &mut S, status: u16, code: &str, e
 }
 
 /// Reads up to the end of the request head; returns the head and any bytes after it.
-async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Result<(Vec<u8>, Vec<u8>), HttpError>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            return Ok(Some((buf, rest)));
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
+        match wire::head_end(&buf) {
+            Ok(Some(end)) => {
+                let rest = buf.split_off(end);
+                return Ok(Ok((buf, rest)));
+            }
+            Ok(None) => {}
+            Err(e) => return Ok(Err(e)),
         }
         let n = s.read(&mut chunk).await?;
         if n == 0 {
@@ -285,92 +354,28 @@ async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Option<(Vec<u8
     }
 }
 
-/// Splits `host[:port]` (with `[v6]` brackets) using `default` for a missing port.
-fn host_port(authority: &str, default: Option<u16>) -> Option<(String, u16)> {
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().ok()?,
-            None if after.is_empty() => default?,
-            None => return None,
-        };
-        return Some((host.to_string(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => Some((h.to_string(), p.parse().ok()?)),
-        Some(_) => None,
-        None => Some((authority.to_string(), default?)),
-    }
-    .filter(|(h, _)| !h.is_empty())
-}
-
 async fn http_proxy(mut client: tokio::net::TcpStream, dialer: &Dialer) -> io::Result<()> {
     let (head, rest) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut client)).await {
-        Ok(Ok(Some(h))) => h,
-        Ok(Ok(None)) => {
-            return http_error(&mut client, 431, "head_too_large", "the request head is larger than 16 KiB").await
-        }
+        Ok(Ok(Ok(h))) => h,
+        Ok(Ok(Err(e))) => return http_error(&mut client, e.status, e.code, e.error).await,
         Ok(Err(_)) | Err(_) => return Ok(()),
     };
-    let Ok(text) = std::str::from_utf8(&head) else {
-        return http_error(&mut client, 400, "bad_request", "the request head is not UTF-8").await;
+    let request = match RequestHead::parse(&head).and_then(|h| ProxyRequest::from_head(&h)) {
+        Ok(r) => r,
+        Err(e) => return http_error(&mut client, e.status, e.code, e.error).await,
     };
-    let mut lines = text.split("\r\n");
-    let request_line = lines.next().unwrap_or_default();
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return http_error(&mut client, 400, "bad_request", "malformed request line").await;
+    let (host, port, forward) = match request {
+        ProxyRequest::Connect { host, port } => (host, port, None),
+        ProxyRequest::Forward { host, port, head } => (host, port, Some(head)),
     };
-    if !version.starts_with("HTTP/1.") {
-        return http_error(&mut client, 400, "bad_request", "only HTTP/1.x is proxied").await;
-    }
-    if method == "CONNECT" {
-        let Some((host, port)) = host_port(target, None) else {
-            return http_error(&mut client, 400, "bad_request", "CONNECT needs host:port").await;
-        };
-        let mut remote = match dialer.dial(&host, port).await {
-            Ok(r) => r,
-            Err(e) => return dial_error(&mut client, e).await,
-        };
-        client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?;
-        remote.write_all(&rest).await?;
-        relay(&mut client, &mut remote).await?;
-        return Ok(());
-    }
-    // An absolute URI: http://authority/path, sent on in origin form.
-    let Some(after) = target.strip_prefix("http://") else {
-        return http_error(
-            &mut client,
-            400,
-            "bad_request",
-            "a proxied request needs an absolute http:// URI (use CONNECT for anything else)",
-        )
-        .await;
-    };
-    let (authority, path) = match after.find('/') {
-        Some(i) => (&after[..i], &after[i..]),
-        None => (after, "/"),
-    };
-    let Some((host, port)) = host_port(authority, Some(80)) else {
-        return http_error(&mut client, 400, "bad_request", "bad host in the URI").await;
-    };
-    let mut out = format!("{method} {path} {version}\r\n");
-    for line in lines.filter(|l| !l.is_empty()) {
-        let name = line.split(':').next().unwrap_or_default().trim().to_ascii_lowercase();
-        // Hop-by-hop headers end here; one request per connection.
-        if matches!(name.as_str(), "proxy-connection" | "proxy-authorization" | "connection" | "keep-alive") {
-            continue;
-        }
-        out.push_str(line);
-        out.push_str("\r\n");
-    }
-    out.push_str("connection: close\r\n\r\n");
     let mut remote = match dialer.dial(&host, port).await {
         Ok(r) => r,
         Err(e) => return dial_error(&mut client, e).await,
     };
-    remote.write_all(out.as_bytes()).await?;
+    match forward {
+        Some(head) => remote.write_all(&head).await?,
+        None => client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?,
+    }
     remote.write_all(&rest).await?;
     relay(&mut client, &mut remote).await?;
     Ok(())
@@ -461,46 +466,72 @@ mod tests {
         }
     }
 
-    #[test]
-    fn authorities_split() {
-        assert_eq!(host_port("beta:8080", None), Some(("beta".into(), 8080)));
-        assert_eq!(host_port("beta", Some(80)), Some(("beta".into(), 80)));
-        assert_eq!(host_port("beta", None), None);
-        assert_eq!(host_port("[fd7a::1]:443", None), Some(("fd7a::1".into(), 443)));
-        assert_eq!(host_port("[fd7a::1]", Some(80)), Some(("fd7a::1".into(), 80)));
-        assert_eq!(host_port("fd7a::1", Some(80)), None);
-        assert_eq!(host_port(":80", None), None);
-        assert_eq!(host_port("beta:99999", None), None);
+    /// The SOCKS5 handshake over an in-memory stream: what it makes of the
+    /// client's bytes and what it answers.
+    async fn handshake(input: &[u8]) -> (io::Result<Asked>, Vec<u8>) {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(input).await.unwrap();
+        // The client sends nothing more: a cut request meets the end of the stream.
+        a.shutdown().await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), socks5_request(&mut b)).await.expect("no hang");
+        drop(b);
+        let mut out = Vec::new();
+        a.read_to_end(&mut out).await.unwrap();
+        (r, out)
     }
 
-    /// The SOCKS5 request parser over an in-memory stream.
     #[tokio::test]
     async fn socks5_requests() {
-        async fn run(input: &[u8]) -> (io::Result<Result<(String, u16), u8>>, Vec<u8>) {
-            let (mut a, mut b) = tokio::io::duplex(1024);
-            a.write_all(input).await.unwrap();
-            let r = socks5_request(&mut b).await;
-            drop(b);
-            let mut out = Vec::new();
-            a.read_to_end(&mut out).await.unwrap();
-            (r, out)
-        }
-        let (r, out) = run(&[5, 1, 0, 5, 1, 0, 3, 4, b'b', b'e', b't', b'a', 0, 80]).await;
-        assert_eq!(r.unwrap(), Ok(("beta".into(), 80)));
+        let (r, out) = handshake(&[5, 1, 0, 5, 1, 0, 3, 4, b'b', b'e', b't', b'a', 0, 80]).await;
+        let beta = Target { host: Host::Domain("beta".into()), port: 80 };
+        assert_eq!(r.unwrap(), Asked::Request(Request { command: Command::Connect, target: beta }, vec![]));
         assert_eq!(out, [5, 0]);
-        let (r, _) = run(&[5, 1, 0, 5, 1, 0, 1, 100, 64, 0, 2, 1, 187]).await;
-        assert_eq!(r.unwrap(), Ok(("100.64.0.2".into(), 443)));
-        // BIND is not supported; an unknown address type neither.
-        let (r, _) = run(&[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 1]).await;
-        assert_eq!(r.unwrap(), Err(rep::COMMAND_NOT_SUPPORTED));
-        let (r, _) = run(&[5, 1, 0, 5, 1, 0, 9]).await;
-        assert_eq!(r.unwrap(), Err(rep::ADDRESS_TYPE_NOT_SUPPORTED));
+        let (r, _) = handshake(&[5, 1, 0, 5, 1, 0, 1, 100, 64, 0, 2, 1, 187]).await;
+        let Asked::Request(req, _) = r.unwrap() else { panic!("refused") };
+        assert_eq!(req.target, Target::from(SocketAddr::from(([100, 64, 0, 2], 443))));
+        // BIND is parsed (and refused by the caller); UDP ASSOCIATE too.
+        let (r, _) = handshake(&[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 1]).await;
+        assert!(matches!(r.unwrap(), Asked::Request(Request { command: Command::Bind, .. }, _)));
+        let (r, _) = handshake(&[5, 1, 0, 5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+        assert!(matches!(r.unwrap(), Asked::Request(Request { command: Command::UdpAssociate, .. }, _)));
+        // An unknown command and an unknown address type get their reply codes.
+        let (r, _) = handshake(&[5, 1, 0, 5, 9, 0, 1, 1, 2, 3, 4, 0, 1]).await;
+        assert_eq!(r.unwrap(), Asked::Refuse(rep::COMMAND_NOT_SUPPORTED));
+        let (r, _) = handshake(&[5, 1, 0, 5, 1, 0, 9]).await;
+        assert_eq!(r.unwrap(), Asked::Refuse(rep::ADDRESS_TYPE_NOT_SUPPORTED));
         // Only username/password offered: refused with 0xff.
-        let (r, out) = run(&[5, 1, 2]).await;
+        let (r, out) = handshake(&[5, 1, 2]).await;
         assert!(r.is_err());
         assert_eq!(out, [5, 0xff]);
         // SOCKS4 is not spoken.
-        let (r, _) = run(&[4, 1, 0, 80]).await;
+        let (r, _) = handshake(&[4, 1, 0, 80]).await;
         assert!(r.is_err());
+        // A stream that ends inside the request is an error, not a request.
+        let (r, _) = handshake(&[5, 1, 0, 5, 1, 0, 3, 4, b'b', b'e']).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Bytes a client sends right after its request (before the reply, as
+    /// optimistic clients do) are kept for the remote end, not lost.
+    #[tokio::test]
+    async fn socks5_early_data_is_kept() {
+        let (r, _) = handshake(&[5, 1, 0, 5, 1, 0, 1, 100, 64, 0, 2, 0, 80, b'G', b'E', b'T']).await;
+        let Asked::Request(_, early) = r.unwrap() else { panic!("refused") };
+        assert_eq!(early, b"GET");
+    }
+
+    /// The HTTP head reader stops at the end of the head and refuses an
+    /// endless one with 431.
+    #[tokio::test]
+    async fn http_heads_read() {
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        a.write_all(b"CONNECT beta:22 HTTP/1.1\r\nhost: beta:22\r\n\r\nSSH-2.0").await.unwrap();
+        let (head, rest) = read_head(&mut b).await.unwrap().unwrap();
+        assert_eq!(head, b"CONNECT beta:22 HTTP/1.1\r\nhost: beta:22\r\n\r\n");
+        assert_eq!(rest, b"SSH-2.0");
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        a.write_all(&vec![b'a'; wire::MAX_HEAD + 10]).await.unwrap();
+        drop(a);
+        assert_eq!(read_head(&mut b).await.unwrap().unwrap_err().status, 431);
     }
 }
