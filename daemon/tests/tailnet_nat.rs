@@ -18,6 +18,13 @@
 //!
 //! Traffic through the relay is measured on the relay's own counter
 //! (`wiremesh relay stats --json`, `forwarded` frames).
+//!
+//! The cases: two cones go direct and the relay carries none of their
+//! pings; a random-port NAT facing a cone stays on the relay; lifting that
+//! block during a TCP transfer moves the pair to direct without breaking the
+//! connection (and prints relayed and direct iperf3 throughput); a direct
+//! path that dies (the NAT turns symmetric and forgets its mappings) falls
+//! back to the relay within seconds and the session carries on.
 
 #[path = "../../testsupport/netns.rs"]
 mod netns;
@@ -328,6 +335,76 @@ fn random_port_nat_goes_through_the_relay() {
     }
     let (mut lab, a, b) = relayed_pair(TEST);
     check_relayed(TEST, &lab, &a, &b);
+    drop(lab.server.take());
+}
+
+#[test]
+fn a_dying_direct_path_falls_back_to_the_relay() {
+    const TEST: &str = "a_dying_direct_path_falls_back_to_the_relay";
+    if !have_tools(TEST, &["nft", "conntrack"]) {
+        return;
+    }
+    let mut lab = Lab::new();
+    let key = lab.new_key(true);
+    let a = natted(&mut lab, "alpha", &key, 75, Nat::PortRestrictedCone);
+    let b = natted(&mut lab, "beta", &key, 76, Nat::PortRestrictedCone);
+    let all = [&a.node, &b.node];
+    for n in all {
+        wait_until(Duration::from_secs(20), "the peer in the map", || peer_count(n) == 1, || logs(&all));
+        wait_logged(n, 0, "relay: connected to ", Duration::from_secs(20), &all);
+    }
+    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
+    wait_logged(&a.node, 0, &format!("path to {kb}: direct {}:", b.public_ip), Duration::from_secs(30), &all);
+    wait_logged(&b.node, 0, &format!("path to {ka}: direct {}:", a.public_ip), Duration::from_secs(10), &all);
+    let (va, vb) = (a.node.ipv4(), b.node.ipv4());
+    assert_eq!(pings(&a.node, &vb, 5), 5, "alpha -> beta, direct\n{}", logs(&all));
+
+    // Alpha's router turns symmetric and forgets its mappings: the direct
+    // path stops answering both ways, and no new one can be found.
+    let (from_a, from_b) = (a.node.log().len(), b.node.log().len());
+    a.set_nat(Nat::RandomPorts);
+    let changed = Instant::now();
+    // Pings all along, 50 ms apart for 12 s: how many the change costs.
+    let during = {
+        let node = &a.node;
+        let vb = vb.clone();
+        std::thread::scope(|s| {
+            let h = s.spawn(move || pings(node, &vb, 240));
+            let relay_a = format!("path to {kb}: relay");
+            let relay_b = format!("path to {ka}: relay");
+            wait_until(
+                Duration::from_secs(12),
+                "both sides back on the relay",
+                || {
+                    let (la, lb) = (a.node.log(), b.node.log());
+                    la.get(from_a..).is_some_and(|l| l.contains(&relay_a))
+                        && lb.get(from_b..).is_some_and(|l| l.contains(&relay_b))
+                },
+                || logs(&all),
+            );
+            let fell_back = changed.elapsed();
+            (fell_back, h.join().expect("pinger"))
+        })
+    };
+    let (fell_back, answered) = during;
+    let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
+    assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
+    assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
+    for n in all {
+        assert_eq!(status_path(n), "relay", "{}'s status path", n.tun);
+    }
+    // The session carries on through the relay, both ways.
+    const N: u32 = 20;
+    let before = relay_forwarded(&lab);
+    assert_eq!(pings(&a.node, &vb, N), N, "alpha -> beta, relayed\n{}", logs(&all));
+    assert_eq!(pings(&b.node, &va, N), N, "beta -> alpha, relayed\n{}", logs(&all));
+    let relayed = relay_forwarded(&lab) - before;
+    assert!(relayed >= u64::from(4 * N), "{} pings both ways, but the relay forwarded {relayed} frames", 2 * N);
+    eprintln!(
+        "{TEST}: both sides on the relay {fell_back:?} after the NAT change; {answered} of 240 pings (50 ms apart) \
+         answered across it; then the relay forwarded {relayed} frames for {} pings",
+        2 * N
+    );
     drop(lab.server.take());
 }
 
