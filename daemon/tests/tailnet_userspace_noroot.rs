@@ -2,7 +2,13 @@
 //! unprivileged user (`nobody` through setpriv when the test runs as root,
 //! as the test's own user otherwise), with no TUN device and no namespace.
 //! Its peer is a netstack inside this test process, over loopback UDP; the
-//! SOCKS5 proxy and a port forward carry TCP both ways.
+//! SOCKS5 proxy (CONNECT and UDP ASSOCIATE) and a port forward carry
+//! traffic both ways.
+//!
+//! Also `wiremeshd node --userspace` with neither `--state` nor `--socket`,
+//! unprivileged, against a control server on loopback: it keeps to the
+//! user's XDG directories, and `wiremesh status` run by the same user finds
+//! its socket without flags.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,7 +20,11 @@ use wiremesh_core::keys::PrivateKey;
 use wiremesh_dataplane::netstack::{Netstack, Options};
 use wiremesh_dataplane::uapi::{parse_set, DeviceConfig};
 
+#[path = "support/control.rs"]
+mod control_server;
+
 const WIREMESHD: &str = env!("CARGO_BIN_EXE_wiremeshd");
+const WIREMESH: &str = env!("CARGO_BIN_EXE_wiremesh");
 const PEER: &str = "10.97.0.1";
 const NODE: &str = "10.97.0.2";
 
@@ -77,6 +87,50 @@ fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> std::io::Result<TcpS
         return Err(std::io::Error::other(format!("SOCKS5 reply {}", reply[1])));
     }
     Ok(s)
+}
+
+/// Sends three datagrams of different sizes to `target` through a SOCKS5
+/// UDP ASSOCIATE at `proxy`; returns how many came back whole, each with
+/// the SOCKS5 header naming `target` as the sender.
+fn socks5_udp_echo(proxy: SocketAddr, target: SocketAddr) -> usize {
+    let mut control = TcpStream::connect(proxy).unwrap();
+    control.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    control.write_all(&[5, 1, 0]).unwrap();
+    let mut r = [0u8; 2];
+    control.read_exact(&mut r).unwrap();
+    assert_eq!(r, [5, 0]);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // The request names the address the datagrams will come from.
+    let mut req = vec![5, 3, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&udp.local_addr().unwrap().port().to_be_bytes());
+    control.write_all(&req).unwrap();
+    let mut reply = [0u8; 10];
+    control.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[..4], [5, 0, 0, 1], "UDP ASSOCIATE refused");
+    let relay = SocketAddr::from(([reply[4], reply[5], reply[6], reply[7]], u16::from_be_bytes([reply[8], reply[9]])));
+    let SocketAddr::V4(t) = target else { panic!("IPv4 only here") };
+    let mut header = vec![0, 0, 0, 1];
+    header.extend_from_slice(&t.ip().octets());
+    header.extend_from_slice(&t.port().to_be_bytes());
+    udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut whole = 0;
+    for size in [1usize, 512, 1200] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
+        let mut datagram = header.clone();
+        datagram.extend_from_slice(&payload);
+        // UDP may lose a datagram: a few tries each.
+        for _ in 0..10 {
+            udp.send_to(&datagram, relay).unwrap();
+            let mut buf = [0u8; 2048];
+            if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                assert_eq!(from, relay);
+                assert_eq!(&buf[..n], &datagram[..], "header naming the sender, then the payload");
+                whole += 1;
+                break;
+            }
+        }
+    }
+    whole
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,6 +268,19 @@ async fn userspace_interface_runs_unprivileged_and_proxies_both_ways() {
         .unwrap_err();
     assert!(err.to_string().contains("reply 5"), "{err}");
 
+    // UDP through the proxy (UDP ASSOCIATE) to an echo service on the peer.
+    let udp_echo = peer.bind_udp(7).unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = udp_echo.recv_from(&mut buf).await {
+            let _ = udp_echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let echoes = tokio::task::spawn_blocking(move || socks5_udp_echo(proxy, format!("{PEER}:7").parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(echoes, 3, "{log:?}");
+
     // Into the node: the peer connects to the node's tailnet port 8080,
     // forwarded to the local app.
     let app = std::thread::spawn(move || {
@@ -237,5 +304,144 @@ async fn userspace_interface_runs_unprivileged_and_proxies_both_ways() {
 
     drop(daemon);
     peer.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The uid the unprivileged processes run as: nobody when the test runs as
+/// root, the test's own user otherwise.
+fn unprivileged_uid() -> Option<u32> {
+    // SAFETY: geteuid has no preconditions.
+    (unsafe { libc::geteuid() } == 0).then_some(65534)
+}
+
+/// `program args` as the unprivileged user, with `env` and without the XDG
+/// variables of the test's own environment.
+fn unprivileged(program: &str, args: &[&str], env: &[(&str, &std::path::Path)]) -> Command {
+    let mut c = match unprivileged_uid() {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            let uid = uid.to_string();
+            c.args(["--reuid", &uid, "--regid", &uid, "--clear-groups", program]);
+            c
+        }
+        None => Command::new(program),
+    };
+    c.args(args).env_remove("XDG_STATE_HOME").env_remove("XDG_RUNTIME_DIR").env_remove("HOME");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// A directory the unprivileged user owns.
+fn owned_dir(path: &std::path::Path) {
+    std::fs::create_dir_all(path).unwrap();
+    if let Some(uid) = unprivileged_uid() {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+        assert_eq!(unsafe { libc::chown(c.as_ptr(), uid, uid) }, 0, "chown {}", path.display());
+    }
+}
+
+/// Runs `wiremeshd node --userspace` without `--state` and `--socket` in
+/// environment `env` until it has its map; checks the state and socket
+/// are where `state` and `socket` say, and that `wiremesh status` run the
+/// same way (no `--socket`) reaches the agent.
+fn node_keeps_to(
+    server: &control_server::Server,
+    key: &str,
+    name: &str,
+    env: &[(&str, &std::path::Path)],
+    state: &std::path::Path,
+    socket: &std::path::Path,
+) {
+    let url = server.url.to_string();
+    let mut child = unprivileged(
+        WIREMESHD,
+        &["node", "--control", &url, "--auth-key", key, "--hostname", name, "--userspace"],
+        env,
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let (line_tx, line_rx) = mpsc::channel();
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+    ] {
+        let tx = line_tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let daemon = Daemon(child);
+    let mut log = Vec::new();
+    loop {
+        let line = line_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("no map: {log:?}"));
+        let up = line.contains("map stream open");
+        log.push(line);
+        if up {
+            break;
+        }
+    }
+    // The keys are in the user's state directory, private to the user.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let keys: Vec<_> = std::fs::read_dir(state).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(keys.len() >= 2, "{}: {keys:?} {log:?}", state.display());
+    let meta = std::fs::metadata(state).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{}", state.display());
+    if let Some(uid) = unprivileged_uid() {
+        assert_eq!(meta.uid(), uid);
+    }
+    // The socket is there (the agent makes it before it asks for a map).
+    let mut tries = 0;
+    while !socket.exists() && tries < 50 {
+        std::thread::sleep(Duration::from_millis(100));
+        tries += 1;
+    }
+    assert!(socket.exists(), "{}: {log:?}", socket.display());
+    let out = unprivileged(WIREMESH, &["status", "--json"], env).output().unwrap();
+    assert!(out.status.success(), "{} {log:?}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status.to_string().contains(name), "{status}");
+    drop(daemon);
+}
+
+#[test]
+fn node_userspace_without_flags_keeps_to_the_users_dirs() {
+    let dir = std::env::temp_dir().join(format!("wiremesh-noroot-node-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let server = control_server::start(&dir.join("control"));
+    let out = Command::new(WIREMESH)
+        .args(["keys", "create", "--reusable", "--control", &server.url.to_string(), "--admin-token"])
+        .arg(server.token.as_deref().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    // XDG_STATE_HOME and XDG_RUNTIME_DIR set: state and socket apart.
+    let (home, xdg_state, xdg_run) = (dir.join("home"), dir.join("xdg-state"), dir.join("run-user"));
+    for d in [&home, &xdg_state, &xdg_run] {
+        owned_dir(d);
+    }
+    let env = [("HOME", home.as_path()), ("XDG_STATE_HOME", &xdg_state), ("XDG_RUNTIME_DIR", &xdg_run)];
+    node_keeps_to(&server, &key, "noroot-xdg", &env, &xdg_state.join("wiremesh"), &xdg_run.join("wiremesh/api.sock"));
+    assert!(!home.join(".local").exists(), "HOME was not to be used");
+
+    // Only HOME: both under ~/.local/state/wiremesh.
+    let state = home.join(".local/state/wiremesh");
+    node_keeps_to(&server, &key, "noroot-home", &[("HOME", &home)], &state, &state.join("api.sock"));
+
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,10 +9,31 @@ use wiremesh_daemon::control::client::{Client, ControlUrl};
 use wiremesh_daemon::control::proto::{self, AuthKeyInfo, CreateKeyRequest, CreatedKey};
 use wiremesh_daemon::node::local::{self, LocalRequest, LocalResponse};
 
+#[allow(dead_code)]
+#[path = "common/user_dirs.rs"]
+mod user_dirs;
+
+/// The agent's socket unless `--socket` names one: root's agent for `tun`;
+/// for anyone else, the socket a `wiremeshd node --userspace` of the same
+/// user makes by default when it is there (else root's, when that is there:
+/// a TUN node's agent the user may be allowed to reach).
+fn default_socket(tun: &str) -> PathBuf {
+    let system = local::default_socket(tun);
+    if user_dirs::is_root() {
+        return system;
+    }
+    match user_dirs::UserDirs::current(None) {
+        Ok(user) if user.socket.exists() || !system.exists() => user.socket,
+        _ => system,
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "wiremesh", version, about = "wiremesh command-line client")]
 struct Cli {
-    /// The node agent's local API socket (default /var/run/wiremesh/<tun>.sock).
+    /// The node agent's local API socket (default /var/run/wiremesh/<tun>.sock;
+    /// not as root, the user's $XDG_RUNTIME_DIR/wiremesh/api.sock or
+    /// ~/.local/state/wiremesh/api.sock when there).
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// The node agent's TUN device, to find its socket.
@@ -444,7 +465,7 @@ enum TailnetCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let socket = cli.socket.clone().unwrap_or_else(|| local::default_socket(&cli.tun));
+    let socket = cli.socket.clone().unwrap_or_else(|| default_socket(&cli.tun));
     let result = match cli.command {
         Command::Status { json } => status(&socket, json),
         Command::Ping { target, count } => ping(&socket, &target, count),

@@ -6,6 +6,9 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[path = "common/user_dirs.rs"]
+mod user_dirs;
+
 #[derive(Parser)]
 #[command(name = "wiremeshd", version, about = "wiremesh daemon")]
 struct Cli {
@@ -111,9 +114,11 @@ enum Command {
         /// Host name to ask for (default: the system's).
         #[arg(long)]
         hostname: Option<String>,
-        /// State directory (machine and node keys).
-        #[arg(long, default_value = "/var/lib/wiremesh")]
-        state: PathBuf,
+        /// State directory (machine and node keys); default /var/lib/wiremesh,
+        /// or with --userspace and not root $XDG_STATE_HOME/wiremesh
+        /// (else ~/.local/state/wiremesh).
+        #[arg(long)]
+        state: Option<PathBuf>,
         /// TUN device name.
         #[arg(long, default_value = "wiremesh0")]
         tun: String,
@@ -123,7 +128,9 @@ enum Command {
         /// TUN MTU (1280-1420).
         #[arg(long, default_value_t = 1280, value_parser = clap::value_parser!(u32).range(1280..=1420))]
         mtu: u32,
-        /// Local API socket for the CLI (default /var/run/wiremesh/<tun>.sock).
+        /// Local API socket for the CLI (default /var/run/wiremesh/<tun>.sock,
+        /// or with --userspace and not root $XDG_RUNTIME_DIR/wiremesh/api.sock,
+        /// else api.sock in the state directory).
         #[arg(long)]
         socket: Option<PathBuf>,
         /// Point /etc/resolv.conf at the tailnet's resolver (100.100.100.100,
@@ -201,6 +208,38 @@ impl UserspaceArgs {
             forwards: self.forward.clone(),
         }
     }
+}
+
+/// The node agent's state directory and socket: as given, else root's
+/// places, else (with --userspace, not root) the user's XDG places, whose
+/// new directories are created private to the user.
+fn node_places(
+    userspace: bool,
+    state: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    tun: &str,
+) -> Result<(PathBuf, PathBuf), String> {
+    if let (Some(state), Some(socket)) = (&state, &socket) {
+        return Ok((state.clone(), socket.clone()));
+    }
+    if !userspace || user_dirs::is_root() {
+        return Ok((
+            state.unwrap_or_else(|| PathBuf::from("/var/lib/wiremesh")),
+            socket.unwrap_or_else(|| wiremesh_daemon::node::local::default_socket(tun)),
+        ));
+    }
+    let dirs = user_dirs::UserDirs::current(state.as_deref())?;
+    user_dirs::create_private(&dirs.state)?;
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            if let Some(dir) = dirs.socket.parent() {
+                user_dirs::create_private(dir)?;
+            }
+            dirs.socket
+        }
+    };
+    Ok((dirs.state, socket))
 }
 
 /// Environment variable carrying the readiness pipe to a detached child.
@@ -311,6 +350,13 @@ fn main() -> ExitCode {
                     Some(wiremesh_daemon::node::FederatedLogin { client_id, id_token, tags: federation.advertise_tags })
                 }
             };
+            let (state, socket) = match node_places(userspace.userspace, state, socket, &tun) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("wiremeshd node: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let opts = wiremesh_daemon::node::Options {
                 federation,
                 control,
@@ -318,7 +364,7 @@ fn main() -> ExitCode {
                 auth_key,
                 hostname: hostname.unwrap_or_else(wiremesh_daemon::node::system_hostname),
                 state,
-                socket: socket.unwrap_or_else(|| wiremesh_daemon::node::local::default_socket(&tun)),
+                socket,
                 tun,
                 listen_port,
                 mtu,
