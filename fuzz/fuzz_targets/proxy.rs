@@ -7,8 +7,9 @@
 //! and asks for more only while no prefix of the input is a whole message;
 //! what parses re-encodes to the bytes it came from (SOCKS5; the HTTP head
 //! to a head that parses the same); a forwarded HTTP head is itself a
-//! valid head, in origin form, with no hop-by-hop header but its own
-//! `connection: close`.
+//! valid head, in origin form, with no line break but CRLF and no control
+//! character, no hop-by-hop header but its own `connection: close`, and
+//! every other header the client sent, in order.
 
 #![no_main]
 
@@ -101,6 +102,16 @@ fn http(head: &[u8]) {
         Ok(ProxyRequest::Forward { host, head: sent, .. }) => {
             assert!(!host.is_empty());
             assert_eq!(head_end(&sent), Ok(Some(sent.len())), "the forwarded head is one head");
+            // No line break but CRLF, and no control character a server
+            // behind might read as one: nothing can smuggle extra lines.
+            for (i, &b) in sent.iter().enumerate() {
+                match b {
+                    b'\n' => assert!(i > 0 && sent[i - 1] == b'\r', "bare LF at {i}"),
+                    b'\r' => assert_eq!(sent.get(i + 1), Some(&b'\n'), "bare CR at {i}"),
+                    b'\t' => {}
+                    _ => assert!(!b.is_ascii_control() && b != 0x7f, "control byte {b:#x} at {i}"),
+                }
+            }
             let f = RequestHead::parse(&sent).expect("the forwarded head parses");
             assert_eq!((f.method, f.version), (h.method, h.version));
             assert!(f.target.starts_with('/'), "origin form: {}", f.target);
