@@ -71,7 +71,10 @@ struct Natted {
 
 impl Natted {
     /// Replaces the router's NAT rule by `nat`'s and forgets every mapping
-    /// it made (so no old random mapping outlives the change).
+    /// it made (so no old random mapping outlives the change). The node's TCP
+    /// connection to the relay crosses this NAT too and is reset by it (the
+    /// relay sees the next segment from another port), so the agent must
+    /// reconnect: a harsher change than a firewall rule lifted alone.
     fn set_nat(&self, nat: Nat) {
         self.router.run_ok(&["nft", "flush chain ip wmnat post"]);
         self.router
@@ -527,7 +530,19 @@ fn lifting_the_block_moves_to_direct_without_breaking_tcp() {
     assert!(intervals.len() + 1 >= TRANSFER as usize, "{} intervals of {TRANSFER}", intervals.len());
     let last = intervals.last().map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0)).unwrap_or(0);
     assert!(last > 0, "nothing moved in the transfer's last second\n{}", logs(&all));
-    let stalled = intervals.iter().filter(|i| i["sum"]["bytes"].as_u64() == Some(0)).count();
+    // The seconds of the transfer (the NAT changed at 3) that moved nothing.
+    let stalled: Vec<usize> =
+        intervals.iter().enumerate().filter(|(_, i)| i["sum"]["bytes"].as_u64() == Some(0)).map(|(n, _)| n).collect();
+    // Alpha's relay connection crosses its NAT too: what the change did to it.
+    let relay_events: Vec<String> = a
+        .node
+        .log()
+        .get(from_a..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.starts_with("relay: "))
+        .map(str::to_string)
+        .collect();
 
     let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
     assert!(ea.contains(&format!("{kb}\t{}:", b.public_ip)), "alpha's endpoint for beta: {ea:?}");
@@ -547,8 +562,9 @@ fn lifting_the_block_moves_to_direct_without_breaking_tcp() {
     let direct = mbits(&start_iperf(&a.node, &b.node, 3).finish(Duration::from_secs(15)));
     eprintln!(
         "{TEST}: direct {switched:?} after the NAT change (alpha's new mapping: {}), during a {TRANSFER} s TCP \
-         transfer ({:.0} Mbit/s on average, {} retransmits, {stalled} of {} one-second intervals without data, one \
-         connection); relay forwarded {through_relay} frames during 50 direct pings",
+         transfer ({:.0} Mbit/s on average, {} retransmits, one connection, {} one-second intervals, those without \
+         data: {stalled:?}); relay forwarded {through_relay} frames during 50 direct pings; alpha's relay client \
+         meanwhile: {relay_events:?}",
         restun,
         mbits(&report),
         report["end"]["sum_sent"]["retransmits"],
