@@ -113,6 +113,15 @@ fn socks5_udp_echo(proxy: SocketAddr, target: SocketAddr) -> usize {
     header.extend_from_slice(&t.ip().octets());
     header.extend_from_slice(&t.port().to_be_bytes());
     udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    // A datagram from another port than the request named is dropped: were
+    // it taken, it would fix the association to that port and the client's
+    // own echoes below would go there.
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut probe = header.clone();
+    probe.extend_from_slice(b"stranger");
+    stranger.send_to(&probe, relay).unwrap();
+    assert!(stranger.recv_from(&mut [0u8; 64]).is_err(), "a stranger's datagram was relayed");
     let mut whole = 0;
     for size in [1usize, 512, 1200] {
         let payload: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
