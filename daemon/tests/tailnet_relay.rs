@@ -295,7 +295,7 @@ async fn control_embeds_the_relay() {
 #[test]
 fn maps_name_the_relays() {
     use wiremesh_daemon::control::db::{Db, Registration};
-    use wiremesh_daemon::control::proto::{RelayInfo, StreamMessage};
+    use wiremesh_daemon::control::proto::StreamMessage;
     use wiremesh_daemon::control::server::App;
     let (mut db, _) = Db::open_in_memory().unwrap();
     let (auth, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
@@ -309,6 +309,9 @@ fn maps_name_the_relays() {
         };
         db.register(&reg).unwrap();
     }
+    // The first node streams its map from this replica (the second is offline).
+    let first = db.nodes().unwrap()[0].id;
+    db.set_presence(first, 1).unwrap();
     let app = App::new(db, [0; 32], Duration::from_secs(1));
     let snap = app.snapshot();
     let id = snap.nodes[0].id;
@@ -318,9 +321,20 @@ fn maps_name_the_relays() {
         m
     };
     assert!(parse(app.map_body(&snap, id).unwrap()).relays.is_empty());
-    let relay = RelayInfo { host: None, port: 8444, fingerprint: None };
-    app.set_relays(std::slice::from_ref(&relay));
-    assert_eq!(parse(app.map_body(&snap, id).unwrap()).relays, vec![relay]);
+    // This replica's relay, recorded with the address other replicas'
+    // nodes would use, is named with no host (the control server's own).
+    app.set_relay(8444, Some("192.0.2.10:8444".into())).unwrap();
+    app.publish();
+    let snap = app.snapshot();
+    let relays = parse(app.map_body(&snap, id).unwrap()).relays;
+    assert_eq!(relays.len(), 1, "{relays:?}");
+    assert!(relays[0].id.is_some());
+    assert_eq!((relays[0].host.as_deref(), relays[0].port, relays[0].fingerprint.as_deref()), (None, 8444, None));
+    // Its home relay is this replica's; an offline node has none.
+    let home = |n: i64| snap.nodes.iter().find(|x| x.id == n).unwrap().relay.clone();
+    assert_eq!(home(first), relays[0].id);
+    let other = snap.nodes.iter().find(|x| x.id != first).unwrap().id;
+    assert_eq!(home(other), None);
 }
 
 /// `wiremesh relay stats ARGS --control URL [--admin-token TOKEN]`.

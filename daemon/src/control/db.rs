@@ -147,6 +147,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     // The OIDC provider (control/provider_store.rs): its clients, codes
     // and tokens, secrets as hashes.
     (12, super::provider_store::MIGRATION),
+    // Each replica's embedded relay (`HOST:PORT`; an empty host when it has
+    // no address other replicas' nodes could use; NULL: no relay), so maps
+    // name every replica's relay and each node's home relay (docs/nat.md).
+    (13, "ALTER TABLE replicas ADD COLUMN relay TEXT;"),
 ];
 
 /// Where the state lives: `--state DIR` or `--state postgres://…`.
@@ -314,7 +318,13 @@ pub struct Db {
     replica: String,
     /// Where new nodes' addresses come from ([`Ipv4Range::TAILNET`]; tests narrow it).
     ipv4_range: Ipv4Range,
+    /// This replica's relay as its row records it (see migration 13).
+    relay: Option<String>,
 }
+
+/// Live replicas' relays (replica id, `HOST:PORT` as recorded), and each
+/// streaming node's home replica (see [`Db::relays`]).
+pub type ReplicaRelays = (Vec<(String, String)>, HashMap<i64, String>);
 
 /// What [`Db::sweep`] changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -385,7 +395,7 @@ impl Db {
             migrate(conn)?;
             conn.transaction(None, create_tailnet)
         })?;
-        Ok((Db { conn, tailnet, replica, ipv4_range: Ipv4Range::TAILNET }, token))
+        Ok((Db { conn, tailnet, replica, ipv4_range: Ipv4Range::TAILNET, relay: None }, token))
     }
 
     /// The tailnet's settings.
@@ -768,25 +778,69 @@ impl Db {
         if n > 0 {
             return Ok(true);
         }
+        let relay = self.relay.clone();
         self.write(|c| {
             c.execute(
-                "INSERT INTO replicas (id, heartbeat_ms) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms",
-                params![&replica, now],
+                "INSERT INTO replicas (id, heartbeat_ms, relay) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, relay = excluded.relay",
+                params![&replica, now, relay.clone()],
             )
         })?;
         Ok(false)
     }
 
+    /// Records this replica's embedded relay (`HOST:PORT`, the host empty
+    /// when other replicas' nodes have no address for it; `None`: no relay)
+    /// in its row, announced to the other replicas.
+    pub fn set_replica_relay(&mut self, relay: Option<String>) -> Result<(), ApiError> {
+        self.relay = relay;
+        let (replica, now, relay) = (self.replica.clone(), unix_now_ms(), self.relay.clone());
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO replicas (id, heartbeat_ms, relay) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, relay = excluded.relay",
+                params![&replica, now, relay.clone()],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The relays of live replicas (replica id, `HOST:PORT` as recorded),
+    /// and for each node streaming from one of them, that replica's id: the
+    /// node's home relay.
+    pub fn relays(&mut self, timeout: std::time::Duration) -> Result<ReplicaRelays, ApiError> {
+        let live_after = unix_now_ms() - timeout.as_millis() as i64;
+        let relays = self
+            .conn
+            .query(
+                "SELECT id, relay FROM replicas WHERE heartbeat_ms >= $1 AND relay IS NOT NULL ORDER BY id",
+                params![live_after],
+            )?
+            .iter()
+            .map(|r| Ok((r.text(0)?, r.text(1)?)))
+            .collect::<Result<_, ApiError>>()?;
+        let homes = self
+            .conn
+            .query(
+                "SELECT p.node_id, MIN(p.replica) FROM presence p JOIN replicas r ON r.id = p.replica
+                 WHERE r.heartbeat_ms >= $1 AND p.streams > 0 AND r.relay IS NOT NULL GROUP BY p.node_id",
+                params![live_after],
+            )?
+            .iter()
+            .map(|r| Ok((r.int(0)?, r.text(1)?)))
+            .collect::<Result<_, ApiError>>()?;
+        Ok((relays, homes))
+    }
+
     /// Records that this replica holds `streams` map streams of node `id`
     /// (0: none, and the node was last seen now). Announced to the other replicas.
     pub fn set_presence(&mut self, id: i64, streams: usize) -> Result<(), ApiError> {
-        let (replica, now_ms) = (self.replica.clone(), unix_now_ms());
+        let (replica, now_ms, relay) = (self.replica.clone(), unix_now_ms(), self.relay.clone());
         self.write(|c| {
             c.execute(
-                "INSERT INTO replicas (id, heartbeat_ms) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms",
-                params![&replica, now_ms],
+                "INSERT INTO replicas (id, heartbeat_ms, relay) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, relay = excluded.relay",
+                params![&replica, now_ms, relay.clone()],
             )?;
             if streams > 0 {
                 // Nothing to record for a node removed meanwhile.
@@ -959,6 +1013,7 @@ fn node_row(r: &Row, tailnet: &Tailnet) -> Result<NodeInfo, ApiError> {
         ephemeral: r.bool(7)?,
         online: false,
         created_at: r.int(8)?,
+        relay: None,
     })
 }
 

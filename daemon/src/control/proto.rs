@@ -113,6 +113,11 @@ pub struct NodeInfo {
     pub owner: String,
     /// Unix seconds of registration.
     pub created_at: i64,
+    /// The id of the node's home relay ([`RelayInfo::id`]): the relay of the
+    /// control replica it streams its map from, where its peers reach it
+    /// when no direct path works. Absent: offline, or no relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
 }
 
 /// A node as the admin API lists it: the map's view plus its key expiry.
@@ -240,6 +245,10 @@ pub struct IdentityInfo {
 /// A relay and STUN server nodes may use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayInfo {
+    /// Which relay this is (the id of the control replica that runs it),
+    /// as peers' [`NodeInfo::relay`] name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Host to connect to; absent: the control server's own host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,

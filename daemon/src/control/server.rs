@@ -87,6 +87,9 @@ pub struct Snapshot {
     pub grants: Option<Arc<Vec<NodeGrants>>>,
     /// Subnet routes and exit nodes: primaries and each node's routes (control/routes.rs).
     pub routing: Arc<super::routes::Routing>,
+    /// The relays maps name (this replica's first, then other live
+    /// replicas' with an address), JSON; empty: none.
+    pub relays: Arc<str>,
 }
 
 /// What the policy gives one node, serialized once per policy and tailnet.
@@ -188,7 +191,8 @@ pub struct App {
     /// The relays every map names, as JSON (unset: none).
     /// Outside issuers' tokens register nodes (control/federation.rs).
     pub federation: super::federation::Federation,
-    relays_json: std::sync::OnceLock<String>,
+    /// This replica's embedded relay port (unset: no relay).
+    own_relay: std::sync::OnceLock<u16>,
     /// The identity service every map names, as JSON (unset: none).
     identity_json: std::sync::OnceLock<String>,
     /// The identity service (`--identity on`): discovery and JWKS on this listener too.
@@ -248,7 +252,7 @@ impl App {
             presence_timeout,
             grants_cache: Mutex::new(None),
             federation: Default::default(),
-            relays_json: std::sync::OnceLock::new(),
+            own_relay: std::sync::OnceLock::new(),
             identity_json: std::sync::OnceLock::new(),
             identity: std::sync::OnceLock::new(),
             relay: std::sync::OnceLock::new(),
@@ -270,11 +274,36 @@ impl App {
         let _ = self.relay.set((relay, listen));
     }
 
-    /// Names the relays every map carries from now on (set once, at start).
-    pub fn set_relays(&self, relays: &[proto::RelayInfo]) {
-        if let Ok(j) = serde_json::to_string(relays) {
-            let _ = self.relays_json.set(j);
+    /// Records this replica's embedded relay (set once, at start): its
+    /// port, and `advertised`, the `HOST:PORT` other replicas' nodes reach it
+    /// at (`None`: only this replica's nodes use it, at the host they reach
+    /// the control server by). Maps name it from the next snapshot on.
+    pub fn set_relay(&self, port: u16, advertised: Option<String>) -> Result<(), ApiError> {
+        let _ = self.own_relay.set(port);
+        let row = advertised.unwrap_or_else(|| format!(":{port}"));
+        blocking(|| lock(&self.db).set_replica_relay(Some(row)))
+    }
+
+    /// The relays maps name: this replica's own first (the home relay of
+    /// its nodes), then every other live replica's that has an address.
+    fn relays_json(&self, own_replica: &str, relays: &[(String, String)]) -> Arc<str> {
+        let mut list: Vec<proto::RelayInfo> = Vec::new();
+        if let Some(&port) = self.own_relay.get() {
+            list.push(proto::RelayInfo { id: Some(own_replica.to_string()), host: None, port, fingerprint: None });
         }
+        for (id, at) in relays.iter().filter(|(id, _)| id != own_replica) {
+            let parsed = match at.parse::<SocketAddr>() {
+                Ok(a) => Some((a.ip().to_string(), a.port())),
+                Err(_) => at.rsplit_once(':').and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?))),
+            };
+            if let Some((host, port)) = parsed.filter(|(h, _)| !h.is_empty()) {
+                list.push(proto::RelayInfo { id: Some(id.clone()), host: Some(host), port, fingerprint: None });
+            }
+        }
+        if list.is_empty() {
+            return Arc::from("");
+        }
+        Arc::from(serde_json::to_string(&list).unwrap_or_default())
     }
 
     /// Sweeps once the grace period after ephemeral node `id` went offline
@@ -302,9 +331,18 @@ impl App {
             let mut db = lock(&self.db);
             let nodes = db.nodes()?;
             let routes = super::routes::load(&mut db)?;
-            Ok::<_, ApiError>((nodes, db.node_key_expiries()?, db.online(self.presence_timeout)?, db.policy()?, routes))
+            let relays = db.relays(self.presence_timeout)?;
+            let own = db.replica().to_string();
+            Ok::<_, ApiError>((
+                nodes,
+                db.node_key_expiries()?,
+                db.online(self.presence_timeout)?,
+                db.policy()?,
+                routes,
+                (own, relays),
+            ))
         });
-        let (mut nodes, key_expiries, online, policy, routes) = match read {
+        let (mut nodes, key_expiries, online, policy, routes, (own_replica, (relays, homes))) = match read {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("wiremeshd control: cannot read nodes: {e}");
@@ -313,7 +351,9 @@ impl App {
         };
         for n in &mut nodes {
             n.online = online.contains(&n.id);
+            n.relay = homes.get(&n.id).cloned();
         }
+        let relays = self.relays_json(&own_replica, &relays);
         // A node whose JSON did not change keeps the previous snapshot's Arc,
         // so streams tell unchanged peers apart by pointer, not by content.
         let previous = self.snapshot();
@@ -354,7 +394,16 @@ impl App {
             }
         });
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
-        self.snapshot.send_replace(Arc::new(Snapshot { version, nodes, json, key_expiries, expired, grants, routing }));
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            version,
+            nodes,
+            json,
+            key_expiries,
+            expired,
+            grants,
+            routing,
+            relays,
+        }));
     }
 
     /// Stores a new policy text (already checked) and publishes a snapshot
@@ -477,9 +526,9 @@ impl App {
             s.push_str(",\"routes\":");
             s.push_str(&routes);
         }
-        if let Some(relays) = self.relays_json.get() {
+        if !snap.relays.is_empty() {
             s.push_str(",\"relays\":");
-            s.push_str(relays);
+            s.push_str(&snap.relays);
         }
         if let Some(identity) = self.identity_json.get() {
             s.push_str(",\"identity\":");
@@ -697,7 +746,13 @@ async fn serve(opts: &Options) -> Result<(), String> {
         Some(at) => match crate::relay::start(at, identity.config.clone(), crate::relay::Limits::default()).await {
             Ok((relay, bound)) => {
                 app.set_embedded_relay(relay, bound);
-                app.set_relays(&[proto::RelayInfo { host: None, port: bound.port(), fingerprint: None }]);
+                // Other replicas' nodes reach it at its own address, or at
+                // the control listener's when it listens on every address.
+                let ip = if bound.ip().is_unspecified() { addr.ip() } else { bound.ip() };
+                let advertised = (!ip.is_unspecified()).then(|| SocketAddr::new(ip, bound.port()).to_string());
+                if let Err(e) = app.set_relay(bound.port(), advertised) {
+                    eprintln!("wiremeshd control: cannot record the relay: {e}");
+                }
                 Some(bound)
             }
             Err(e) => {

@@ -222,6 +222,7 @@ mod tests {
                 online: true,
                 owner: owner.unwrap_or("tagged-devices").into(),
                 created_at: 0,
+                relay: None,
             },
             user: owner.map(|o| User { login: o.into(), display_name: o.into(), groups: vec![] }),
             capabilities: BTreeMap::new(),

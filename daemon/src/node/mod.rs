@@ -173,7 +173,16 @@ struct Agent {
     disco: Mutex<Option<wiremesh_dataplane::disco::DiscoSettings>>,
     reported: Mutex<Vec<String>>,
     /// The relay client task and the relay it serves (docs/nat.md).
-    relay: Mutex<Option<(relay::RelayTarget, tokio::task::AbortHandle)>>,
+    relay: Mutex<Option<RelayRun>>,
+}
+
+/// The running relay client: its home relay, the node key it proves, the
+/// peers' relays it follows, and the task.
+struct RelayRun {
+    home: relay::RelayTarget,
+    node_key: wiremesh_core::keys::PublicKey,
+    via: tokio::sync::watch::Sender<std::collections::BTreeMap<wiremesh_core::keys::PublicKey, relay::RelayTarget>>,
+    task: tokio::task::AbortHandle,
 }
 
 /// Why following the map stopped.
@@ -737,30 +746,36 @@ impl Agent {
         self.update_relay(map);
     }
 
-    /// Runs the relay client for the map's relay (restarted when the relay
-    /// or this node's key changes), or stops it when the map names none.
-    /// The userspace netstack has no relay path yet.
+    /// Runs the relay client for the map's relays (restarted when the home
+    /// relay or this node's key changes; the peers' relays are updated in
+    /// place), or stops it when the map names none. The userspace netstack
+    /// has no relay path yet.
     fn update_relay(&self, map: &NetworkMap) {
         let node_key = proto::unb64_key(&lock(&self.node_key)).map(wiremesh_core::keys::PublicKey);
         let url = self.client.url();
-        let want = match (&self.netstack, node_key) {
-            (None, Some(k)) => relay::target(map, &url.host, url.fingerprint, k),
-            _ => None,
-        };
+        // The TUN worker and the userspace netstack both carry relay paths.
+        let want = node_key.and_then(|k| relay::plan(map, &url.host, url.fingerprint).map(|p| (p, k)));
         let mut current = lock(&self.relay);
-        if current.as_ref().map(|(t, _)| t) == want.as_ref() {
-            return;
-        }
-        let Some(target) = want else {
-            if let Some((_, task)) = current.take() {
-                task.abort();
+        let Some((plan, node_key)) = want else {
+            if let Some(run) = current.take() {
+                run.task.abort();
                 self.control.clear_relay();
                 println!("relay: none in the map; relay client stopped");
             }
             return;
         };
+        if let Some(run) = current.as_ref().filter(|r| r.home == plan.home && r.node_key == node_key) {
+            run.via.send_if_modified(|via| {
+                let changed = *via != plan.via;
+                if changed {
+                    via.clone_from(&plan.via);
+                }
+                changed
+            });
+            return;
+        }
         let key = match keys::load_or_create_node_key(&self.opts.state.join("node.key")) {
-            Ok(k) if k.public_key() == target.node_key => k,
+            Ok(k) if k.public_key() == node_key => k,
             Ok(_) => return, // the key is being replaced (logout); the next map brings it
             Err(e) => {
                 eprintln!("wiremeshd node: relay: {e}");
@@ -771,15 +786,16 @@ impl Agent {
         // The new link replaces the old one in the worker before the old
         // task goes, so the worker never holds a link nobody serves.
         let Some(port) = self.control.relay_link(wiremesh_dataplane::relay::DEFAULT_QUEUE) else { return };
-        let task = rt.spawn(relay::run(target.clone(), key, port)).abort_handle();
-        if let Some((_, old)) = current.replace((target, task)) {
-            old.abort();
+        let (via, via_rx) = tokio::sync::watch::channel(plan.via.clone());
+        let task = rt.spawn(relay::run(plan.home.clone(), key, port, via_rx)).abort_handle();
+        if let Some(old) = current.replace(RelayRun { home: plan.home, node_key, via, task }) {
+            old.task.abort();
         }
     }
 
     fn stop_relay(&self) {
-        if let Some((_, task)) = lock(&self.relay).take() {
-            task.abort();
+        if let Some(run) = lock(&self.relay).take() {
+            run.task.abort();
             self.control.clear_relay();
         }
     }

@@ -207,6 +207,7 @@ mod tests {
             online: true,
             owner: "admin".into(),
             created_at: 0,
+            relay: None,
         }
     }
 
@@ -264,7 +265,7 @@ mod tests {
                 (wiremesh_core::keys::PublicKey([3; 32]), vec![]),
             ]
         );
-        m.relays = vec![proto::RelayInfo { host: None, port: 8443, fingerprint: None }];
+        m.relays = vec![proto::RelayInfo { id: None, host: None, port: 8443, fingerprint: None }];
         let s = disco_settings(&m, vec![], "198.51.100.7", resolve);
         assert_eq!(s.stun_server, Some("198.51.100.7:8443".parse().unwrap()));
         // A candidate behind a routed prefix is left out; a default route is not.

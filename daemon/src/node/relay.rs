@@ -1,89 +1,164 @@
-//! The node agent's relay client: keeps one connection to the map's relay
-//! and moves datagrams between it and the data plane's relay link
-//! (`wiremesh_dataplane::relay`), so that a peer with no direct path is
-//! reached through the relay (docs/nat.md).
+//! The node agent's relay client: keeps a connection to this node's home
+//! relay (the first relay of the map: the one of the control replica it
+//! follows) and, on demand, to the home relays of peers that follow another
+//! replica, and moves datagrams between them and the data plane's relay
+//! link (`wiremesh_dataplane::relay`), so that a peer with no direct path
+//! is reached through the relay it listens on (docs/nat.md).
 //!
-//! The task owns the link's port for as long as the relay stays the same.
-//! When the connection breaks it reconnects with a growing pause (1 s to
-//! 30 s); in between, datagrams the worker queues for the relay are
-//! discarded and counted, as a lost UDP datagram would be, so the worker's
-//! queue never holds stale handshakes.
+//! Each relay connection is a task of its own with a bounded queue. When
+//! a connection breaks it reconnects with a growing pause (1 s to 30 s); in
+//! between, datagrams queued for it are discarded and counted, as a lost
+//! UDP datagram would be, so no stale handshake waits in a queue.
 
 use crate::control::proto::{self, NetworkMap, RelayInfo};
 use crate::relay::client::{self, RelayReceiver, RelaySender};
 use crate::relay::MAX_PAYLOAD;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 use wiremesh_core::keys::{PrivateKey, PublicKey};
-use wiremesh_dataplane::relay::{RelayDeliverer, RelayPort};
+use wiremesh_dataplane::relay::{RelayDatagram, RelayDeliverer, RelayPort};
 
 /// The first pause before reconnecting, and the longest.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Frames written before one flush.
 const BATCH: usize = 64;
+/// Datagrams queued for one relay connection.
+const CONN_QUEUE: usize = 512;
 
-/// Which relay to use and as whom: a change of any part restarts the task.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One relay: where it is and the certificate it must present.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RelayTarget {
-    /// Host and port as the map names them (for messages).
+    /// Host as the map names it (or the control server's).
     pub host: String,
     /// The port of its TLS listener.
     pub port: u16,
     /// SHA-256 of its certificate.
     pub fingerprint: [u8; 32],
-    /// This node's public key (the key the relay must see proven).
-    pub node_key: PublicKey,
 }
 
-/// The relay `map` names for this node: the first relay, on its own host
-/// or `control_host`, pinned to its own fingerprint or `control_pin`.
-/// `None` when the map names no relay or its fingerprint is not 64 hex
-/// digits.
-pub fn target(map: &NetworkMap, control_host: &str, control_pin: [u8; 32], node_key: PublicKey) -> Option<RelayTarget> {
-    let r: &RelayInfo = map.relays.first()?;
+impl std::fmt::Display for RelayTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Which relays this node uses: its home relay (where its peers reach it)
+/// and, for each peer whose home relay is another one, that relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayPlan {
+    /// The home relay: the map's first.
+    pub home: RelayTarget,
+    /// Peers reached through a relay other than the home one.
+    pub via: BTreeMap<PublicKey, RelayTarget>,
+}
+
+fn target_of(r: &RelayInfo, control_host: &str, control_pin: [u8; 32]) -> Option<RelayTarget> {
     let fingerprint = match &r.fingerprint {
         Some(hex) => proto::unhex::<32>(hex)?,
         None => control_pin,
     };
-    Some(RelayTarget {
-        host: r.host.clone().unwrap_or_else(|| control_host.to_string()),
-        port: r.port,
-        fingerprint,
-        node_key,
-    })
+    Some(RelayTarget { host: r.host.clone().unwrap_or_else(|| control_host.to_string()), port: r.port, fingerprint })
 }
 
-/// Runs the relay client for `target` with `key` (whose public key is
-/// `target.node_key`) until the worker's end of `port` is gone or the task
-/// is aborted.
-pub async fn run(target: RelayTarget, key: PrivateKey, mut port: RelayPort) {
-    let name = format!("{}:{}", target.host, target.port);
+/// The relays `map` gives this node: the first relay as home (on its own
+/// host or `control_host`, pinned to its own fingerprint or
+/// `control_pin`), and each peer's home relay when the map names one other
+/// than ours that it lists. `None` when the map names no usable relay.
+pub fn plan(map: &NetworkMap, control_host: &str, control_pin: [u8; 32]) -> Option<RelayPlan> {
+    let first = map.relays.first()?;
+    let home = target_of(first, control_host, control_pin)?;
+    let mut via = BTreeMap::new();
+    for peer in &map.peers {
+        let Some(id) = peer.relay.as_deref() else { continue };
+        if first.id.as_deref() == Some(id) {
+            continue;
+        }
+        let Some(key) = proto::unb64_key(&peer.node_key) else { continue };
+        if let Some(t) = map
+            .relays
+            .iter()
+            .find(|r| r.id.as_deref() == Some(id))
+            .and_then(|r| target_of(r, control_host, control_pin))
+        {
+            via.insert(PublicKey(key), t);
+        }
+    }
+    Some(RelayPlan { home, via })
+}
+
+/// Runs the relay client: connects to `home` at once (peers reach us
+/// there), and sends each datagram the worker queues to the relay `via`
+/// names for its peer, else home. Runs until the worker's end of `port` is
+/// gone, `via`'s sender is dropped, or the task is aborted.
+pub async fn run(
+    home: RelayTarget,
+    key: PrivateKey,
+    mut port: RelayPort,
+    mut via: watch::Receiver<BTreeMap<PublicKey, RelayTarget>>,
+) {
+    let deliver = port.deliverer();
+    let mut conns: HashMap<RelayTarget, mpsc::Sender<RelayDatagram>> = HashMap::new();
+    conns.insert(home.clone(), spawn_conn(home.clone(), key.clone(), deliver.clone()));
+    loop {
+        tokio::select! {
+            d = port.next_outbound() => {
+                let Some(d) = d else { return };
+                let target = via.borrow().get(&d.peer).cloned().unwrap_or_else(|| home.clone());
+                let tx = conns
+                    .entry(target.clone())
+                    .or_insert_with(|| spawn_conn(target, key.clone(), deliver.clone()));
+                // A full queue drops, as a full socket buffer would.
+                let _ = tx.try_send(d);
+            }
+            changed = via.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Connections no peer needs any more are closed.
+                let used: Vec<RelayTarget> = via.borrow().values().cloned().collect();
+                conns.retain(|t, _| *t == home || used.contains(t));
+            }
+        }
+    }
+}
+
+/// Starts the task that keeps one relay connection; it ends when the
+/// returned sender is dropped.
+fn spawn_conn(target: RelayTarget, key: PrivateKey, deliver: RelayDeliverer) -> mpsc::Sender<RelayDatagram> {
+    let (tx, rx) = mpsc::channel(CONN_QUEUE);
+    tokio::spawn(conn(target, key, rx, deliver));
+    tx
+}
+
+async fn conn(target: RelayTarget, key: PrivateKey, mut queue: mpsc::Receiver<RelayDatagram>, deliver: RelayDeliverer) {
     let mut backoff = BACKOFF_MIN;
     let mut discarded: u64 = 0;
     loop {
         match connect(&target, &key).await {
             Ok((tx, rx)) => {
-                println!("relay: connected to {name}");
+                println!("relay: connected to {target}");
                 backoff = BACKOFF_MIN;
-                match carry(tx, rx, &mut port).await {
+                match carry(tx, rx, &mut queue, deliver.clone()).await {
                     Ok(()) => return,
-                    Err(e) => println!("relay: connection to {name} lost: {e}; reconnecting"),
+                    Err(e) => println!("relay: connection to {target} lost: {e}; reconnecting"),
                 }
             }
-            Err(e) => eprintln!("relay: cannot connect to {name}: {e}"),
+            Err(e) => eprintln!("relay: cannot connect to {target}: {e}"),
         }
-        // Until the next attempt, what the worker queues cannot go anywhere.
+        // Until the next attempt, what is queued cannot go anywhere.
         let until = tokio::time::Instant::now() + backoff;
         loop {
-            match tokio::time::timeout_at(until, port.next_outbound()).await {
+            match tokio::time::timeout_at(until, queue.recv()).await {
                 Err(_) => break,
                 Ok(None) => return,
                 Ok(Some(_)) => discarded += 1,
             }
         }
         if discarded > 0 {
-            println!("relay: {discarded} datagrams discarded while disconnected from {name}");
+            println!("relay: {discarded} datagrams discarded while disconnected from {target}");
             discarded = 0;
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -103,17 +178,21 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
 }
 
 /// Moves datagrams both ways until the connection fails (`Err`) or the
-/// worker's end is gone (`Ok`). Reading and writing run side by side in
+/// queue's sender is gone (`Ok`). Reading and writing run side by side in
 /// this one task; when either stops, the other is dropped with the
 /// connection.
-async fn carry(mut tx: RelaySender, mut rx: RelayReceiver, port: &mut RelayPort) -> Result<(), String> {
-    let deliver = port.deliverer();
+async fn carry(
+    mut tx: RelaySender,
+    mut rx: RelayReceiver,
+    queue: &mut mpsc::Receiver<RelayDatagram>,
+    deliver: RelayDeliverer,
+) -> Result<(), String> {
     let reader = read_loop(&mut rx, deliver);
     let writer = async {
-        while let Some(first) = port.next_outbound().await {
+        while let Some(first) = queue.recv().await {
             tx.queue(&first.peer, &first.bytes).await.map_err(|e| e.to_string())?;
             for _ in 1..BATCH {
-                let Some(d) = port.try_next_outbound() else { break };
+                let Ok(d) = queue.try_recv() else { break };
                 tx.queue(&d.peer, &d.bytes).await.map_err(|e| e.to_string())?;
             }
             tx.flush().await.map_err(|e| e.to_string())?;
@@ -161,6 +240,7 @@ mod tests {
             online: true,
             owner: "admin".into(),
             created_at: 0,
+            relay: None,
         };
         let mut m: NetworkMap = serde_json::from_value(serde_json::json!({
             "version": 1,
@@ -174,27 +254,39 @@ mod tests {
         m
     }
 
+    fn relay(id: &str, host: Option<&str>, port: u16, fingerprint: Option<String>) -> RelayInfo {
+        RelayInfo { id: Some(id.into()), host: host.map(Into::into), port, fingerprint }
+    }
+
     #[test]
-    fn the_target_comes_from_the_first_relay_with_the_control_defaults() {
-        let key = PublicKey([7; 32]);
+    fn the_plan_comes_from_the_relays_and_each_peers_home() {
         let pin = [9u8; 32];
-        assert_eq!(target(&map_with(vec![]), "ctl", pin, key), None, "no relay in the map");
-        let t = target(&map_with(vec![RelayInfo { host: None, port: 8444, fingerprint: None }]), "ctl", pin, key);
-        assert_eq!(t, Some(RelayTarget { host: "ctl".into(), port: 8444, fingerprint: pin, node_key: key }));
+        assert_eq!(plan(&map_with(vec![]), "ctl", pin), None, "no relay in the map");
+        let p = plan(&map_with(vec![relay("r1", None, 8444, None)]), "ctl", pin).unwrap();
+        assert_eq!(p.home, RelayTarget { host: "ctl".into(), port: 8444, fingerprint: pin });
+        assert!(p.via.is_empty());
         let hex = "ab".repeat(32);
-        let t = target(
-            &map_with(vec![
-                RelayInfo { host: Some("relay.example".into()), port: 443, fingerprint: Some(hex) },
-                RelayInfo { host: None, port: 1, fingerprint: None },
-            ]),
-            "ctl",
-            pin,
-            key,
-        )
-        .unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.fingerprint), ("relay.example", 443, [0xab; 32]));
-        // A fingerprint that is not 32 bytes of hex names no usable relay.
-        let bad = RelayInfo { host: None, port: 1, fingerprint: Some("zz".into()) };
-        assert_eq!(target(&map_with(vec![bad]), "ctl", pin, key), None);
+        let mut m = map_with(vec![
+            relay("r1", Some("relay.example"), 443, Some(hex)),
+            relay("r2", Some("198.51.100.2"), 8444, None),
+            relay("r3", None, 1, Some("zz".into())),
+        ]);
+        let peer = |n: u8, home: Option<&str>| {
+            let mut p = m.self_node.clone();
+            p.node_key = proto::b64_key(&[n; 32]);
+            p.relay = home.map(Into::into);
+            p
+        };
+        m.peers =
+            vec![peer(2, Some("r1")), peer(3, Some("r2")), peer(4, None), peer(5, Some("gone")), peer(6, Some("r3"))];
+        let p = plan(&m, "ctl", pin).unwrap();
+        assert_eq!((p.home.host.as_str(), p.home.port, p.home.fingerprint), ("relay.example", 443, [0xab; 32]));
+        // Only the peer at home on r2 goes another way; unknown homes and a
+        // relay with a bad fingerprint fall back to ours.
+        let want: BTreeMap<_, _> =
+            [(PublicKey([3; 32]), RelayTarget { host: "198.51.100.2".into(), port: 8444, fingerprint: pin })].into();
+        assert_eq!(p.via, want);
+        // A first relay whose fingerprint is not 32 bytes of hex: no plan.
+        assert_eq!(plan(&map_with(vec![relay("r3", None, 1, Some("zz".into()))]), "ctl", pin), None);
     }
 }
