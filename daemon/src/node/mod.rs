@@ -729,7 +729,7 @@ impl Agent {
     }
 
     /// Gives path discovery the map's peers, endpoints and STUN server
-    /// when they changed (the TUN data plane runs it; the netstack ignores it).
+    /// when they changed (the TUN worker and the userspace netstack both run it).
     fn update_disco(&self, map: &NetworkMap) {
         let local = local_endpoints(self.listen_port, &self.opts.tun).iter().filter_map(|e| e.parse().ok()).collect();
         let settings = reconcile::disco_settings(map, local, &self.client.url().host, |host, port| {
@@ -748,8 +748,7 @@ impl Agent {
 
     /// Runs the relay client for the map's relays (restarted when the home
     /// relay or this node's key changes; the peers' relays are updated in
-    /// place), or stops it when the map names none. The userspace netstack
-    /// has no relay path yet.
+    /// place), or stops it when the map names none.
     fn update_relay(&self, map: &NetworkMap) {
         let node_key = proto::unb64_key(&lock(&self.node_key)).map(wiremesh_core::keys::PublicKey);
         let url = self.client.url();
