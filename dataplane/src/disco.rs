@@ -33,8 +33,13 @@ use wiremesh_core::keys::{PrivateKey, PublicKey};
 use wiremesh_core::stun::{self, Class, TransactionId, BINDING_REQUEST_LEN};
 use wiremesh_core::{Instant, WallTime};
 
-/// How often the reflexive address is asked for once known.
+/// How often the reflexive address is asked for once known, while every
+/// peer has a direct path.
 pub const STUN_INTERVAL: Duration = Duration::from_secs(20);
+/// How often it is asked for while some peer has none (a NAT that changed
+/// its mapping, or lifted a block, shows up sooner, and the new address
+/// travels to the peers in call-me-maybe).
+pub const STUN_INTERVAL_INDIRECT: Duration = Duration::from_secs(5);
 /// How often it is asked for while no answer came.
 pub const STUN_RETRY: Duration = Duration::from_secs(2);
 
@@ -242,7 +247,8 @@ impl PathAgent {
         };
         self.stun_answers += 1;
         self.stun_pending = None;
-        self.next_stun = now.saturating_add(STUN_INTERVAL);
+        let all_direct = self.settings.peers.iter().all(|(k, _)| matches!(self.disco.path(k), Some(Path::Direct(_))));
+        self.next_stun = now.saturating_add(if all_direct { STUN_INTERVAL } else { STUN_INTERVAL_INDIRECT });
         if self.reflexive != Some(mapped) {
             self.reflexive = Some(mapped);
             self.push_local(now);
@@ -295,7 +301,12 @@ impl PathAgent {
 
     /// The next change of a peer's chosen path.
     pub fn poll_event(&mut self) -> Option<PathChanged> {
-        self.disco.poll_event()
+        let change = self.disco.poll_event()?;
+        if !matches!(change.path, Some(Path::Direct(_))) {
+            // A direct path died: the NAT may have a new mapping for us.
+            self.next_stun = Instant::ZERO;
+        }
+        Some(change)
     }
 
     /// What the agent knows.
@@ -503,6 +514,39 @@ mod tests {
         assert_eq!(a.status().relay, None);
         assert!(!a.relay_send(pb, &[4u8; 32]));
         assert_eq!(a.status().relay_dropped, 1);
+    }
+
+    #[test]
+    fn stun_is_asked_sooner_while_a_peer_has_no_direct_path() {
+        let server = addr(9, 3478);
+        let peer = PrivateKey::from_bytes([2; 32]).public_key();
+        let settings = DiscoSettings {
+            stun_server: Some(server),
+            local_endpoints: vec![addr(1, 51820)],
+            peers: vec![(peer, vec![addr(2, 51820)])],
+        };
+        let mut a = PathAgent::new(PrivateKey::from_bytes([1; 32]), settings, wall(), at(0));
+        let mut buf = [0u8; MAX_MESSAGE_LEN];
+        let (to, n) = a.poll_transmit(at(0), &mut buf).unwrap();
+        assert_eq!(to, server, "STUN goes first");
+        let req = stun::parse(&buf[..n]).unwrap();
+        let mut resp = [0u8; 64];
+        let m = stun::encode_binding_response(&req.transaction_id, addr(200, 40000), &mut resp).unwrap();
+        assert!(a.handle_stun(server, &resp[..m], at(1)));
+        // The peer has no direct path: asked again after the shorter interval.
+        assert_eq!(a.next_stun, at(1).saturating_add(STUN_INTERVAL_INDIRECT));
+        // A path change to anything but a direct path makes it due at once.
+        let (link, _port) = crate::relay::link(4, std::sync::Arc::new(|| {}));
+        a.set_relay(Some(link), at(2));
+        let mut changes = 0;
+        while let Some(c) = a.poll_event() {
+            assert_eq!(c.path, Some(Path::Relay));
+            changes += 1;
+        }
+        assert_eq!(changes, 1);
+        assert!(a.poll_timeout().is_some_and(|t| t <= at(2)));
+        let (to, _) = a.poll_transmit(at(2), &mut buf).unwrap();
+        assert_eq!(to, server);
     }
 
     #[test]
