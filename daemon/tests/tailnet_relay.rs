@@ -330,6 +330,17 @@ fn maps_name_the_relays() {
     assert_eq!(relays.len(), 1, "{relays:?}");
     assert!(relays[0].id.is_some());
     assert_eq!((relays[0].host.as_deref(), relays[0].port, relays[0].fingerprint.as_deref()), (None, 8444, None));
+    // Relays run elsewhere follow this replica's own, in the order given.
+    let far = wiremesh_daemon::control::proto::RelayInfo::from_url(&format!(
+        "relay://relay.example:3340#sha256={}",
+        "cd".repeat(32)
+    ))
+    .unwrap();
+    app.set_other_relays(vec![far.clone()]);
+    app.publish();
+    let listed = parse(app.map_body(&app.snapshot(), id).unwrap()).relays;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!((&listed[0], &listed[1]), (&relays[0], &far));
     // Its home relay is this replica's; an offline node has none.
     let home = |n: i64| snap.nodes.iter().find(|x| x.id == n).unwrap().relay.clone();
     assert_eq!(home(first), relays[0].id);

@@ -57,6 +57,14 @@ enum Command {
         /// `auto` (the listen address, port + 1; port 0 stays 0) or `off`.
         #[arg(long, default_value = "auto")]
         relay: String,
+        /// HOST:PORT where other replicas' nodes reach the embedded relay
+        /// (default: its bound address, or the listen address's host).
+        #[arg(long, value_parser = host_port)]
+        relay_advertise: Option<String>,
+        /// A relay run elsewhere (`wiremeshd relay` prints its URL:
+        /// relay://HOST:PORT#sha256=HEX), named in every map; repeatable.
+        #[arg(long = "relay-url", value_parser = wiremesh_daemon::control::proto::RelayInfo::from_url)]
+        relay_urls: Vec<wiremesh_daemon::control::proto::RelayInfo>,
         /// The identity service (workload tokens, OIDC) as a tailnet node
         /// of its own: `on` or `off`. See docs/identity.md.
         #[arg(long, default_value = "on", value_parser = ["on", "off"])]
@@ -242,6 +250,14 @@ fn node_places(
     Ok((dirs.state, socket))
 }
 
+/// `HOST:PORT` with a host and a non-zero port (`[v6]:PORT` for IPv6).
+fn host_port(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(s.to_string()),
+        _ => Err(format!("{s}: expected HOST:PORT")),
+    }
+}
+
 /// Environment variable carrying the readiness pipe to a detached child.
 const READY_FD_ENV: &str = "WIREMESHD_READY_FD";
 
@@ -254,6 +270,8 @@ fn main() -> ExitCode {
             ephemeral_grace_secs,
             presence_timeout_secs,
             relay,
+            relay_advertise,
+            relay_urls,
             identity,
             identity_key_rotation,
             identity_alg,
@@ -297,6 +315,8 @@ fn main() -> ExitCode {
                 ephemeral_grace,
                 presence_timeout,
                 relay,
+                relay_advertise,
+                relays: relay_urls,
                 federation_ca,
                 identity,
                 identity_issuer,

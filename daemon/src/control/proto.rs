@@ -259,6 +259,34 @@ pub struct RelayInfo {
     pub fingerprint: Option<String>,
 }
 
+impl RelayInfo {
+    /// Parses `relay://HOST:PORT#sha256=HEX`, the URL `wiremeshd relay`
+    /// prints (HOST a name, an IPv4 address or a bracketed IPv6 address).
+    /// The relay's id is `HOST:PORT`.
+    pub fn from_url(url: &str) -> Result<RelayInfo, String> {
+        let rest = url.strip_prefix("relay://").ok_or_else(|| format!("{url}: not a relay:// URL"))?;
+        let (at, fp) = rest.split_once("#sha256=").ok_or_else(|| format!("{url}: no #sha256=<fingerprint>"))?;
+        if unhex::<32>(fp).is_none() {
+            return Err(format!("{url}: the fingerprint is not 64 hex digits"));
+        }
+        let (host, port) = at.rsplit_once(':').ok_or_else(|| format!("{url}: no port"))?;
+        let port: u16 = port.parse().map_err(|_| format!("{url}: bad port {port:?}"))?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let bad = host.is_empty()
+            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified())
+            || !host.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
+        if bad || port == 0 {
+            return Err(format!("{url}: needs a host and port nodes can reach"));
+        }
+        Ok(RelayInfo {
+            id: Some(at.to_string()),
+            host: Some(host.to_string()),
+            port,
+            fingerprint: Some(fp.to_ascii_lowercase()),
+        })
+    }
+}
+
 /// Prefixes a node routes through one peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRoutes {
@@ -678,6 +706,30 @@ mod tests {
         // The last character before '=' may only carry zero low bits.
         assert_eq!(unb64_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAB="), None);
         assert_eq!(unb64_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="), Some([0; 32]));
+    }
+
+    #[test]
+    fn relay_urls_parse_as_wiremeshd_relay_prints_them() {
+        let fp = "AB".repeat(32);
+        let r = RelayInfo::from_url(&format!("relay://relay.example:3340#sha256={fp}")).unwrap();
+        assert_eq!(r.id.as_deref(), Some("relay.example:3340"));
+        assert_eq!((r.host.as_deref(), r.port), (Some("relay.example"), 3340));
+        assert_eq!(r.fingerprint, Some("ab".repeat(32)));
+        let r = RelayInfo::from_url(&format!("relay://[2001:db8::1]:443#sha256={fp}")).unwrap();
+        assert_eq!((r.host.as_deref(), r.port), (Some("2001:db8::1"), 443));
+        for bad in [
+            format!("https://relay.example:3340#sha256={fp}"),
+            "relay://relay.example:3340".to_string(),
+            "relay://relay.example:3340#sha256=abcd".to_string(),
+            format!("relay://relay.example#sha256={fp}"),
+            format!("relay://relay.example:0#sha256={fp}"),
+            format!("relay://relay.example:99999#sha256={fp}"),
+            format!("relay://0.0.0.0:3340#sha256={fp}"),
+            format!("relay://:3340#sha256={fp}"),
+            format!("relay://a/b:3340#sha256={fp}"),
+        ] {
+            assert!(RelayInfo::from_url(&bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -55,6 +55,13 @@ pub struct Options {
     /// Where the embedded relay (TLS on TCP, STUN on UDP, the same port)
     /// listens; `None`: no relay. See docs/nat.md.
     pub relay: Option<SocketAddr>,
+    /// Where other replicas' nodes reach the embedded relay (`HOST:PORT`);
+    /// `None`: its bound address, or the listen address's host when it
+    /// binds every address.
+    pub relay_advertise: Option<String>,
+    /// Relays run elsewhere (`wiremeshd relay`), named in every map after
+    /// the embedded one (`--relay-url`).
+    pub relays: Vec<proto::RelayInfo>,
     /// Extra trusted roots (PEM) for fetching federated issuers' keys, besides the system's.
     pub federation_ca: Option<std::path::PathBuf>,
     /// The identity service (`--identity on`, the default): its settings;
@@ -193,6 +200,8 @@ pub struct App {
     pub federation: super::federation::Federation,
     /// This replica's embedded relay port (unset: no relay).
     own_relay: std::sync::OnceLock<u16>,
+    /// Relays run elsewhere, named in every map (`--relay-url`).
+    other_relays: std::sync::OnceLock<Vec<proto::RelayInfo>>,
     /// The identity service every map names, as JSON (unset: none).
     identity_json: std::sync::OnceLock<String>,
     /// The identity service (`--identity on`): discovery and JWKS on this listener too.
@@ -253,6 +262,7 @@ impl App {
             grants_cache: Mutex::new(None),
             federation: Default::default(),
             own_relay: std::sync::OnceLock::new(),
+            other_relays: std::sync::OnceLock::new(),
             identity_json: std::sync::OnceLock::new(),
             identity: std::sync::OnceLock::new(),
             relay: std::sync::OnceLock::new(),
@@ -284,13 +294,22 @@ impl App {
         blocking(|| lock(&self.db).set_replica_relay(Some(row)))
     }
 
+    /// Names relays run elsewhere in every map from the next snapshot on
+    /// (set once, at start).
+    pub fn set_other_relays(&self, relays: Vec<proto::RelayInfo>) {
+        let _ = self.other_relays.set(relays);
+    }
+
     /// The relays maps name: this replica's own first (the home relay of
-    /// its nodes), then every other live replica's that has an address.
+    /// its nodes), then the relays run elsewhere (`--relay-url`; the first
+    /// is the home relay when this replica runs none), then every other
+    /// live replica's that has an address.
     fn relays_json(&self, own_replica: &str, relays: &[(String, String)]) -> Arc<str> {
         let mut list: Vec<proto::RelayInfo> = Vec::new();
         if let Some(&port) = self.own_relay.get() {
             list.push(proto::RelayInfo { id: Some(own_replica.to_string()), host: None, port, fingerprint: None });
         }
+        list.extend(self.other_relays.get().into_iter().flatten().cloned());
         for (id, at) in relays.iter().filter(|(id, _)| id != own_replica) {
             let parsed = match at.parse::<SocketAddr>() {
                 Ok(a) => Some((a.ip().to_string(), a.port())),
@@ -749,7 +768,10 @@ async fn serve(opts: &Options) -> Result<(), String> {
                 // Other replicas' nodes reach it at its own address, or at
                 // the control listener's when it listens on every address.
                 let ip = if bound.ip().is_unspecified() { addr.ip() } else { bound.ip() };
-                let advertised = (!ip.is_unspecified()).then(|| SocketAddr::new(ip, bound.port()).to_string());
+                let advertised = opts
+                    .relay_advertise
+                    .clone()
+                    .or_else(|| (!ip.is_unspecified()).then(|| SocketAddr::new(ip, bound.port()).to_string()));
                 if let Err(e) = app.set_relay(bound.port(), advertised) {
                     eprintln!("wiremeshd control: cannot record the relay: {e}");
                 }
@@ -764,6 +786,7 @@ async fn serve(opts: &Options) -> Result<(), String> {
     };
     // Replicas that stopped (this one's earlier life, after a restart) and
     // ephemeral nodes left offline go on the first sweep.
+    app.set_other_relays(opts.relays.clone());
     app.start_publisher();
     tokio::spawn(heartbeat(app.clone()));
     if let db::Location::Postgres(url) = &opts.state {
