@@ -29,6 +29,7 @@ fn caller() -> Caller {
             online: true,
             owner: "tagged-devices".into(),
             created_at: 0,
+            relay: None,
         },
         user: None,
         capabilities: BTreeMap::new(),

@@ -115,6 +115,15 @@ fn tailnet_policy_allows_only_what_it_says_and_changes_live() {
     assert!(!tcp_works(beta, &a, 22), "beta may not open connections to alpha");
     assert!(!alpha.ping(&b), "no ICMP allowed");
     assert!(tcp_works(alpha, &b, 22), "still allowed after the denials");
+    // Beta's data plane counted what its filter refused, from alpha, and
+    // `wiremesh status` shows it.
+    let st = beta.status();
+    let from_alpha = st["peers"].as_array().unwrap().iter().find(|p| p["node"]["name"] == "alpha").unwrap();
+    let filtered = from_alpha["drops"]["filtered"].as_u64().unwrap_or(0);
+    assert!(filtered >= 2, "beta's filter drops from alpha (tcp/80 SYNs, ICMP): {st}");
+    assert!(st["drops"]["filtered"].as_u64().unwrap_or(0) >= filtered, "{st}");
+    let text = String::from_utf8_lossy(&beta.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("dropped: ") && text.contains("filtered "), "{text}");
 
     // The reverse, and gamma to alpha's tcp/80: the change reaches the nodes
     // within a second, with nothing restarted.

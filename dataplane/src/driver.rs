@@ -247,6 +247,35 @@ pub(crate) enum ControlMsg {
     DiscoStatus(mpsc::SyncSender<Option<DiscoStatus>>),
     /// The link to a relay client task, or none.
     Relay(Option<RelayLink>),
+    /// The device's drop counters (`None`: no device yet).
+    Drops(mpsc::SyncSender<Option<DropReport>>),
+}
+
+/// Packets the device dropped, by reason (only reasons with drops), in all
+/// and per peer: what `wiremesh status` shows, the packet filter's
+/// `filtered` drops among them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DropReport {
+    /// Every drop, by reason.
+    pub total: Vec<(&'static str, u64)>,
+    /// Each peer's drops, by reason (peers without drops left out).
+    pub peers: Vec<(wiremesh_core::keys::PublicKey, Vec<(&'static str, u64)>)>,
+}
+
+impl DropReport {
+    /// The counters of `device` now.
+    pub(crate) fn of(device: &Device) -> DropReport {
+        use wiremesh_core::device::{DropCounts, DropReason};
+        let named = |c: DropCounts| -> Vec<(&'static str, u64)> {
+            DropReason::ALL.iter().map(|r| (r.name(), c.get(*r))).filter(|(_, n)| *n > 0).collect()
+        };
+        let peers = device
+            .peer_ids()
+            .filter_map(|id| Some((device.peer_public_key(id)?, named(device.peer_stats(id)?.drops))))
+            .filter(|(_, d)| !d.is_empty())
+            .collect();
+        DropReport { total: named(device.drops()), peers }
+    }
 }
 
 /// The handle other threads use to configure and stop a running worker.
@@ -352,6 +381,15 @@ impl Control {
     pub fn disco_status(&self) -> Option<DiscoStatus> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.tx.send(ControlMsg::DiscoStatus(tx)).ok()?;
+        self.wake();
+        rx.recv().ok().flatten()
+    }
+
+    /// Packets the device dropped, by reason. `None` before the device has
+    /// a key, or if the worker is gone.
+    pub fn drops(&self) -> Option<DropReport> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.tx.send(ControlMsg::Drops(tx)).ok()?;
         self.wake();
         rx.recv().ok().flatten()
     }
@@ -1221,6 +1259,9 @@ impl Worker {
                 }
                 ControlMsg::DiscoStatus(reply) => {
                     let _ = reply.send(self.disco.as_ref().map(PathAgent::status));
+                }
+                ControlMsg::Drops(reply) => {
+                    let _ = reply.send(self.device.as_ref().map(DropReport::of));
                 }
                 ControlMsg::Relay(link) => {
                     let now = self.now();

@@ -533,6 +533,9 @@ fn status(socket: &std::path::Path, json: bool) -> Result<ExitCode, String> {
         Some(n) => println!("{}  {}  {}  (self, {}, control {conn})", n.ipv4, n.ipv6, n.fqdn, s.tun),
         None => println!("not registered yet ({}, control {conn})", s.tun),
     }
+    if !s.drops.is_empty() {
+        println!("dropped: {}", drops_line(&s.drops));
+    }
     for p in &s.peers {
         println!(
             "{}  {}  {}  {}  handshake {}  rx {} tx {}  endpoint {}{}",
@@ -550,8 +553,16 @@ fn status(socket: &std::path::Path, json: bool) -> Result<ExitCode, String> {
                 _ => String::new(),
             },
         );
+        if !p.drops.is_empty() {
+            println!("    dropped: {}", drops_line(&p.drops));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `filtered 3, replay 1`.
+fn drops_line(drops: &std::collections::BTreeMap<String, u64>) -> String {
+    drops.iter().map(|(r, n)| format!("{r} {n}")).collect::<Vec<_>>().join(", ")
 }
 
 fn done(socket: &std::path::Path, req: &LocalRequest) -> Result<ExitCode, String> {

@@ -106,6 +106,10 @@ pub struct PeerStatus {
     /// The round-trip time of a direct path's last probe, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_ms: Option<f64>,
+    /// Packets from or for this peer the data plane dropped, by reason
+    /// (`filtered`: refused by the packet filter; see docs/policy.md).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 /// The answer to [`LocalRequest::Status`].
@@ -130,6 +134,9 @@ pub struct Status {
     pub listen_port: u16,
     /// The peers.
     pub peers: Vec<PeerStatus>,
+    /// Every packet the data plane dropped, by reason.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 /// An answer.
@@ -210,6 +217,8 @@ pub struct AgentInfo<'a> {
     pub listen_port: u16,
     /// What path discovery knows (`None`: it is off).
     pub disco: Option<wiremesh_dataplane::disco::DiscoStatus>,
+    /// The data plane's drop counters.
+    pub drops: Option<wiremesh_dataplane::driver::DropReport>,
 }
 
 /// Builds the status from the map and a `get=1` answer.
@@ -242,6 +251,12 @@ pub fn status(map: Option<&NetworkMap>, get: &str, agent: AgentInfo<'_>) -> Stat
                         tx_bytes: w.tx_bytes,
                         path,
                         rtt_ms,
+                        drops: agent
+                            .drops
+                            .as_ref()
+                            .and_then(|d| d.peers.iter().find(|(pk, _)| Some(pk.0) == key))
+                            .map(|(_, d)| d.iter().map(|(r, n)| (r.to_string(), *n)).collect())
+                            .unwrap_or_default(),
                     }
                 })
                 .collect()
@@ -256,6 +271,7 @@ pub fn status(map: Option<&NetworkMap>, get: &str, agent: AgentInfo<'_>) -> Stat
         self_node: map.map(|m| m.self_node.clone()),
         listen_port: agent.listen_port,
         peers,
+        drops: agent.drops.map(|d| d.total.into_iter().map(|(r, n)| (r.to_string(), n)).collect()).unwrap_or_default(),
     }
 }
 

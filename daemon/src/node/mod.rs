@@ -894,7 +894,8 @@ impl Agent {
                 .unwrap_or_default();
                 let control = self.client.url().to_string();
                 let dp = self.control.clone();
-                let disco = tokio::task::spawn_blocking(move || dp.disco_status()).await.unwrap_or_default();
+                let (disco, drops) =
+                    tokio::task::spawn_blocking(move || (dp.disco_status(), dp.drops())).await.unwrap_or_default();
                 let agent = local::AgentInfo {
                     tun: &self.opts.tun,
                     control: &control,
@@ -903,6 +904,7 @@ impl Agent {
                     last_error,
                     listen_port: self.listen_port,
                     disco,
+                    drops,
                 };
                 LocalResponse::Status(local::status(map.as_ref(), &get, agent))
             }

@@ -460,6 +460,9 @@ impl Inner {
                 ControlMsg::DiscoStatus(reply) => {
                     let _ = reply.send(self.phy.disco.as_ref().map(PathAgent::status));
                 }
+                ControlMsg::Drops(reply) => {
+                    let _ = reply.send(self.phy.core.as_ref().map(crate::driver::DropReport::of));
+                }
                 ControlMsg::Relay(link) => {
                     let now = self.core_now();
                     match self.phy.disco.as_mut() {
