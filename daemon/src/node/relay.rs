@@ -6,7 +6,8 @@
 //! is reached through the relay it listens on (docs/nat.md).
 //!
 //! Each relay connection is a task of its own with a bounded queue. When
-//! a connection breaks it reconnects with a growing pause (1 s to 30 s); in
+//! a connection that stood for a while breaks it reconnects at once;
+//! otherwise it tries again after a growing pause (1 s to 30 s). In
 //! between, datagrams queued for it are discarded and counted, as a lost
 //! UDP datagram would be, so no stale handshake waits in a queue.
 
@@ -137,19 +138,35 @@ async fn conn(target: RelayTarget, key: PrivateKey, mut queue: mpsc::Receiver<Re
     let mut backoff = BACKOFF_MIN;
     let mut discarded: u64 = 0;
     loop {
-        match connect(&target, &key).await {
+        // A connection that was up and broke is tried again at once; one
+        // that cannot be made waits a growing pause.
+        let pause = match connect(&target, &key).await {
             Ok((tx, rx)) => {
                 println!("relay: connected to {target}");
-                backoff = BACKOFF_MIN;
+                let since = tokio::time::Instant::now();
                 match carry(tx, rx, &mut queue, deliver.clone()).await {
                     Ok(()) => return,
                     Err(e) => println!("relay: connection to {target} lost: {e}; reconnecting"),
                 }
+                if since.elapsed() >= BACKOFF_MIN {
+                    backoff = BACKOFF_MIN;
+                    Duration::ZERO
+                } else {
+                    // Closed as soon as made: not at once again.
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    pause
+                }
             }
-            Err(e) => eprintln!("relay: cannot connect to {target}: {e}"),
-        }
+            Err(e) => {
+                eprintln!("relay: cannot connect to {target}: {e}");
+                let pause = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                pause
+            }
+        };
         // Until the next attempt, what is queued cannot go anywhere.
-        let until = tokio::time::Instant::now() + backoff;
+        let until = tokio::time::Instant::now() + pause;
         loop {
             match tokio::time::timeout_at(until, queue.recv()).await {
                 Err(_) => break,
@@ -161,7 +178,6 @@ async fn conn(target: RelayTarget, key: PrivateKey, mut queue: mpsc::Receiver<Re
             println!("relay: {discarded} datagrams discarded while disconnected from {target}");
             discarded = 0;
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
