@@ -97,6 +97,17 @@ pub struct DiscoStatus {
     pub relay: Option<RelayLinkCounts>,
 }
 
+/// What [`PathAgent::poll_relayed`] found.
+#[derive(Debug)]
+pub enum Relayed {
+    /// Nothing waiting.
+    Empty,
+    /// A probe or STUN message, dealt with.
+    Handled,
+    /// A WireGuard message for the device.
+    WireGuard(RelayDatagram),
+}
+
 /// The core's [`Disco`] and a STUN client for one device key.
 pub struct PathAgent {
     disco: Disco<StdRng>,
@@ -201,12 +212,6 @@ impl PathAgent {
         link
     }
 
-    /// Counts a STUN message that came through the relay (STUN is only
-    /// spoken directly; a relayed one is refused).
-    pub fn count_relayed_stun(&mut self) {
-        self.stun_refused += 1;
-    }
-
     /// Handles a probe that came through the relay; `false` if refused.
     pub fn handle_relay_probe(&mut self, buf: &[u8], now: Instant) -> bool {
         self.disco.handle_datagram(Source::Relay, buf, now).is_ok()
@@ -216,6 +221,22 @@ impl PathAgent {
     /// message for the device from [`crate::relay::RELAY_ENDPOINT`]).
     pub fn relay_recv(&mut self) -> Option<RelayDatagram> {
         self.relay.as_mut()?.try_recv()
+    }
+
+    /// Takes the next datagram the relay delivered: a probe is handled here
+    /// and a relayed STUN message refused (STUN is only spoken directly);
+    /// a WireGuard message is returned for the device (as a datagram from
+    /// [`RELAY_ENDPOINT`]).
+    pub fn poll_relayed(&mut self, now: Instant) -> Relayed {
+        let Some(dg) = self.relay_recv() else { return Relayed::Empty };
+        match classify(&dg.bytes) {
+            Kind::Probe => {
+                self.handle_relay_probe(&dg.bytes, now);
+            }
+            Kind::Stun => self.stun_refused += 1,
+            Kind::WireGuard => return Relayed::WireGuard(dg),
+        }
+        Relayed::Handled
     }
 
     /// Queues a datagram for `peer` through the relay; `false` (counted in

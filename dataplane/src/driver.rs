@@ -19,7 +19,7 @@
 //! copy of the configuration and to the device, so a failed `set` changes
 //! nothing.
 
-use crate::disco::{apply_path, classify, DiscoSettings, DiscoStatus, Kind, PathAgent};
+use crate::disco::{apply_path, classify, DiscoSettings, DiscoStatus, Kind, PathAgent, Relayed};
 use crate::gro::{coalesce, Group, Packet};
 use crate::relay::{RelayLink, RelayPort, RELAY_ENDPOINT};
 use crate::tun::split;
@@ -1298,15 +1298,11 @@ impl Worker {
         let mut handled = 0;
         for _ in 0..RELAY_DRAIN_BUDGET {
             let Some(agent) = self.disco.as_mut() else { break };
-            let Some(mut dg) = agent.relay_recv() else { break };
-            handled += 1;
-            match classify(&dg.bytes) {
-                Kind::Probe => {
-                    agent.handle_relay_probe(&dg.bytes, now);
-                }
-                // STUN is never relayed: a relayed one is refused.
-                Kind::Stun => agent.count_relayed_stun(),
-                Kind::WireGuard => {
+            match agent.poll_relayed(now) {
+                Relayed::Empty => break,
+                Relayed::Handled => handled += 1,
+                Relayed::WireGuard(mut dg) => {
+                    handled += 1;
                     let Some(device) = self.device.as_mut() else { continue };
                     self.stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
                     let Ok(Received::Packet { range, .. }) = device.handle_datagram(RELAY_ENDPOINT, &mut dg.bytes, now)

@@ -9,7 +9,7 @@
 //! the same socket, and datagrams the core addresses to [`RELAY_ENDPOINT`]
 //! go into the agent's relay link instead of the socket.
 
-use crate::disco::{apply_path, classify, Kind, PathAgent};
+use crate::disco::{apply_path, classify, Kind, PathAgent, Relayed};
 use crate::driver::{DataplaneStats, Device};
 use crate::relay::{RelayLink, RELAY_ENDPOINT};
 use crate::udp::{read_gro_cmsg, write_gso_cmsg, UdpSock, CMSG_SPACE};
@@ -180,15 +180,11 @@ impl Phy {
         let Some(agent) = self.disco.as_mut() else { return 0 };
         let mut handled = 0;
         while handled < RELAY_DRAIN_BUDGET {
-            let Some(mut dg) = agent.relay_recv() else { break };
-            handled += 1;
-            match classify(&dg.bytes) {
-                Kind::Probe => {
-                    agent.handle_relay_probe(&dg.bytes, now);
-                }
-                // STUN is never relayed: a relayed one is refused.
-                Kind::Stun => agent.count_relayed_stun(),
-                Kind::WireGuard => {
+            match agent.poll_relayed(now) {
+                Relayed::Empty => break,
+                Relayed::Handled => handled += 1,
+                Relayed::WireGuard(mut dg) => {
+                    handled += 1;
                     let Some(core) = self.core.as_mut() else { continue };
                     self.stats.udp_datagrams.fetch_add(1, Ordering::Relaxed);
                     if let Ok(Received::Packet { range, .. }) = core.handle_datagram(RELAY_ENDPOINT, &mut dg.bytes, now)
