@@ -6,8 +6,9 @@
 #
 # Installs:
 #   * Debian packages: wireguard-go wireguard-tools iperf3 iproute2
-#     iputils-ping procps postgresql curl nftables (nft: the subnet-router and
-#     exit-node tests; the PostgreSQL control-store tests
+#     iputils-ping procps postgresql curl nftables conntrack (nft: the
+#     subnet-router, exit-node and NAT tests; conntrack: the NAT tests flush a
+#     router's table when they change its NAT; the PostgreSQL control-store tests
 #     start their own throwaway cluster from its binaries; the packaged
 #     cluster's service is not needed)
 #   * two wireguard-go versions side by side, for interop tests:
