@@ -108,6 +108,10 @@ enum Command {
         /// Frames queued towards one client before more are dropped.
         #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
         queue: u64,
+        /// Print the relay's counters to stdout this often (e.g. 5s, 1m):
+        /// a `relay stats: clients=N ... forwarded=N ...` line each time.
+        #[arg(long, value_parser = wiremesh_daemon::identity::service::parse_duration)]
+        stats_interval: Option<std::time::Duration>,
     },
     /// The node agent: joins the tailnet and keeps the data plane on its map.
     Node {
@@ -323,13 +327,18 @@ fn main() -> ExitCode {
             };
             exit(wiremesh_daemon::control::server::run(&opts))
         }
-        Command::Relay { listen, state, rate_limit, burst, queue } => {
+        Command::Relay { listen, state, rate_limit, burst, queue, stats_interval } => {
             let limits = wiremesh_daemon::relay::Limits {
                 rate_bytes_per_sec: rate_limit,
                 burst_bytes: burst,
                 queue_frames: queue as usize,
             };
-            exit(wiremesh_daemon::relay::run(&wiremesh_daemon::relay::Options { listen, state, limits }))
+            exit(wiremesh_daemon::relay::run(&wiremesh_daemon::relay::Options {
+                listen,
+                state,
+                limits,
+                stats_interval,
+            }))
         }
         Command::Node {
             control,

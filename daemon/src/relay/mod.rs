@@ -377,6 +377,9 @@ pub struct Options {
     pub state: std::path::PathBuf,
     /// Per-client limits.
     pub limits: Limits,
+    /// Print the counters to stdout this often (`relay stats: ...` lines);
+    /// none when `None` (the standalone relay has no admin API).
+    pub stats_interval: Option<Duration>,
 }
 
 /// Binds the relay's TCP listener and the STUN socket on the same address
@@ -395,6 +398,23 @@ pub async fn start(
     Ok((relay, addr))
 }
 
+/// The counters as one `name=value` line, for `--stats-interval`.
+pub fn stats_line(clients: usize, s: &StatsSnapshot) -> String {
+    format!(
+        "clients={clients} accepted={} auth_failed={} malformed={} forwarded={} forwarded_bytes={} no_peer={} \
+         rate_limited={} queue_full={} stun_answered={}",
+        s.accepted,
+        s.auth_failed,
+        s.malformed,
+        s.forwarded,
+        s.forwarded_bytes,
+        s.no_peer,
+        s.rate_limited,
+        s.queue_full,
+        s.stun_answered
+    )
+}
+
 /// `wiremeshd relay`: serves until SIGTERM or Ctrl-C.
 pub fn run(opts: &Options) -> Result<(), String> {
     use std::io::Write;
@@ -411,13 +431,24 @@ pub fn run(opts: &Options) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     rt.block_on(async {
-        let (_relay, addr) = start(opts.listen, identity.config.clone(), opts.limits).await?;
+        let (relay, addr) = start(opts.listen, identity.config.clone(), opts.limits).await?;
         {
             let mut out = std::io::stdout().lock();
             let fp = crate::control::proto::hex(&identity.fingerprint);
             let _ = writeln!(out, "relay listening on {addr} (tcp, TLS) and {addr} (udp, STUN)");
             let _ = writeln!(out, "relay URL: relay://{addr}#sha256={fp}");
             let _ = out.flush();
+        }
+        if let Some(every) = opts.stats_interval.filter(|d| !d.is_zero()) {
+            let relay = relay.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    println!("relay stats: {}", stats_line(relay.clients(), &relay.stats.snapshot()));
+                }
+            });
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
