@@ -102,51 +102,104 @@ fn one_way(lab: &Lab, urls: [&str; 2], from: &Node, to: &Node, count: u32) -> (u
     (after[0] - before[0], after[1] - before[1], arrived)
 }
 
+/// Two replicas on one store, alpha behind a random-port NAT given replica
+/// 1 only, beta behind a port-restricted cone given `beta_control` (replica
+/// 2 first), each with the peer in its map and connected to its home relay.
+/// Fields drop in order: the nodes first, the store last.
+struct Pair {
+    a: Natted,
+    b: Natted,
+    replica2: Replica,
+    lab: Lab,
+    _cluster: postgres_support::Cluster,
+    url1: String,
+    url2: String,
+    relay1: String,
+    relay2: String,
+}
+
+impl Pair {
+    fn start(test: &str, private: u8, beta_control: impl Fn(&str, &str) -> String) -> Option<Pair> {
+        if !have_tools(test, &["nft"]) {
+            return None;
+        }
+        let cluster = postgres_support::Cluster::start_or_skip(test)?;
+        let store = cluster.socket_url("wiremesh");
+        cluster.create_db("wiremesh");
+        let mut lab = Lab::replicas(&store, 1);
+        let replica2 = spawn_replica(&lab, &store, 2);
+        let (url1, url2) = (lab.url.clone(), replica2.url.clone());
+        let relay1 = format!("{}:{RELAY_PORT}", lab.subnet.v4(1));
+        let relay2 = format!("{}:{RELAY_PORT}", lab.subnet.v4(2));
+        let key = lab.new_key(true);
+        let a = natted_on(&mut lab, &url1, "alpha", &key, private, Nat::RandomPorts);
+        let b = natted_on(&mut lab, &beta_control(&url1, &url2), "beta", &key, private + 1, Nat::PortRestrictedCone);
+        let p = Pair { a, b, replica2, lab, _cluster: cluster, url1, url2, relay1, relay2 };
+        // Each streams from its (first) replica, and connects to that
+        // replica's relay: its home, where its peer reaches it.
+        let all = p.nodes();
+        for (n, addr) in [(&p.a.node, p.lab.subnet.v4(1)), (&p.b.node, p.lab.subnet.v4(2))] {
+            let open = format!("map stream open (version 2) from {addr}:{CONTROL_PORT}");
+            wait_until(Duration::from_secs(20), &open, || n.log().contains(&open), || p.logs());
+            wait_until(Duration::from_secs(20), "the peer in the map", || peer_count(n) == 1, || p.logs());
+        }
+        // (Beta may connect to alpha's home relay as early as to its own:
+        // alpha is in its first map, and disco probes at once.)
+        wait_logged(&p.a.node, 0, &format!("relay: connected to {}", p.relay1), Duration::from_secs(20), &all);
+        wait_logged(&p.b.node, 0, &format!("relay: connected to {}", p.relay2), Duration::from_secs(20), &all);
+        Some(p)
+    }
+
+    fn nodes(&self) -> [&Node; 2] {
+        [&self.a.node, &self.b.node]
+    }
+
+    /// Both agents' logs and replica 2's (replica 1 runs in the lab).
+    fn logs(&self) -> String {
+        format!("{}--- replica 2 ---\n{}\n", logs(&self.nodes()), self.replica2.proc.out.text())
+    }
+
+    /// Waits for pings both ways on the relay path (status, WireGuard
+    /// endpoints); returns how long the first ping took to be answered.
+    fn relayed(&self) -> Duration {
+        let (a, b, all) = (&self.a, &self.b, self.nodes());
+        let (va, vb) = (a.node.ipv4(), b.node.ipv4());
+        let took = wait_until(Duration::from_secs(20), "alpha -> beta", || a.node.ping(&vb), || self.logs());
+        assert!(b.node.ping(&va), "beta -> alpha\n{}", self.logs());
+        let (ka, kb) = (node_key(&a.node), node_key(&b.node));
+        wait_logged(&a.node, 0, &format!("path to {kb}: relay"), Duration::from_secs(10), &all);
+        wait_logged(&b.node, 0, &format!("path to {ka}: relay"), Duration::from_secs(10), &all);
+        for n in all {
+            assert_eq!(status_path(n), "relay", "{}'s status path\n{}", n.tun, self.logs());
+        }
+        let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
+        assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
+        assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
+        took
+    }
+
+    /// No direct path through the random-port NAT was ever taken.
+    fn never_direct(&self) {
+        let (ka, kb) = (node_key(&self.a.node), node_key(&self.b.node));
+        for (n, k) in [(&self.a.node, &kb), (&self.b.node, &ka)] {
+            let direct = format!("path to {k}: direct");
+            assert!(
+                !n.log().contains(&direct),
+                "{}: a direct path through the random-port NAT?\n{}",
+                n.tun,
+                self.logs()
+            );
+        }
+    }
+}
+
 #[test]
 fn relayed_peers_on_different_replicas_meet_through_each_others_relay() {
-    if !have_tools(TEST, &["nft"]) {
-        return;
-    }
-    let Some(cluster) = postgres_support::Cluster::start_or_skip(TEST) else { return };
-    let store = cluster.socket_url("wiremesh");
-    cluster.create_db("wiremesh");
-    let mut lab = Lab::replicas(&store, 1);
-    let replica2 = spawn_replica(&lab, &store, 2);
-    let (url1, url2) = (lab.url.clone(), replica2.url.clone());
-    let relay1 = format!("{}:{RELAY_PORT}", lab.subnet.v4(1));
-    let relay2 = format!("{}:{RELAY_PORT}", lab.subnet.v4(2));
-    let key = lab.new_key(true);
-    let a = natted_on(&mut lab, &url1, "alpha", &key, 77, Nat::RandomPorts);
-    let b = natted_on(&mut lab, &url2, "beta", &key, 78, Nat::PortRestrictedCone);
-    let all = [&a.node, &b.node];
-    let replica_logs = || format!("{}--- replica 2 ---\n{}\n", logs(&all), replica2.proc.out.text());
-
-    // Each streams from the one replica it was given, and connects to that
-    // replica's relay first: its home, where its peer reaches it.
-    for (n, addr) in [(&a.node, lab.subnet.v4(1)), (&b.node, lab.subnet.v4(2))] {
-        let open = format!("map stream open (version 2) from {addr}:{CONTROL_PORT}");
-        wait_logged(n, 0, &open, Duration::from_secs(20), &all);
-        wait_until(Duration::from_secs(20), "the peer in the map", || peer_count(n) == 1, replica_logs);
-    }
-    wait_logged(&a.node, 0, &format!("relay: connected to {relay1}"), Duration::from_secs(20), &all);
-    wait_logged(&b.node, 0, &format!("relay: connected to {relay2}"), Duration::from_secs(20), &all);
-    let first_relay = |n: &Node| n.log().lines().find(|l| l.starts_with("relay: connected to ")).map(str::to_string);
-    assert_eq!(first_relay(&a.node), Some(format!("relay: connected to {relay1}")), "{}", replica_logs());
-    assert_eq!(first_relay(&b.node), Some(format!("relay: connected to {relay2}")), "{}", replica_logs());
-
-    // Pings cross both ways, on the relay path.
+    let Some(p) = Pair::start(TEST, 77, |_, url2| url2.to_string()) else { return };
+    let (a, b, lab, all) = (&p.a, &p.b, &p.lab, p.nodes());
+    let (relay1, relay2) = (&p.relay1, &p.relay2);
+    let took = p.relayed();
     let (va, vb) = (a.node.ipv4(), b.node.ipv4());
-    let took = wait_until(Duration::from_secs(20), "alpha -> beta", || a.node.ping(&vb), replica_logs);
-    assert!(b.node.ping(&va), "beta -> alpha\n{}", replica_logs());
-    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
-    wait_logged(&a.node, 0, &format!("path to {kb}: relay"), Duration::from_secs(10), &all);
-    wait_logged(&b.node, 0, &format!("path to {ka}: relay"), Duration::from_secs(10), &all);
-    for n in all {
-        assert_eq!(status_path(n), "relay", "{}'s status path\n{}", n.tun, replica_logs());
-    }
-    let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
-    assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
-    assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
     // Each sent its peer's datagrams to the peer's home relay: alpha holds
     // a connection to replica 2's relay, beta one to replica 1's.
     wait_logged(&a.node, 0, &format!("relay: connected to {relay2}"), Duration::from_secs(5), &all);
@@ -154,11 +207,11 @@ fn relayed_peers_on_different_replicas_meet_through_each_others_relay() {
 
     // Round trips: each relay carries one direction of every exchange.
     const N: u32 = 20;
-    let urls = [url1.as_str(), url2.as_str()];
-    let before = urls.map(|u| relay_stats_on(&lab, u));
-    assert_eq!(pings(&a.node, &vb, N), N, "alpha -> beta, relayed\n{}", replica_logs());
-    assert_eq!(pings(&b.node, &va, N), N, "beta -> alpha, relayed\n{}", replica_logs());
-    let after = urls.map(|u| relay_stats_on(&lab, u));
+    let urls = [p.url1.as_str(), p.url2.as_str()];
+    let before = urls.map(|u| relay_stats_on(lab, u));
+    assert_eq!(pings(&a.node, &vb, N), N, "alpha -> beta, relayed\n{}", p.logs());
+    assert_eq!(pings(&b.node, &va, N), N, "beta -> alpha, relayed\n{}", p.logs());
+    let after = urls.map(|u| relay_stats_on(lab, u));
     let moved = |i: usize, c: &str| relay_counter(&after[i], c) - relay_counter(&before[i], c);
     let (round1, round2) = (moved(0, "forwarded"), moved(1, "forwarded"));
     for (i, fwd) in [round1, round2].into_iter().enumerate() {
@@ -167,7 +220,7 @@ fn relayed_peers_on_different_replicas_meet_through_each_others_relay() {
             "{} pings both ways, but replica {}'s relay forwarded {fwd} frames\n{}",
             N,
             i + 1,
-            replica_logs()
+            p.logs()
         );
         // Every frame found its receiver on the relay it was sent to.
         assert_eq!(moved(i, "no_peer"), 0, "frames for a key not on replica {}'s relay", i + 1);
@@ -178,24 +231,106 @@ fn relayed_peers_on_different_replicas_meet_through_each_others_relay() {
     // keepalives aside).
     const ONE_WAY: u32 = 100;
     const STRAY: u64 = 10;
-    let (ab1, ab2, ab_arrived) = one_way(&lab, urls, &a.node, &b.node, ONE_WAY);
-    assert_eq!(ab_arrived, u64::from(ONE_WAY), "alpha's echo requests that reached beta\n{}", replica_logs());
+    let (ab1, ab2, ab_arrived) = one_way(lab, urls, &a.node, &b.node, ONE_WAY);
+    assert_eq!(ab_arrived, u64::from(ONE_WAY), "alpha's echo requests that reached beta\n{}", p.logs());
     assert!(ab2 >= u64::from(ONE_WAY), "alpha -> beta: replica 2's relay forwarded {ab2} of {ONE_WAY}");
     assert!(ab1 <= STRAY, "alpha -> beta: replica 1's relay forwarded {ab1} frames");
-    let (ba1, ba2, ba_arrived) = one_way(&lab, urls, &b.node, &a.node, ONE_WAY);
-    assert_eq!(ba_arrived, u64::from(ONE_WAY), "beta's echo requests that reached alpha\n{}", replica_logs());
+    let (ba1, ba2, ba_arrived) = one_way(lab, urls, &b.node, &a.node, ONE_WAY);
+    assert_eq!(ba_arrived, u64::from(ONE_WAY), "beta's echo requests that reached alpha\n{}", p.logs());
     assert!(ba1 >= u64::from(ONE_WAY), "beta -> alpha: replica 1's relay forwarded {ba1} of {ONE_WAY}");
     assert!(ba2 <= STRAY, "beta -> alpha: replica 2's relay forwarded {ba2} frames");
 
-    // No direct path through the random-port NAT, all along.
-    for (n, k) in [(&a.node, &kb), (&b.node, &ka)] {
-        let direct = format!("path to {k}: direct");
-        assert!(!n.log().contains(&direct), "{}: a direct path through the random-port NAT?\n{}", n.tun, logs(&all));
-    }
+    p.never_direct();
     eprintln!(
         "{TEST}: first ping after {took:?}; {N} pings each way: relay 1 forwarded {round1}, relay 2 {round2} frames; \
          {ONE_WAY} requests alpha -> beta only: relay 1 {ab1}, relay 2 {ab2}; beta -> alpha only: relay 1 {ba1}, \
          relay 2 {ba2}"
     );
-    drop(lab.server.take());
+}
+
+const FAILOVER: &str = "a_relayed_peer_whose_replica_dies_is_reached_at_its_new_home";
+
+/// Pings alpha sends beta, 100 ms apart, while beta's replica dies.
+const FAILOVER_PINGS: u32 = 300;
+
+#[test]
+fn a_relayed_peer_whose_replica_dies_is_reached_at_its_new_home() {
+    let Some(mut p) = Pair::start(FAILOVER, 79, |url1, url2| format!("{url2},{url1}")) else { return };
+    p.relayed();
+    let all = p.nodes();
+    let (va, vb) = (p.a.node.ipv4(), p.b.node.ipv4());
+    wait_logged(&p.a.node, 0, &format!("relay: connected to {}", p.relay2), Duration::from_secs(5), &all);
+
+    // Alpha pings beta all along while replica 2 (beta's control server and
+    // home relay) is SIGKILLed: beta moves to replica 1, whose relay becomes
+    // its home, and alpha's map must send beta's datagrams there.
+    let mut ping =
+        p.a.node.ns.spawn(&["ping", "-n", "-D", "-c", &FAILOVER_PINGS.to_string(), "-i", "0.1", "-W", "1", &vb]);
+    let ping_out = Output::attach(&mut ping);
+    std::thread::sleep(Duration::from_secs(1));
+    let from_b = p.b.node.log().len();
+    p.replica2.proc.kill9();
+    let killed_unix = unix_now();
+    let moved = wait_until(
+        Duration::from_secs(10),
+        "beta streaming from replica 1",
+        || {
+            let st = p.b.node.status();
+            st["connected"] == true && st["control"].as_str() == Some(p.url1.as_str())
+        },
+        || p.logs(),
+    );
+    let rehomed = wait_until(
+        Duration::from_secs(10),
+        "beta's relay client at its new home",
+        || p.b.node.log().get(from_b..).is_some_and(|l| l.contains(&format!("relay: connected to {}", p.relay1))),
+        || p.logs(),
+    );
+    // The first echo reply after the kill, by ping's own timestamps.
+    let replies_after = |t: f64| -> Vec<f64> {
+        ping_out
+            .text()
+            .lines()
+            .filter(|l| l.contains(" bytes from "))
+            .filter_map(ping_time)
+            .filter(|&r| r > t)
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(25),
+        "alpha's pings answered again",
+        || !replies_after(killed_unix).is_empty(),
+        || format!("{}\n--- ping ---\n{}", p.logs(), ping_out.text()),
+    );
+    let back = replies_after(killed_unix)[0] - killed_unix;
+    // SAFETY: signalling our own child (ping), which has not been reaped.
+    unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
+    let _ = ping.wait();
+    eprintln!(
+        "{FAILOVER}: replica 2 SIGKILLed: beta streams from replica 1 after {moved:?}, its relay client at replica 1's \
+         relay {rehomed:?} later; the first of alpha's pings answered after the kill came back {back:.2} s after it"
+    );
+    assert!(back < 5.0, "alpha reached beta again only {back:.2} s after its replica died\n{}", p.logs());
+
+    // Then both ways through replica 1's relay, the only one left.
+    const N: u32 = 20;
+    let before = relay_forwarded_on(&p.lab, &p.url1);
+    assert_eq!(pings(&p.a.node, &vb, N), N, "alpha -> beta, relayed\n{}", p.logs());
+    assert_eq!(pings(&p.b.node, &va, N), N, "beta -> alpha, relayed\n{}", p.logs());
+    let relayed = relay_forwarded_on(&p.lab, &p.url1) - before;
+    assert!(relayed >= u64::from(4 * N), "{} pings both ways, but relay 1 forwarded {relayed} frames", 2 * N);
+    for n in p.nodes() {
+        assert_eq!(status_path(n), "relay", "{}'s status path\n{}", n.tun, p.logs());
+    }
+    p.never_direct();
+}
+
+/// Seconds since the Unix epoch, as `ping -D` prints them.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The `[SECONDS]` timestamp `ping -D` puts before a line.
+fn ping_time(line: &str) -> Option<f64> {
+    line.strip_prefix('[')?.split_once(']')?.0.parse().ok()
 }

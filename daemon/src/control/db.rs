@@ -151,6 +151,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     // no address other replicas' nodes could use; NULL: no relay), so maps
     // name every replica's relay and each node's home relay (docs/nat.md).
     (13, "ALTER TABLE replicas ADD COLUMN relay TEXT;"),
+    // When each replica's presence of a node began (Unix ms): a node's home
+    // relay is the one of the replica it streamed from last, not of one
+    // that died holding its old stream (see [`Db::relays`]).
+    (14, "ALTER TABLE presence ADD COLUMN since_ms {int} NOT NULL DEFAULT 0;"),
 ];
 
 /// Where the state lives: `--state DIR` or `--state postgres://…`.
@@ -807,7 +811,9 @@ impl Db {
 
     /// The relays of live replicas (replica id, `HOST:PORT` as recorded),
     /// and for each node streaming from one of them, that replica's id: the
-    /// node's home relay.
+    /// node's home relay. A node present on two live replicas (it moved,
+    /// and the old one has not yet noticed, or died and is not yet taken
+    /// for dead) is at home on the one it came to last.
     pub fn relays(&mut self, timeout: std::time::Duration) -> Result<ReplicaRelays, ApiError> {
         let live_after = unix_now_ms() - timeout.as_millis() as i64;
         let relays = self
@@ -819,16 +825,15 @@ impl Db {
             .iter()
             .map(|r| Ok((r.text(0)?, r.text(1)?)))
             .collect::<Result<_, ApiError>>()?;
-        let homes = self
-            .conn
-            .query(
-                "SELECT p.node_id, MIN(p.replica) FROM presence p JOIN replicas r ON r.id = p.replica
-                 WHERE r.heartbeat_ms >= $1 AND p.streams > 0 AND r.relay IS NOT NULL GROUP BY p.node_id",
-                params![live_after],
-            )?
-            .iter()
-            .map(|r| Ok((r.int(0)?, r.text(1)?)))
-            .collect::<Result<_, ApiError>>()?;
+        let mut homes = HashMap::new();
+        for r in self.conn.query(
+            "SELECT p.node_id, p.replica FROM presence p JOIN replicas r ON r.id = p.replica
+             WHERE r.heartbeat_ms >= $1 AND p.streams > 0 AND r.relay IS NOT NULL
+             ORDER BY p.node_id, p.since_ms DESC, p.replica",
+            params![live_after],
+        )? {
+            homes.entry(r.int(0)?).or_insert(r.text(1)?);
+        }
         Ok((relays, homes))
     }
 
@@ -845,9 +850,10 @@ impl Db {
             if streams > 0 {
                 // Nothing to record for a node removed meanwhile.
                 c.execute(
-                    "INSERT INTO presence (node_id, replica, streams) SELECT id, CAST($2 AS TEXT), CAST($3 AS BIGINT) FROM nodes WHERE id = $1
+                    "INSERT INTO presence (node_id, replica, streams, since_ms)
+                     SELECT id, CAST($2 AS TEXT), CAST($3 AS BIGINT), CAST($4 AS BIGINT) FROM nodes WHERE id = $1
                      ON CONFLICT (node_id, replica) DO UPDATE SET streams = excluded.streams",
-                    params![id, &replica, streams as i64],
+                    params![id, &replica, streams as i64, now_ms],
                 )?;
             } else {
                 c.execute("DELETE FROM presence WHERE node_id = $1 AND replica = $2", params![id, &replica])?;
@@ -1283,6 +1289,54 @@ mod tests {
         db.conn.execute("INSERT INTO schema_migrations VALUES (999, 0)", &[]).unwrap();
         drop(db);
         assert!(Db::open(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_nodes_home_relay_is_on_the_replica_it_came_to_last() {
+        let dir = std::env::temp_dir().join(format!("wiremesh-db-homes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut one, _) = Db::open(&dir).unwrap();
+        let (mut two, _) = Db::open(&dir).unwrap();
+        one.set_replica_relay(Some("192.0.2.1:8444".into())).unwrap();
+        two.set_replica_relay(Some("192.0.2.2:8444".into())).unwrap();
+        let (r1, r2) = (one.replica().to_string(), two.replica().to_string());
+        let (key, _) = one.create_auth_key(true, false, &[], None, None).unwrap();
+        let id = one.register(&reg(&key, 5, "mover")).unwrap().id;
+        let timeout = std::time::Duration::from_secs(60);
+        let home = |db: &mut Db| db.relays(timeout).unwrap().1.get(&id).cloned();
+        let later = || std::thread::sleep(std::time::Duration::from_millis(3));
+        let (relays, homes) = one.relays(timeout).unwrap();
+        let mut want = vec![(r1.clone(), "192.0.2.1:8444".to_string()), (r2.clone(), "192.0.2.2:8444".to_string())];
+        want.sort();
+        assert_eq!(relays, want);
+        assert!(homes.is_empty(), "no node streams yet");
+        one.set_presence(id, 1).unwrap();
+        assert_eq!(home(&mut two), Some(r1.clone()));
+        // It moves to two while one still holds its old stream (or died
+        // holding it): two is home, whichever id sorts first.
+        later();
+        two.set_presence(id, 1).unwrap();
+        assert_eq!(home(&mut one), Some(r2.clone()));
+        assert_eq!(home(&mut two), Some(r2.clone()));
+        // More streams on one are not a move.
+        later();
+        one.set_presence(id, 2).unwrap();
+        assert_eq!(home(&mut one), Some(r2.clone()));
+        // Its stream on two ends: one is home again.
+        two.set_presence(id, 0).unwrap();
+        assert_eq!(home(&mut two), Some(r1.clone()));
+        // And the same moves the other way round (so neither replica wins
+        // by its id).
+        one.set_presence(id, 0).unwrap();
+        two.set_presence(id, 1).unwrap();
+        assert_eq!(home(&mut one), Some(r2.clone()));
+        later();
+        one.set_presence(id, 1).unwrap();
+        assert_eq!(home(&mut two), Some(r1.clone()));
+        assert_eq!(home(&mut one), Some(r1));
+        drop((one, two));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
