@@ -196,3 +196,106 @@ pub fn have_tools(test: &str, tools: &[&str]) -> bool {
 pub fn wait_logged(n: &Node, from: usize, line: &str, timeout: Duration, all: &[&Node]) -> Duration {
     wait_until(timeout, line, || n.log().get(from..).is_some_and(|l| l.contains(line)), || logs(all))
 }
+
+/// [`natted_on`] with `extra` flags for the agent (`--userspace` and its
+/// proxies, for one).
+pub fn natted_with(
+    lab: &mut Lab,
+    control: &str,
+    name: &str,
+    key: &str,
+    private: u8,
+    nat: Nat,
+    extra: &[&str],
+) -> Natted {
+    let router = Netns::new();
+    let host = lab.next_host;
+    lab.next_host += 1;
+    let uplink = Lab::attach(&lab.hub, &router, &lab.subnet.v4_cidr(host));
+    let public_ip = lab.subnet.v4(host);
+    let ns = Netns::new();
+    let private_ip = format!("10.{private}.0.2");
+    let inner = veth_pair(&ns, &format!("{private_ip}/24"), Some(&router), &format!("10.{private}.0.1/24"));
+    ns.run_ok(&["ip", "route", "add", "default", "via", &format!("10.{private}.0.1")]);
+    router.run_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    router.run_ok(&["nft", "add table ip wmnat"]);
+    router.run_ok(&["nft", "add chain ip wmnat post { type nat hook postrouting priority 100 ; }"]);
+    router.run_ok(&["nft", &format!("add rule ip wmnat post oifname \"{}\" {}", uplink.a_if, nat.masquerade())]);
+    router.run_ok(&["nft", "add chain ip wmnat in { type filter hook input priority 0 ; }"]);
+    router.run_ok(&["nft", &format!("add rule ip wmnat in iifname \"{}\" ct state new drop", uplink.a_if)]);
+    let tun = netns::unique_ifname("wmn");
+    let state = tmpdir(name);
+    let socket = state.join("api.sock");
+    let mut node = Node { ns, _link: inner, tun, state, socket, proc: None };
+    lab.start_agent_on(&mut node, control, name, key, extra);
+    Natted { router, uplink, public_ip, private_ip, node }
+}
+
+/// A standalone `wiremeshd relay` in its own namespace on the lab's bridge,
+/// printing its counters every second (`--stats-interval 1s`).
+pub struct StandaloneRelay {
+    pub ns: Netns,
+    pub _link: VethPair,
+    pub state: std::path::PathBuf,
+    pub proc: Proc,
+    /// `IP:PORT` on the bridge.
+    pub addr: String,
+    /// The `relay://IP:PORT#sha256=…` URL it printed.
+    pub url: String,
+}
+
+impl StandaloneRelay {
+    /// Starts the relay on a new bridge address, port `port`.
+    pub fn start(lab: &mut Lab, port: u16) -> StandaloneRelay {
+        let ns = Netns::new();
+        let host = lab.next_host;
+        lab.next_host += 1;
+        let link = Lab::attach(&lab.hub, &ns, &lab.subnet.v4_cidr(host));
+        let addr = format!("{}:{port}", lab.subnet.v4(host));
+        let state = tmpdir("relay");
+        let mut child = ns.spawn(&[
+            WIREMESHD,
+            "relay",
+            "--listen",
+            &addr,
+            "--state",
+            state.to_str().unwrap(),
+            "--stats-interval",
+            "1s",
+        ]);
+        let out = Output::attach(&mut child);
+        let url = format!("relay://{}", out.wait_for("relay URL: relay://", Duration::from_secs(20)));
+        StandaloneRelay { ns, _link: link, state, proc: Proc { child, out }, addr, url }
+    }
+
+    /// The counters of the first `relay stats:` line the relay prints after
+    /// this call (so they include everything done before it).
+    pub fn next_stats(&self) -> std::collections::BTreeMap<String, u64> {
+        const PREFIX: &str = "relay stats: ";
+        let from = self.proc.out.0.lock().unwrap().len();
+        let mut line = String::new();
+        wait_until(
+            Duration::from_secs(5),
+            "a relay stats line",
+            || {
+                let lines = self.proc.out.0.lock().unwrap();
+                let new = lines.get(from..).unwrap_or_default();
+                new.iter().find(|l| l.starts_with(PREFIX)).map(|l| line = l.clone()).is_some()
+            },
+            || self.proc.out.text(),
+        );
+        line[PREFIX.len()..]
+            .split_whitespace()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("relay stats: {line:?}"));
+                (k.to_string(), v.parse().unwrap_or_else(|_| panic!("relay stats: {line:?}")))
+            })
+            .collect()
+    }
+}
+
+impl Drop for StandaloneRelay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}

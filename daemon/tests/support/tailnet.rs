@@ -344,3 +344,49 @@ pub fn peer_count(n: &Node) -> usize {
 pub fn logs(nodes: &[&Node]) -> String {
     nodes.iter().map(|n| format!("--- {} ---\n{}\n", n.tun, n.log())).collect()
 }
+
+impl Lab {
+    /// A lab whose control server is not started yet: the bridge and the
+    /// server's namespace only, so that a test can first put something on
+    /// the bridge whose address the server's flags name (a standalone relay
+    /// for `--relay-url`); [`Lab::start_server_with`] starts it.
+    pub fn unstarted() -> Lab {
+        let hub = Netns::new();
+        hub.run_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        hub.run_ok(&["ip", "link", "set", "br0", "up"]);
+        let subnet = Subnet::next();
+        let server_ns = Netns::new();
+        let server_link = Self::attach(&hub, &server_ns, &subnet.v4_cidr(1));
+        Lab {
+            hub,
+            subnet,
+            server_ns,
+            _server_link: server_link,
+            server_state: tmpdir("control"),
+            server: None,
+            url: String::new(),
+            token: String::new(),
+            next_host: 10,
+            identity: false,
+            replicas: Vec::new(),
+            replica_urls: Vec::new(),
+        }
+    }
+
+    /// Starts the control server on the lab's state and port 8443, as
+    /// [`Lab::start_server`] does, with `extra` flags after the usual ones.
+    pub fn start_server_with(&mut self, extra: &[&str]) {
+        let state = self.server_state.to_str().unwrap().to_string();
+        let listen = format!("{}:8443", self.subnet.v4(1));
+        let identity = if self.identity { "on" } else { "off" };
+        let mut args = vec![WIREMESHD, "control", "--listen", &listen, "--state", &state, "--identity", identity];
+        args.extend_from_slice(extra);
+        let mut child = self.server_ns.spawn(&args);
+        let out = Output::attach(&mut child);
+        let url = out.wait_for("control URL: ", Duration::from_secs(30));
+        if self.token.is_empty() {
+            self.token = out.wait_for("admin token (shown once, stored hashed): ", Duration::from_secs(5));
+        }
+        (self.server, self.url) = (Some(Proc { child, out }), url);
+    }
+}

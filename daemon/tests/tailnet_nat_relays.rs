@@ -1,0 +1,289 @@
+//! Two more relayed cases through nftables NATs in namespaces (root only;
+//! skipped elsewhere, failing in CI), beside `tailnet_nat.rs`:
+//!
+//! * a **standalone relay** (`wiremeshd relay`, its own namespace on the
+//!   bridge) named by the control server's `--relay-url` with `--relay off`:
+//!   it is both nodes' home relay and their STUN server, and it alone
+//!   carries a pair that no direct path joins (a random-port NAT facing a
+//!   port-restricted cone). It has no admin API; its `--stats-interval`
+//!   lines give its counters.
+//! * a **userspace node** (`--userspace`: no TUN, SOCKS5 and HTTP proxies)
+//!   behind a random-port NAT fetching a page from a TUN node behind a cone
+//!   through its proxies: relayed first (the embedded relay's counter
+//!   grows), then, the block lifted, direct.
+
+#[path = "../../testsupport/netns.rs"]
+mod netns;
+
+#[path = "support/tailnet.rs"]
+mod tailnet;
+
+#[path = "support/nat.rs"]
+mod nat;
+
+use nat::*;
+use netns::Netns;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tailnet::*;
+
+#[test]
+fn a_standalone_relay_carries_a_pair_no_direct_path_joins() {
+    const TEST: &str = "a_standalone_relay_carries_a_pair_no_direct_path_joins";
+    if !have_tools(TEST, &["nft", "conntrack"]) {
+        return;
+    }
+    let mut lab = Lab::unstarted();
+    let relay = StandaloneRelay::start(&mut lab, 3340);
+    assert!(relay.url.starts_with(&format!("relay://{}#sha256=", relay.addr)), "relay URL {:?}", relay.url);
+    lab.start_server_with(&["--relay", "off", "--relay-url", &relay.url]);
+    // The control server runs no relay of its own.
+    let admin = ["--control", lab.url.as_str(), "--admin-token", lab.token.as_str()];
+    let out = lab.server_ns.exec(&[&[WIREMESH, "relay", "stats", "--json"][..], &admin[..]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no_relay"), "wiremesh relay stats with --relay off: {err}");
+
+    let key = lab.new_key(true);
+    let a = natted(&mut lab, "alpha", &key, 81, Nat::RandomPorts);
+    let b = natted(&mut lab, "beta", &key, 82, Nat::PortRestrictedCone);
+    let all = [&a.node, &b.node];
+    let connected = format!("relay: connected to {}", relay.addr);
+    for n in all {
+        wait_until(Duration::from_secs(20), "the peer in the map", || peer_count(n) == 1, || logs(&all));
+        wait_logged(n, 0, &connected, Duration::from_secs(20), &all);
+    }
+    // The standalone relay is their STUN server too: each learns its NAT's
+    // address from it.
+    for n in [&a, &b] {
+        let want = format!("reflexive address {}:", n.public_ip);
+        wait_logged(&n.node, 0, &want, Duration::from_secs(20), &all);
+    }
+    let (va, vb) = (a.node.ipv4(), b.node.ipv4());
+    let took = wait_until(Duration::from_secs(20), "alpha -> beta", || a.node.ping(&vb), || logs(&all));
+    assert!(b.node.ping(&va), "beta -> alpha\n{}", logs(&all));
+    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
+    wait_logged(&a.node, 0, &format!("path to {kb}: relay"), Duration::from_secs(10), &all);
+    wait_logged(&b.node, 0, &format!("path to {ka}: relay"), Duration::from_secs(10), &all);
+    let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
+    assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
+    assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
+    for n in all {
+        assert_eq!(status_path(n), "relay", "{}'s status path", n.tun);
+    }
+
+    // Each echo request and each reply crosses the standalone relay once.
+    const N: u32 = 20;
+    let before = relay.next_stats();
+    assert_eq!(before["clients"], 2, "both nodes connected to the standalone relay: {before:?}");
+    assert!(before["stun_answered"] >= 2, "the standalone relay answered no STUN: {before:?}");
+    assert_eq!(pings(&a.node, &vb, N), N, "alpha -> beta, relayed\n{}", logs(&all));
+    assert_eq!(pings(&b.node, &va, N), N, "beta -> alpha, relayed\n{}", logs(&all));
+    let after = relay.next_stats();
+    let relayed = after["forwarded"] - before["forwarded"];
+    assert!(
+        relayed >= u64::from(4 * N),
+        "{} pings both ways, but the standalone relay forwarded {relayed} frames: {before:?} -> {after:?}",
+        2 * N
+    );
+    for counter in ["auth_failed", "malformed", "rate_limited", "queue_full"] {
+        assert_eq!(after[counter], 0, "{counter}: {after:?}");
+    }
+    // No direct path was found through the random-port NAT.
+    for (n, k) in [(&a.node, &kb), (&b.node, &ka)] {
+        let direct = format!("path to {k}: direct");
+        assert!(!n.log().contains(&direct), "{}: a direct path through the random-port NAT?\n{}", n.tun, logs(&all));
+    }
+    eprintln!(
+        "{TEST}: first ping after {took:?}; the standalone relay at {} forwarded {relayed} frames ({} bytes) for {} \
+         pings; its counters now {after:?}",
+        relay.addr,
+        after["forwarded_bytes"] - before["forwarded_bytes"],
+        2 * N
+    );
+    drop(lab.server.take());
+}
+
+/// A tiny HTTP server on one address in a namespace (a thread of this
+/// process moved there), answering each request with `greeting`, the path
+/// asked for, and `filler` bytes of padding (so a response spans many
+/// packets).
+struct WebServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WebServer {
+    fn start(ns: &Netns, addr: &str, greeting: &str, filler: usize) -> WebServer {
+        let path = format!("/run/netns/{}", ns.name());
+        let (addr, greeting) = (addr.to_string(), greeting.to_string());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).expect("namespace file");
+            // SAFETY: setns on a namespace file we hold open; it moves only this thread.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let listener = std::net::TcpListener::bind(&addr).expect("web server bind");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("ready");
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let asked = text.split(' ').nth(1).unwrap_or("?").to_string();
+                let body = format!("{greeting} {asked}\n{}\n", "x".repeat(filler));
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("web server up");
+        WebServer { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for WebServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `curl` in `ns` (10 s at most): success, body, stderr.
+fn curl(ns: &Netns, args: &[&str]) -> (bool, String, String) {
+    let mut full = vec!["curl", "-sS", "--max-time", "10"];
+    full.extend_from_slice(args);
+    let out = ns.exec(&full);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The path beta's status shows for alpha and alpha's for beta.
+fn paths(a: &Natted, b: &Natted) -> String {
+    format!("alpha's path {:?}, beta's path {:?}", status_path(&a.node), status_path(&b.node))
+}
+
+#[test]
+fn a_userspace_node_behind_a_nat_reaches_a_peer_through_the_relay() {
+    const TEST: &str = "a_userspace_node_behind_a_nat_reaches_a_peer_through_the_relay";
+    if !have_tools(TEST, &["nft", "conntrack", "curl"]) {
+        return;
+    }
+    const SOCKS: &str = "127.0.0.1:1055";
+    const HTTP_PROXY: &str = "http://127.0.0.1:8080";
+    const FILLER: usize = 32 * 1024;
+    let mut lab = Lab::new();
+    let key = lab.new_key(true);
+    let control = lab.url.clone();
+    let a = natted_with(
+        &mut lab,
+        &control,
+        "alpha",
+        &key,
+        83,
+        Nat::RandomPorts,
+        &["--userspace", "--socks5", SOCKS, "--http-proxy", "127.0.0.1:8080"],
+    );
+    let b = natted(&mut lab, "beta", &key, 84, Nat::PortRestrictedCone);
+    let all = [&a.node, &b.node];
+    for n in all {
+        wait_until(Duration::from_secs(20), "the peer in the map", || peer_count(n) == 1, || logs(&all));
+        wait_logged(n, 0, "relay: connected to ", Duration::from_secs(20), &all);
+    }
+    // Alpha runs on the netstack: no TUN device in its namespace.
+    let links = a.node.ns.run_ok(&["ip", "-o", "link"]);
+    assert!(!links.contains(&a.node.tun), "a TUN device on the userspace node: {links}");
+    // The netstack asks STUN too, through its NAT.
+    for n in [&a, &b] {
+        let want = format!("reflexive address {}:", n.public_ip);
+        wait_logged(&n.node, 0, &want, Duration::from_secs(20), &all);
+    }
+    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
+    let (va, vb) = (a.node.ipv4(), b.node.ipv4());
+    let _web = WebServer::start(&b.node.ns, &format!("{vb}:8000"), "hello from beta", FILLER);
+
+    // Relayed: beta pings alpha's netstack, alpha fetches from beta.
+    let took = wait_until(Duration::from_secs(20), "beta -> alpha", || b.node.ping(&va), || logs(&all));
+    wait_logged(&a.node, 0, &format!("path to {kb}: relay"), Duration::from_secs(10), &all);
+    wait_logged(&b.node, 0, &format!("path to {ka}: relay"), Duration::from_secs(10), &all);
+    assert_eq!(status_path(&a.node), "relay", "{}\n{}", paths(&a, &b), logs(&all));
+    assert_eq!(status_path(&b.node), "relay", "{}\n{}", paths(&a, &b), logs(&all));
+    let before = relay_forwarded(&lab);
+    let url = format!("http://{vb}:8000/relayed");
+    let (ok, body, err) = curl(&a.node.ns, &["--socks5-hostname", SOCKS, &url]);
+    assert!(ok, "{url} through SOCKS5, relayed: {err}\n{}", logs(&all));
+    assert!(
+        body.starts_with("hello from beta /relayed\n") && body.len() > FILLER,
+        "{} bytes: {:?}",
+        body.len(),
+        &body[..body.len().min(80)]
+    );
+    let (ok, body, err) = curl(&a.node.ns, &["--proxy", HTTP_PROXY, &format!("http://{vb}:8000/relayed-http")]);
+    assert!(
+        ok && body.starts_with("hello from beta /relayed-http\n"),
+        "through the HTTP proxy, relayed: {err}\n{}",
+        logs(&all)
+    );
+    let relayed = relay_forwarded(&lab) - before;
+    // Two responses of 32 KiB each are more than 40 packets of 1280 bytes
+    // (the tunnel's MTU or below), besides handshakes and ACKs.
+    assert!(relayed >= 40, "two 32 KiB fetches, but the relay forwarded {relayed} frames\n{}", logs(&all));
+    assert_eq!(status_path(&a.node), "relay", "{}", paths(&a, &b));
+    for (n, k) in [(&a.node, &kb), (&b.node, &ka)] {
+        let direct = format!("path to {k}: direct");
+        assert!(!n.log().contains(&direct), "{}: a direct path through the random-port NAT?\n{}", n.tun, logs(&all));
+    }
+
+    // The block lifted: alpha's router keeps ports now. The netstack's
+    // STUN sees the new mapping, and the pair probes its way to direct.
+    let (from_a, from_b) = (a.node.log().len(), b.node.log().len());
+    a.set_nat(Nat::PortRestrictedCone);
+    let changed = Instant::now();
+    wait_logged(&a.node, from_a, &format!("path to {kb}: direct {}:", b.public_ip), Duration::from_secs(30), &all);
+    wait_logged(&b.node, from_b, &format!("path to {ka}: direct {}:", a.public_ip), Duration::from_secs(15), &all);
+    let switched = changed.elapsed();
+    let (pa, pb) = (status_path(&a.node), status_path(&b.node));
+    assert!(pa.starts_with(&format!("direct {}:", b.public_ip)), "alpha's status path: {pa:?}\n{}", logs(&all));
+    assert!(pb.starts_with(&format!("direct {}:", a.public_ip)), "beta's status path: {pb:?}\n{}", logs(&all));
+    // A second fetch, direct: the relay's counter stays (almost) flat.
+    let before = relay_forwarded(&lab);
+    let url = format!("http://{vb}:8000/direct");
+    let (ok, body, err) = curl(&a.node.ns, &["--socks5-hostname", SOCKS, &url]);
+    assert!(ok, "{url} through SOCKS5, direct: {err}\n{}", logs(&all));
+    assert!(body.starts_with("hello from beta /direct\n") && body.len() > FILLER, "{} bytes", body.len());
+    let through_relay = relay_forwarded(&lab) - before;
+    assert!(
+        through_relay <= 4,
+        "the relay forwarded {through_relay} frames during a direct 32 KiB fetch\n{}",
+        logs(&all)
+    );
+    assert!(b.node.ping(&va), "beta -> alpha, direct\n{}", logs(&all));
+    eprintln!(
+        "{TEST}: first ping after {took:?}; two relayed 32 KiB fetches took {relayed} relay frames; direct {switched:?} \
+         after the NAT change ({pa} / {pb}); the direct fetch took {through_relay} relay frames"
+    );
+    drop(lab.server.take());
+}
