@@ -84,8 +84,12 @@ fn tailnet_replicas_nodes_move_to_the_other_replica_and_traffic_keeps_flowing() 
         || logs(&all),
     );
     let status = ping.wait().expect("ping");
+    // The reader thread may not have the summary yet when ping has exited.
+    let line = format!(
+        "{PINGS} packets transmitted{}",
+        ping_out.wait_for(&format!("{PINGS} packets transmitted"), Duration::from_secs(5))
+    );
     let text = ping_out.text();
-    let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("{text}"));
     let received: u32 = line.split(", ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
     let sent: u32 = PINGS.parse().unwrap();
     let lost = sent - received;
