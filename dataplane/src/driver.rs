@@ -212,6 +212,9 @@ pub struct DataplaneStats {
     pub io_errors: AtomicU64,
     /// Super-packets that could not be segmented.
     pub bad_tun_packets: AtomicU64,
+    /// Decrypted packets dropped because the userspace netstack's queue
+    /// towards smoltcp was full.
+    pub rx_queue_full: AtomicU64,
 }
 
 impl DataplaneStats {
@@ -220,7 +223,7 @@ impl DataplaneStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let per = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         format!(
-            "tun_reads={} segments={} ({:.1}/read) udp_sends={} ({:.1} segments/send) udp_recvs={} udp_datagrams={} ({:.1}/recv) tun_writes={} ({:.1} datagrams/write) io_errors={} bad_tun_packets={}",
+            "tun_reads={} segments={} ({:.1}/read) udp_sends={} ({:.1} segments/send) udp_recvs={} udp_datagrams={} ({:.1}/recv) tun_writes={} ({:.1} datagrams/write) io_errors={} bad_tun_packets={} rx_queue_full={}",
             g(&self.tun_reads),
             g(&self.segments),
             per(g(&self.segments), g(&self.tun_reads)),
@@ -233,6 +236,7 @@ impl DataplaneStats {
             per(g(&self.udp_datagrams), g(&self.tun_writes)),
             g(&self.io_errors),
             g(&self.bad_tun_packets),
+            g(&self.rx_queue_full),
         )
     }
 }

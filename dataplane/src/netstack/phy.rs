@@ -161,6 +161,8 @@ impl Phy {
             if let Ok(Received::Packet { range, .. }) = core.handle_datagram(from, dg, now) {
                 if self.rx.len() < RX_QUEUE_MAX {
                     self.rx.push_back(dg[range].to_vec());
+                } else {
+                    self.stats.rx_queue_full.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -194,6 +196,8 @@ impl Phy {
                             dg.bytes.truncate(range.end);
                             dg.bytes.drain(..range.start);
                             self.rx.push_back(dg.bytes);
+                        } else {
+                            self.stats.rx_queue_full.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
