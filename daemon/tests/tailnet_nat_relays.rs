@@ -61,6 +61,24 @@ fn a_standalone_relay_carries_a_pair_no_direct_path_joins() {
         let want = format!("reflexive address {}:", n.public_ip);
         wait_logged(&n.node, 0, &want, Duration::from_secs(20), &all);
     }
+    // Alpha's WireGuard socket has been to the relay's STUN and (probing)
+    // to beta's NAT: its router must have mapped the two to different
+    // public ports, or this is not the NAT the test means.
+    let port = wg_listen_port(&a.node);
+    let stun = relay.addr.clone();
+    let peer = format!("{}:", b.public_ip);
+    let mut maps = Vec::new();
+    wait_until(
+        Duration::from_secs(10),
+        "alpha's router mapping its WireGuard socket towards the relay's STUN and towards beta",
+        || {
+            maps = a.udp_mappings(port);
+            maps.iter().any(|(d, _)| *d == stun) && maps.iter().any(|(d, _)| d.starts_with(&peer))
+        },
+        || logs(&all),
+    );
+    let ports: std::collections::BTreeSet<u16> = maps.iter().map(|&(_, p)| p).collect();
+    assert_eq!(ports.len(), maps.len(), "masquerade random reused a public port: {maps:?}");
     let (va, vb) = (a.node.ipv4(), b.node.ipv4());
     let took = wait_until(Duration::from_secs(20), "alpha -> beta", || a.node.ping(&vb), || logs(&all));
     assert!(b.node.ping(&va), "beta -> alpha\n{}", logs(&all));
@@ -98,7 +116,7 @@ fn a_standalone_relay_carries_a_pair_no_direct_path_joins() {
     }
     eprintln!(
         "{TEST}: first ping after {took:?}; the standalone relay at {} forwarded {relayed} frames ({} bytes) for {} \
-         pings; its counters now {after:?}",
+         pings; its counters now {after:?}; alpha's WireGuard port {port} maps to {maps:?}",
         relay.addr,
         after["forwarded_bytes"] - before["forwarded_bytes"],
         2 * N
