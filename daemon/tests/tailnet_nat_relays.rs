@@ -280,9 +280,30 @@ fn a_userspace_node_behind_a_nat_reaches_a_peer_through_the_relay() {
     let (from_a, from_b) = (a.node.log().len(), b.node.log().len());
     a.set_nat(Nat::PortRestrictedCone);
     let changed = Instant::now();
-    wait_logged(&a.node, from_a, &format!("path to {kb}: direct {}:", b.public_ip), Duration::from_secs(30), &all);
-    wait_logged(&b.node, from_b, &format!("path to {ka}: direct {}:", a.public_ip), Duration::from_secs(15), &all);
+    // When each of alpha's and beta's log lines since the change appeared.
+    let mut timeline: Vec<(Duration, &str, String)> = Vec::new();
+    let (mut seen_a, mut seen_b) = (from_a, from_b);
+    let direct_a = format!("path to {kb}: direct {}:", b.public_ip);
+    let direct_b = format!("path to {ka}: direct {}:", a.public_ip);
+    wait_until(
+        Duration::from_secs(30),
+        "both sides on the direct path after the NAT change",
+        || {
+            let t = changed.elapsed();
+            for (who, log, seen) in [("alpha", a.node.log(), &mut seen_a), ("beta", b.node.log(), &mut seen_b)] {
+                let new = log.get(*seen..).unwrap_or("");
+                timeline.extend(new.lines().filter(|l| !l.is_empty()).map(|l| (t, who, l.to_string())));
+                *seen = log.len();
+            }
+            let (la, lb) = (a.node.log(), b.node.log());
+            la.get(from_a..).is_some_and(|l| l.contains(&direct_a))
+                && lb.get(from_b..).is_some_and(|l| l.contains(&direct_b))
+        },
+        || logs(&all),
+    );
     let switched = changed.elapsed();
+    let timeline: Vec<String> =
+        timeline.iter().map(|(t, who, l)| format!("{:.1}s {who}: {l}", t.as_secs_f64())).collect();
     let (pa, pb) = (status_path(&a.node), status_path(&b.node));
     assert!(pa.starts_with(&format!("direct {}:", b.public_ip)), "alpha's status path: {pa:?}\n{}", logs(&all));
     assert!(pb.starts_with(&format!("direct {}:", a.public_ip)), "beta's status path: {pb:?}\n{}", logs(&all));
@@ -301,7 +322,8 @@ fn a_userspace_node_behind_a_nat_reaches_a_peer_through_the_relay() {
     assert!(b.node.ping(&va), "beta -> alpha, direct\n{}", logs(&all));
     eprintln!(
         "{TEST}: first ping after {took:?}; two relayed 32 KiB fetches took {relayed} relay frames; direct {switched:?} \
-         after the NAT change ({pa} / {pb}); the direct fetch took {through_relay} relay frames"
+         after the NAT change ({pa} / {pb}); the direct fetch took {through_relay} relay frames; after the change:\n  {}",
+        timeline.join("\n  ")
     );
     drop(lab.server.take());
 }
