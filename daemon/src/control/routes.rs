@@ -13,12 +13,12 @@ use super::db::{Db, Tailnet, IPV4_BASE, IPV4_PREFIX};
 use super::proto::{NodeInfo, PeerRoutes, RouteInfo};
 use super::store::params;
 use super::ApiError;
-use crate::policy::compile::routes::{auto_approvals, route_rules, RouteRule};
+use crate::policy::compile::routes::{auto_approvals, route_rules};
 use crate::policy::Policy;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
-use wiremesh_core::filter::{Prefix, Rule as FilterRule};
+use wiremesh_core::filter::Prefix;
 
 /// Prefixes one node may advertise.
 pub const MAX_ROUTES: usize = 64;
@@ -189,20 +189,6 @@ impl Routing {
     }
 }
 
-/// Whether the two prefixes share an address.
-fn overlaps(a: &Prefix, b: &Prefix) -> bool {
-    a.covers(b) || b.covers(a)
-}
-
-/// Whether `rule` lets traffic to `p` through (exit routes: `autogroup:internet`, or `*`).
-fn rule_reaches(rule: &RouteRule, p: &Prefix) -> bool {
-    match (&rule.destination, is_exit(p)) {
-        (None, exit) => exit,
-        (Some(d), true) => d == p,
-        (Some(d), false) => overlaps(d, p),
-    }
-}
-
 /// Computes a snapshot's routing: approvals (stored or by `autoApprovers`),
 /// primaries (keeping `previous` ones that are still online), and each
 /// node's routes. `policy` is `None` when no policy is set: every node may
@@ -271,7 +257,7 @@ pub fn compute(
     // What each node gets: the primaries' subnet routes it may reach, and
     // its exit node's exit routes.
     let may_use = |viewer: usize, p: &Prefix| -> bool {
-        policy.is_none() || rules.iter().any(|r| rule_reaches(r, p) && r.sources.contains(&viewer))
+        policy.is_none() || rules.iter().any(|r| r.reaches(p) && r.sources.contains(&viewer))
     };
     let by_name: HashMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
     for (v, node) in nodes.iter().enumerate() {
@@ -306,59 +292,6 @@ pub fn compute(
         out.json.push(Arc::from(serde_json::to_string(&list).unwrap_or_else(|_| "[]".into())));
     }
     out
-}
-
-/// What routes add to the compiled policy: each router's filter accepts
-/// what the policy lets sources send to its approved prefixes, and those
-/// sources and the router see each other. `compiled` is in the order of `nodes`.
-pub fn extend_policy(
-    policy: &Policy,
-    nodes: &[NodeInfo],
-    routers: &BTreeMap<i64, Vec<Prefix>>,
-    compiled: &mut [crate::policy::NodePolicy],
-) {
-    if routers.is_empty() {
-        return;
-    }
-    let policy_nodes: Vec<crate::policy::Node> = nodes.iter().map(crate::policy::wire::node_of).collect();
-    let rules = route_rules(policy, &policy_nodes);
-    for (r, node) in nodes.iter().enumerate() {
-        let Some(prefixes) = routers.get(&node.id) else { continue };
-        for rule in &rules {
-            let reached: Vec<Prefix> = prefixes
-                .iter()
-                .filter(|p| rule_reaches(rule, p))
-                .map(|p| match rule.destination {
-                    // The narrower of the rule's destination and the route.
-                    Some(d) if p.covers(&d) => d,
-                    _ => *p,
-                })
-                .collect();
-            if reached.is_empty() {
-                continue;
-            }
-            for (protocols, ports) in &rule.ip {
-                compiled[r].filter.push(FilterRule {
-                    sources: rule.source_prefixes.clone(),
-                    destinations: reached.clone(),
-                    protocols: protocols.clone(),
-                    ports: ports.clone(),
-                });
-            }
-            for &s in rule.sources.iter().filter(|&&s| s != r) {
-                if !compiled[r].peers.contains(&nodes[s].id) {
-                    compiled[r].peers.push(nodes[s].id);
-                }
-                if !compiled[s].peers.contains(&node.id) {
-                    compiled[s].peers.push(node.id);
-                }
-            }
-        }
-    }
-    for c in compiled.iter_mut() {
-        c.peers.sort_unstable();
-        c.peers.dedup();
-    }
 }
 
 /// The admin API under `/api/v1/admin/routes`: `GET` lists every route;

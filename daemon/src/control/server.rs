@@ -121,14 +121,20 @@ fn compile_grants(
     text: &str,
     nodes: &[NodeInfo],
     routers: &std::collections::BTreeMap<i64, Vec<wiremesh_core::filter::Prefix>>,
+    tailnet: &Tailnet,
 ) -> Vec<NodeGrants> {
     let policy = crate::policy::parse(text).unwrap_or_else(|e| {
         eprintln!("wiremeshd control: the stored policy does not parse ({e}); denying all traffic");
         crate::policy::Policy::default()
     });
-    let mut compiled =
-        crate::policy::compile(&policy, &nodes.iter().map(crate::policy::wire::node_of).collect::<Vec<_>>());
-    super::routes::extend_policy(&policy, nodes, routers, &mut compiled);
+    // A source `*` is the tailnet's ranges plus the approved subnet routes;
+    // the approved routes also extend their routers' filters.
+    let network = crate::policy::compile::Network {
+        ranges: crate::policy::compile::Network::tailnet_ranges_of_ula(tailnet.ula_prefix),
+        routes: routers.clone(),
+    };
+    let policy_nodes: Vec<_> = nodes.iter().map(crate::policy::wire::node_of).collect();
+    let compiled = crate::policy::compile::compile_in(&policy, &policy_nodes, &network);
     compiled
         .into_iter()
         .map(|c| NodeGrants {
@@ -406,7 +412,7 @@ impl App {
             match cache.as_ref() {
                 Some((k, g)) if *k == key => g.clone(),
                 _ => {
-                    let g = Arc::new(compile_grants(&text, &nodes, &routing.routers));
+                    let g = Arc::new(compile_grants(&text, &nodes, &routing.routers, &self.tailnet));
                     *cache = Some((key, g.clone()));
                     g
                 }

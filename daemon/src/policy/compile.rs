@@ -7,7 +7,7 @@ use super::model::{Alias, Policy, Target};
 use super::{ErrorKind, PolicyError};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use wiremesh_core::filter::{Filter, Prefix, Rule as FilterRule, PROTO_ICMP, PROTO_ICMPV6};
 
 // Named by path so the fuzz target, which includes this file by path, finds it too.
@@ -53,6 +53,69 @@ pub struct NodePolicy {
     pub peers: Vec<i64>,
     /// Application capabilities granted to it.
     pub capabilities: Vec<CapGrant>,
+}
+
+/// What the compiler knows of the tailnet beyond its nodes: the address
+/// ranges a source `*` stands for, and the routes routers serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Network {
+    /// The tailnet's own ranges ([`Network::tailnet_ranges`]); a source `*`
+    /// is these plus every approved subnet route, as Tailscale writes it.
+    /// Empty: `*` is every address (a policy's `tests`, which run on a
+    /// tailnet of their own).
+    pub ranges: Vec<Prefix>,
+    /// Each router's approved routes (exit routes included), by node id:
+    /// a rule whose destination reaches one gives that router a rule.
+    pub routes: BTreeMap<i64, Vec<Prefix>>,
+}
+
+impl Network {
+    /// The ranges of a tailnet whose IPv6 addresses are in `ula` (a /48):
+    /// 100.64.0.0/10 without 100.115.92.0/23 (Tailscale keeps that block
+    /// out of `*`), and `ula`.
+    pub fn tailnet_ranges(ula: Prefix) -> Vec<Prefix> {
+        let mut out = Vec::new();
+        v4_without(u32::from_be_bytes([100, 64, 0, 0]), 10, u32::from_be_bytes([100, 115, 92, 0]), 23, &mut out);
+        out.push(ula);
+        out
+    }
+
+    /// The ranges of a tailnet whose ULA prefix is the six bytes `ula`.
+    pub fn tailnet_ranges_of_ula(ula: [u8; 6]) -> Vec<Prefix> {
+        let mut b = [0u8; 16];
+        b[..6].copy_from_slice(&ula);
+        Network::tailnet_ranges(Prefix::new(IpAddr::V6(Ipv6Addr::from(b)), 48).unwrap_or(Prefix::ANY_V6))
+    }
+
+    /// What a source `*` stands for: every address without ranges, else the
+    /// ranges and the approved subnet routes (not exit routes: the Internet
+    /// is not a source).
+    fn any_sources(&self) -> Vec<Prefix> {
+        if self.ranges.is_empty() {
+            return vec![Prefix::ANY_V4, Prefix::ANY_V6];
+        }
+        let mut out = self.ranges.clone();
+        out.extend(self.routes.values().flatten().filter(|p| !p.is_empty()));
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// Appends `base/len` without `hole/hole_len` (IPv4) as prefixes.
+fn v4_without(base: u32, len: u8, hole: u32, hole_len: u8, out: &mut Vec<Prefix>) {
+    let mask = |l: u8| if l == 0 { 0 } else { u32::MAX << (32 - l) };
+    let inside = len <= hole_len && hole & mask(len) == base;
+    let covered = hole_len <= len && base & mask(hole_len) == hole;
+    if covered {
+        return;
+    }
+    if !inside {
+        out.extend(Prefix::new(IpAddr::V4(Ipv4Addr::from(base)), len));
+        return;
+    }
+    v4_without(base, len + 1, hole, hole_len, out);
+    v4_without(base | 1 << (31 - len), len + 1, hole, hole_len, out);
 }
 
 /// A set of node indices.
@@ -126,14 +189,22 @@ struct Tailnet<'a> {
     policy: &'a Policy,
     nodes: &'a [Node],
     ids: Vec<Identity<'a>>,
+    /// What a source `*` stands for.
+    any: Vec<Prefix>,
     /// Aliases already expanded.
     cache: RefCell<HashMap<String, (Bits, Option<Prefix>)>>,
 }
 
 impl<'a> Tailnet<'a> {
     /// The tailnet of `nodes` under `policy` (also what `routes` builds on).
-    fn new(policy: &'a Policy, nodes: &'a [Node]) -> Tailnet<'a> {
-        Tailnet { policy, nodes, ids: nodes.iter().map(|x| identity(policy, x)).collect(), cache: Default::default() }
+    fn new(policy: &'a Policy, nodes: &'a [Node], network: &Network) -> Tailnet<'a> {
+        Tailnet {
+            policy,
+            nodes,
+            ids: nodes.iter().map(|x| identity(policy, x)).collect(),
+            any: network.any_sources(),
+            cache: Default::default(),
+        }
     }
 }
 
@@ -178,6 +249,23 @@ impl Tailnet<'_> {
         (bits, raw)
     }
 
+    /// A rule's source nodes and source prefixes (shared by the compiler
+    /// and the route rules, so `*` means the same to both).
+    fn sources(&self, src: &[Target]) -> (Bits, Vec<Prefix>) {
+        let mut bits = Bits::new(self.nodes.len());
+        let mut raw = Vec::new();
+        for t in src {
+            let (b, p) = self.expand(&t.alias);
+            bits.or(&b);
+            if matches!(t.alias, Alias::Any) {
+                raw.extend(self.any.iter().copied());
+            }
+            raw.extend(p);
+        }
+        let prefixes = self.prefixes(&bits, &raw);
+        (bits, prefixes)
+    }
+
     /// Source prefixes: the raw prefixes, plus the addresses of the nodes they do not cover.
     fn prefixes(&self, nodes: &Bits, raw: &[Prefix]) -> Vec<Prefix> {
         let mut out = raw.to_vec();
@@ -197,27 +285,24 @@ impl Tailnet<'_> {
 /// A capability waiting for its node's filter: sources, name, values.
 type Pending<'a> = (Vec<Prefix>, &'a str, &'a [serde_json::Value]);
 
-/// Compiles `policy` for `nodes`; the result is in the order of `nodes`.
+/// Compiles `policy` for `nodes` knowing nothing of the tailnet beyond them
+/// (a source `*` is every address, no routes); the result is in the order
+/// of `nodes`.
 pub fn compile(policy: &Policy, nodes: &[Node]) -> Vec<NodePolicy> {
+    compile_in(policy, nodes, &Network::default())
+}
+
+/// Compiles `policy` for `nodes` of `network` (its ranges and approved
+/// routes); the result is in the order of `nodes`.
+pub fn compile_in(policy: &Policy, nodes: &[Node], network: &Network) -> Vec<NodePolicy> {
     let n = nodes.len();
-    let net =
-        Tailnet { policy, nodes, ids: nodes.iter().map(|x| identity(policy, x)).collect(), cache: Default::default() };
+    let net = Tailnet::new(policy, nodes, network);
     let mut filters: Vec<Vec<FilterRule>> = vec![Vec::new(); n];
     let mut peers: Vec<Bits> = vec![Bits::new(n); n];
     // Capabilities wait until every filter is known.
     let mut pending: Vec<Vec<Pending>> = vec![Vec::new(); n];
     for rule in &policy.rules {
-        let mut src = Bits::new(n);
-        let mut raw = Vec::new();
-        for t in &rule.src {
-            let (b, p) = net.expand(&t.alias);
-            src.or(&b);
-            if matches!(t.alias, Alias::Any) {
-                raw.extend([Prefix::ANY_V4, Prefix::ANY_V6]);
-            }
-            raw.extend(p);
-        }
-        let src_prefixes = net.prefixes(&src, &raw);
+        let (src, src_prefixes) = net.sources(&rule.src);
         for dst in &rule.dst {
             // Each destination node with the source nodes that may reach it.
             let mut sources_of: Vec<(usize, Bits)> = Vec::new();
@@ -319,6 +404,7 @@ pub fn compile(policy: &Policy, nodes: &[Node]) -> Vec<NodePolicy> {
         dedup(&mut filter);
         out.push(NodePolicy { filter, peers: seen.iter().map(|i| nodes[i].id).collect(), capabilities });
     }
+    routes::extend_for_routers(&net, &network.routes, &mut out);
     out
 }
 

@@ -303,6 +303,86 @@ fn peers_are_visible_only_where_traffic_is_allowed() {
 }
 
 #[test]
+fn the_tailnet_ranges_are_cgnat_without_100_115_92_0_23_and_the_ula() {
+    let ula = model::parse_prefix("fd7a:115c:a1e0::/48").unwrap();
+    let ranges = compile::Network::tailnet_ranges(ula);
+    assert_eq!(ranges.last(), Some(&ula));
+    let v4: Vec<Prefix> = ranges.iter().copied().filter(|p| !p.addr().is_ipv6()).collect();
+    // Disjoint, inside 100.64.0.0/10, and all of it but the /23.
+    let cgnat = model::parse_prefix("100.64.0.0/10").unwrap();
+    let hole = model::parse_prefix("100.115.92.0/23").unwrap();
+    let size: u64 = v4.iter().map(|p| 1u64 << (32 - p.len())).sum();
+    assert_eq!(size, (1 << 22) - (1 << 9), "{v4:?}");
+    for (i, p) in v4.iter().enumerate() {
+        assert!(cgnat.covers(p) && !p.covers(&hole) && !hole.covers(p), "{p}");
+        assert!(v4[i + 1..].iter().all(|q| !q.covers(p) && !p.covers(q)), "{p}");
+    }
+    let inside = |a: &str| ranges.iter().any(|p| p.contains(a.parse().unwrap()));
+    for a in ["100.64.0.0", "100.115.91.255", "100.115.94.0", "100.127.255.255", "fd7a:115c:a1e0:ffff::1"] {
+        assert!(inside(a), "{a}");
+    }
+    for a in ["100.63.255.255", "100.115.92.0", "100.115.93.255", "100.128.0.0", "fd7a:115c:a1e1::", "10.0.0.1"] {
+        assert!(!inside(a), "{a}");
+    }
+}
+
+/// A source `*` is the tailnet's ranges plus the approved subnet routes
+/// (not exit routes) when the compiler knows them; a node outside the ranges
+/// still counts by its own address; routers get rules for their routes.
+#[test]
+fn source_any_is_the_tailnet_and_its_subnet_routes() {
+    let mut nodes = nodes();
+    // A node whose address is in the block `*` leaves out still counts.
+    nodes[index("carol1")].addresses[0] = "100.115.92.9".parse().unwrap();
+    let p = |s: &str| model::parse_prefix(s).unwrap();
+    let network = compile::Network {
+        ranges: compile::Network::tailnet_ranges(p("fd7a:115c:a1e0::/48")),
+        routes: [
+            (nodes[index("server")].id, vec![p("10.1.0.0/24")]),
+            (nodes[index("db")].id, vec![Prefix::ANY_V4, Prefix::ANY_V6]),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let policy = check(
+        r#"{"tagOwners": {"tag:web": [], "tag:server": [], "tag:db": []},
+            "acls": [{"action": "accept", "src": ["*"], "dst": ["tag:web:80", "10.1.0.0/16:22"]}]}"#,
+    )
+    .unwrap();
+    let compiled = compile::compile_in(&policy, &nodes, &network);
+    let web = Filter::new(compiled[index("web")].filter.clone());
+    let to = nodes[index("web")].addresses[0];
+    let to6 = nodes[index("web")].addresses[1];
+    for (src, want) in [
+        ("100.64.0.1", true),
+        ("100.127.1.1", true),
+        ("10.1.0.5", true),
+        ("100.115.92.9", true),
+        ("100.115.92.8", false),
+        ("10.1.1.5", false),
+        ("8.8.8.8", false),
+        ("100.128.0.1", false),
+    ] {
+        assert_eq!(web.accepts(src.parse().unwrap(), to, PROTO_TCP, 80), want, "{src}");
+    }
+    assert!(web.accepts("fd7a:115c:a1e0::99".parse().unwrap(), to6, PROTO_TCP, 80));
+    assert!(!web.accepts("fd7a:115c:a1e1::99".parse().unwrap(), to6, PROTO_TCP, 80));
+    // The router of 10.1.0.0/24 takes the rule to 10.1.0.0/16, narrowed to its route,
+    // and sees every source node; the exit node gets nothing from it.
+    let router = &compiled[index("server")];
+    let rf = Filter::new(router.filter.clone());
+    assert!(rf.accepts("100.64.0.1".parse().unwrap(), "10.1.0.7".parse().unwrap(), PROTO_TCP, 22));
+    assert!(!rf.accepts("100.64.0.1".parse().unwrap(), "10.1.1.7".parse().unwrap(), PROTO_TCP, 22));
+    assert!(!rf.accepts("8.8.8.8".parse().unwrap(), "10.1.0.7".parse().unwrap(), PROTO_TCP, 22));
+    assert!(router.peers.contains(&nodes[index("alice1")].id));
+    assert!(compiled[index("db")].filter.is_empty());
+    // Without the network (a policy's tests), `*` is every address.
+    let plain = compile(&policy, &nodes);
+    let web = Filter::new(plain[index("web")].filter.clone());
+    assert!(web.accepts("8.8.8.8".parse().unwrap(), to, PROTO_TCP, 80));
+}
+
+#[test]
 fn tag_owners_decide_which_tags_count() {
     let text = r#"{
       "groups": {"group:ops": ["dave@example.com"]},

@@ -1,13 +1,15 @@
 //! What the policy says about routes beyond the tailnet (subnet routes and
 //! exit nodes): which nodes may send to which outside prefixes (rules whose
 //! destination is a prefix, `*` or `autogroup:internet`), and which nodes
-//! `autoApprovers` approves as routers. The control server's route logic
-//! (`control/routes.rs`) combines these with the routes nodes advertise.
+//! `autoApprovers` approves as routers, and what approved routes add to
+//! routers' filters. The control server's route logic (`control/routes.rs`)
+//! combines these with the routes nodes advertise.
 
-use super::{Bits, Tailnet};
+use super::{Bits, Network, NodePolicy, Tailnet};
 use crate::policy::model::{Alias, Policy};
 use crate::policy::Node;
-use wiremesh_core::filter::{PortRange, Prefix};
+use std::collections::BTreeMap;
+use wiremesh_core::filter::{PortRange, Prefix, Rule as FilterRule};
 
 /// A rule that reaches beyond the tailnet's nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,12 +24,29 @@ pub struct RouteRule {
     pub ip: Vec<(Vec<u8>, Vec<PortRange>)>,
 }
 
+impl RouteRule {
+    /// Whether the rule lets traffic to route `p` through: an exit route
+    /// (`0.0.0.0/0`, `::/0`) by `autogroup:internet` or a destination equal
+    /// to it (`*`), a subnet route by a destination that overlaps it.
+    pub fn reaches(&self, p: &Prefix) -> bool {
+        match (&self.destination, p.is_empty()) {
+            (None, exit) => exit,
+            (Some(d), true) => d == p,
+            (Some(d), false) => d.covers(p) || p.covers(d),
+        }
+    }
+}
+
 /// The rules of `policy` with a destination beyond the nodes: a prefix,
 /// `*` (every address, so every route and the Internet) or `autogroup:internet`.
+/// (Their source prefixes take a source `*` as every address; the compiler's
+/// own use, [`extend_for_routers`], knows the tailnet's ranges.)
 pub fn route_rules(policy: &Policy, nodes: &[Node]) -> Vec<RouteRule> {
-    let n = nodes.len();
+    rules_beyond(&Tailnet::new(policy, nodes, &Network::default()))
+}
 
-    let net = Tailnet::new(policy, nodes);
+fn rules_beyond(net: &Tailnet) -> Vec<RouteRule> {
+    let policy = net.policy;
     let mut out = Vec::new();
     for rule in &policy.rules {
         let mut dsts: Vec<(Option<Prefix>, &[crate::policy::model::IpSpec])> = Vec::new();
@@ -48,17 +67,7 @@ pub fn route_rules(policy: &Policy, nodes: &[Node]) -> Vec<RouteRule> {
         if dsts.is_empty() {
             continue;
         }
-        let mut src = Bits::new(n);
-        let mut raw = Vec::new();
-        for t in &rule.src {
-            let (b, p) = net.expand(&t.alias);
-            src.or(&b);
-            if matches!(t.alias, Alias::Any) {
-                raw.extend([Prefix::ANY_V4, Prefix::ANY_V6]);
-            }
-            raw.extend(p);
-        }
-        let source_prefixes = net.prefixes(&src, &raw);
+        let (src, source_prefixes) = net.sources(&rule.src);
         let sources: Vec<usize> = src.iter().collect();
         for (destination, ip) in dsts {
             out.push(RouteRule {
@@ -72,6 +81,56 @@ pub fn route_rules(policy: &Policy, nodes: &[Node]) -> Vec<RouteRule> {
     out
 }
 
+/// What approved routes add to the compiled policy: each router's filter
+/// accepts what the policy lets sources send to its approved prefixes (the
+/// rule's destination narrowed to the route: a router accepts only traffic
+/// for networks it serves), and those sources and the router see each other.
+/// `compiled` is in the order of `net`'s nodes.
+pub(super) fn extend_for_routers(net: &Tailnet, routers: &BTreeMap<i64, Vec<Prefix>>, compiled: &mut [NodePolicy]) {
+    if routers.is_empty() {
+        return;
+    }
+    let nodes = net.nodes;
+    let rules = rules_beyond(net);
+    for (r, node) in nodes.iter().enumerate() {
+        let Some(prefixes) = routers.get(&node.id) else { continue };
+        for rule in &rules {
+            let reached: Vec<Prefix> = prefixes
+                .iter()
+                .filter(|p| rule.reaches(p))
+                .map(|p| match rule.destination {
+                    // The narrower of the rule's destination and the route.
+                    Some(d) if p.covers(&d) => d,
+                    _ => *p,
+                })
+                .collect();
+            if reached.is_empty() {
+                continue;
+            }
+            for (protocols, ports) in &rule.ip {
+                compiled[r].filter.push(FilterRule {
+                    sources: rule.source_prefixes.clone(),
+                    destinations: reached.clone(),
+                    protocols: protocols.clone(),
+                    ports: ports.clone(),
+                });
+            }
+            for &s in rule.sources.iter().filter(|&&s| s != r) {
+                if !compiled[r].peers.contains(&nodes[s].id) {
+                    compiled[r].peers.push(nodes[s].id);
+                }
+                if !compiled[s].peers.contains(&node.id) {
+                    compiled[s].peers.push(node.id);
+                }
+            }
+        }
+    }
+    for c in compiled.iter_mut() {
+        c.peers.sort_unstable();
+        c.peers.dedup();
+    }
+}
+
 /// What `autoApprovers` lets one node route without an administrator.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AutoApproval {
@@ -83,7 +142,7 @@ pub struct AutoApproval {
 
 /// For each node (in the order of `nodes`), what `autoApprovers` approves.
 pub fn auto_approvals(policy: &Policy, nodes: &[Node]) -> Vec<AutoApproval> {
-    let net = Tailnet::new(policy, nodes);
+    let net = Tailnet::new(policy, nodes, &Network::default());
     let mut out = vec![AutoApproval::default(); nodes.len()];
     let approvers = |list: &[crate::policy::model::Target]| {
         let mut b = Bits::new(nodes.len());
