@@ -127,7 +127,7 @@ fn a_standalone_relay_carries_a_pair_no_direct_path_joins() {
 /// A tiny HTTP server on one address in a namespace (a thread of this
 /// process moved there), answering each request with `greeting`, the path
 /// asked for, and `filler` bytes of padding (so a response spans many
-/// packets).
+/// packets), or as many as the path's `?bytes=N` asks for.
 struct WebServer {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -165,7 +165,12 @@ impl WebServer {
                 }
                 let text = String::from_utf8_lossy(&head).into_owned();
                 let asked = text.split(' ').nth(1).unwrap_or("?").to_string();
-                let body = format!("{greeting} {asked}\n{}\n", "x".repeat(filler));
+                // `?bytes=N` asks for N bytes of padding instead (16 MiB at most).
+                let padding = asked
+                    .split_once("?bytes=")
+                    .and_then(|(_, n)| n.parse::<usize>().ok())
+                    .map_or(filler, |n| n.min(16 << 20));
+                let body = format!("{greeting} {asked}\n{}\n", "x".repeat(padding));
                 let _ = write!(
                     s,
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -197,6 +202,16 @@ fn curl(ns: &Netns, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Fetches `url` in `ns` through the SOCKS5 proxy at `socks` and returns
+/// the body's length and curl's download speed in Mbit/s.
+fn download(ns: &Netns, socks: &str, url: &str, all: &[&Node]) -> (usize, f64) {
+    let (ok, out, err) = curl(ns, &["--socks5-hostname", socks, "-w", "\n%{speed_download}", url]);
+    assert!(ok, "{url}: {err}\n{}", logs(all));
+    let (body, speed) = out.rsplit_once('\n').unwrap_or_else(|| panic!("{url}: no speed in curl's output"));
+    let bytes_per_sec: f64 = speed.trim().parse().unwrap_or_else(|_| panic!("{url}: speed {speed:?}"));
+    (body.len(), bytes_per_sec * 8.0 / 1e6)
 }
 
 /// The path beta's status shows for alpha and alpha's for beta.
@@ -270,6 +285,12 @@ fn a_userspace_node_behind_a_nat_reaches_a_peer_through_the_relay() {
     // (the tunnel's MTU or below), besides handshakes and ACKs.
     assert!(relayed >= 40, "two 32 KiB fetches, but the relay forwarded {relayed} frames\n{}", logs(&all));
     assert_eq!(status_path(&a.node), "relay", "{}", paths(&a, &b));
+    // Throughput through the relay, for the figure: 4 MiB in one fetch.
+    const BIG: usize = 4 << 20;
+    let big = format!("http://{vb}:8000/big?bytes={BIG}");
+    let (len, relayed_mbits) = download(&a.node.ns, SOCKS, &big, &all);
+    assert!(len > BIG, "{len} bytes of a {BIG}-byte body, relayed");
+    assert_eq!(status_path(&a.node), "relay", "{}", paths(&a, &b));
     for (n, k) in [(&a.node, &kb), (&b.node, &ka)] {
         let direct = format!("path to {k}: direct");
         assert!(!n.log().contains(&direct), "{}: a direct path through the random-port NAT?\n{}", n.tun, logs(&all));
@@ -320,10 +341,19 @@ fn a_userspace_node_behind_a_nat_reaches_a_peer_through_the_relay() {
         logs(&all)
     );
     assert!(b.node.ping(&va), "beta -> alpha, direct\n{}", logs(&all));
+    let before = relay_forwarded(&lab);
+    let (len, direct_mbits) = download(&a.node.ns, SOCKS, &big, &all);
+    assert!(len > BIG, "{len} bytes of a {BIG}-byte body, direct");
+    let big_through_relay = relay_forwarded(&lab) - before;
+    assert!(big_through_relay <= 4, "the relay forwarded {big_through_relay} frames during a direct 4 MiB fetch");
     eprintln!(
         "{TEST}: first ping after {took:?}; two relayed 32 KiB fetches took {relayed} relay frames; direct {switched:?} \
          after the NAT change ({pa} / {pb}); the direct fetch took {through_relay} relay frames; after the change:\n  {}",
         timeline.join("\n  ")
+    );
+    eprintln!(
+        "{TEST}: throughput of the userspace node through its SOCKS5 proxy (one 4 MiB HTTP fetch, curl's average): \
+         relayed {relayed_mbits:.0} Mbit/s, direct {direct_mbits:.0} Mbit/s"
     );
     drop(lab.server.take());
 }
