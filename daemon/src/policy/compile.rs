@@ -251,18 +251,27 @@ impl Tailnet<'_> {
 
     /// A rule's source nodes and source prefixes (shared by the compiler
     /// and the route rules, so `*` means the same to both).
+    /// An address or prefix names the nodes it covers (they see the
+    /// destination) but lets in only itself: a node's other address is not
+    /// a source, as Tailscale writes it (ACL-AH02).
     fn sources(&self, src: &[Target]) -> (Bits, Vec<Prefix>) {
         let mut bits = Bits::new(self.nodes.len());
+        let mut listed = Bits::new(self.nodes.len());
         let mut raw = Vec::new();
         for t in src {
             let (b, p) = self.expand(&t.alias);
             bits.or(&b);
-            if matches!(t.alias, Alias::Any) {
-                raw.extend(self.any.iter().copied());
+            match t.alias {
+                Alias::Any => {
+                    raw.extend(self.any.iter().copied());
+                    listed.or(&b);
+                }
+                Alias::Prefix(_) => {}
+                _ => listed.or(&b),
             }
             raw.extend(p);
         }
-        let prefixes = self.prefixes(&bits, &raw);
+        let prefixes = self.prefixes(&listed, &raw);
         (bits, prefixes)
     }
 

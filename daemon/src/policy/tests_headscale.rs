@@ -277,6 +277,71 @@ const CASES: &[HsCase] = &[
         expect: &[("subnet-router", &[(ANY, "10.0.0.0/8:22")]), ("tagged-server", &[(ANY, "tagged-server:443")])],
     },
     HsCase {
+        id: "ACL-A02",
+        acls: r#"[{"action": "accept", "src": ["autogroup:tagged"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[(TAGGED, "*:0-65535")]),
+            ("user-kris", &[(TAGGED, "*:0-65535")]),
+            ("user-mon", &[(TAGGED, "*:0-65535")]),
+            ("tagged-server", &[(TAGGED, "*:0-65535")]),
+            ("tagged-prod", &[(TAGGED, "*:0-65535")]),
+            ("tagged-client", &[(TAGGED, "*:0-65535")]),
+            ("subnet-router", &[(TAGGED, "*:0-65535")]),
+            ("exit-node", &[(TAGGED, "*:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-A03",
+        acls: r#"[{"action": "accept", "src": ["autogroup:member", "tag:client"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("user1 user-kris user-mon tagged-client", "tagged-server:22")])],
+    },
+    // `*` to `autogroup:self`: each user's device only from itself.
+    HsCase {
+        id: "ACL-A04",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:self:*"]}]"#,
+        expect: &[
+            ("user1", &[("user1", "user1:0-65535")]),
+            ("user-kris", &[("user-kris", "user-kris:0-65535")]),
+            ("user-mon", &[("user-mon", "user-mon:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-A06",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:member:*"]}]"#,
+        expect: &[
+            ("user1", &[(ANY, "user1:0-65535")]),
+            ("user-kris", &[(ANY, "user-kris:0-65535")]),
+            ("user-mon", &[(ANY, "user-mon:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-A07",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:self:*", "tag:server:22"]}]"#,
+        expect: &[
+            ("tagged-server", &[(ANY, "tagged-server:22")]),
+            ("user1", &[("user1", "user1:0-65535")]),
+            ("user-kris", &[("user-kris", "user-kris:0-65535")]),
+            ("user-mon", &[("user-mon", "user-mon:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-A08",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:tagged:*"]}]"#,
+        expect: &[
+            ("exit-node", &[(ANY, "exit-node:0-65535")]),
+            ("subnet-router", &[(ANY, "subnet-router:0-65535")]),
+            ("tagged-client", &[(ANY, "tagged-client:0-65535")]),
+            ("tagged-prod", &[(ANY, "tagged-prod:0-65535")]),
+            ("tagged-server", &[(ANY, "tagged-server:0-65535")]),
+        ],
+    },
+    // An address as a source is that address only, not the node's other one.
+    HsCase {
+        id: "ACL-AH02",
+        acls: r#"[{"action": "accept", "src": ["internal", "100.108.74.26"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("10.0.0.0/8 100.108.74.26/32", "tagged-server:22")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
