@@ -342,6 +342,53 @@ const CASES: &[HsCase] = &[
         expect: &[("tagged-server", &[("10.0.0.0/8 100.108.74.26/32", "tagged-server:22")])],
     },
     HsCase {
+        id: "ACL-A11",
+        acls: r#"[{"action": "accept", "src": ["group:admins"], "dst": ["autogroup:self:*"]}]"#,
+        expect: &[("user1", &[("user1", "user1:0-65535")])],
+    },
+    HsCase {
+        id: "ACL-A12",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:self:22"]}]"#,
+        expect: &[
+            ("user1", &[("user1", "user1:22")]),
+            ("user-kris", &[("user-kris", "user-kris:22")]),
+            ("user-mon", &[("user-mon", "user-mon:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-A13",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:self:80-443"]}]"#,
+        expect: &[
+            ("user1", &[("user1", "user1:80-443")]),
+            ("user-kris", &[("user-kris", "user-kris:80-443")]),
+            ("user-mon", &[("user-mon", "user-mon:80-443")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-A14",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:self:22,80,443"]}]"#,
+        expect: &[
+            ("user1", &[("user1", "user1:22 user1:80 user1:443")]),
+            ("user-kris", &[("user-kris", "user-kris:22 user-kris:80 user-kris:443")]),
+            ("user-mon", &[("user-mon", "user-mon:22 user-mon:80 user-mon:443")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-AH04",
+        acls: r#"[{"action": "accept", "src": ["internal", "10.0.0.0/8"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("10.0.0.0/8", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-AH05",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["internal:22"]}]"#,
+        expect: &[("subnet-router", &[(ANY, "10.0.0.0/8:22")])],
+    },
+    HsCase {
+        id: "ACL-AH06",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["10.0.0.0/8:22"]}]"#,
+        expect: &[("subnet-router", &[(ANY, "10.0.0.0/8:22")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
