@@ -81,8 +81,9 @@ const ANY: &str = "10.33.0.0/16 100.64.0.0-100.115.91.255 100.115.94.0-100.127.2
 
 /// One recorded rule: sources (node names stand for both their addresses;
 /// `ANY` as above; prefixes; IPv4 ranges) and destinations (`target:ports`,
-/// target a node name, a prefix or `*`). No rule recorded here names an IP protocol,
-/// so each accepts TCP, UDP, ICMP and ICMPv6.
+/// target a node name, a prefix or `*`). A rule without `proto=N` tokens
+/// among its destinations names no IP protocol, so it accepts TCP, UDP,
+/// ICMP and ICMPv6; with them, only those protocols.
 type Recorded = (&'static str, &'static str);
 
 struct HsCase {
@@ -94,6 +95,7 @@ struct HsCase {
 
 const MEMBERS: &str = "user1 user-kris user-mon";
 const TAGGED: &str = "tagged-server tagged-prod tagged-client subnet-router exit-node";
+const EVERY_NODE: &str = "user1 user-kris user-mon tagged-server tagged-prod tagged-client subnet-router exit-node";
 
 /// The cases, from headscale's recorded Tailscale results (test ids as there).
 ///
@@ -389,6 +391,50 @@ const CASES: &[HsCase] = &[
         expect: &[("subnet-router", &[(ANY, "10.0.0.0/8:22")])],
     },
     HsCase {
+        id: "ACL-A15",
+        acls: r#"[{"action": "accept", "src": ["autogroup:member", "autogroup:tagged"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[(EVERY_NODE, "*:0-65535")]),
+            ("user-kris", &[(EVERY_NODE, "*:0-65535")]),
+            ("user-mon", &[(EVERY_NODE, "*:0-65535")]),
+            ("tagged-server", &[(EVERY_NODE, "*:0-65535")]),
+            ("tagged-prod", &[(EVERY_NODE, "*:0-65535")]),
+            ("tagged-client", &[(EVERY_NODE, "*:0-65535")]),
+            ("subnet-router", &[(EVERY_NODE, "*:0-65535")]),
+            ("exit-node", &[(EVERY_NODE, "*:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-A16",
+        acls: r#"[{"action": "accept", "src": ["autogroup:member", "autogroup:tagged"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[(EVERY_NODE, "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-A17",
+        acls: r#"[{"action": "accept", "src": ["*"],
+                   "dst": ["autogroup:self:*", "tag:server:22", "autogroup:member:80"]}]"#,
+        expect: &[
+            ("tagged-server", &[(ANY, "tagged-server:22")]),
+            ("user1", &[(ANY, "user1:80"), ("user1", "user1:0-65535")]),
+            ("user-kris", &[(ANY, "user-kris:80"), ("user-kris", "user-kris:0-65535")]),
+            ("user-mon", &[(ANY, "user-mon:80"), ("user-mon", "user-mon:0-65535")]),
+        ],
+    },
+    // A rule with `proto` names its protocol.
+    HsCase {
+        id: "ACL-AR02",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:80,443"]},
+                  {"action": "accept", "src": ["*"], "proto": "udp", "dst": ["tag:server:53"]}]"#,
+        expect: &[(
+            "tagged-server",
+            &[
+                ("tagged-client", "tagged-server:22 tagged-server:80 tagged-server:443"),
+                (ANY, "tagged-server:53 proto=17"),
+            ],
+        )],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
@@ -418,7 +464,7 @@ fn src_matches(sources: &str, addr: IpAddr) -> bool {
 /// Whether the recorded destinations take (`dst`, `port`); `port` is `None`
 /// for protocols without ports (ICMP matches on the address alone).
 fn dst_matches(dsts: &str, dst: IpAddr, port: Option<u16>) -> bool {
-    dsts.split_whitespace().any(|tok| {
+    dsts.split_whitespace().filter(|tok| !tok.starts_with("proto=")).any(|tok| {
         let (target, ports) = tok.rsplit_once(':').expect("target:ports");
         let addr_ok = target == "*"
             || match target.split_once('/') {
@@ -434,15 +480,24 @@ fn dst_matches(dsts: &str, dst: IpAddr, port: Option<u16>) -> bool {
 }
 
 fn recorded_accepts(rules: &[Recorded], src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> bool {
-    let port = match proto {
-        PROTO_TCP | PROTO_UDP => Some(port),
-        PROTO_ICMP | PROTO_ICMPV6 => None,
-        _ => return false,
-    };
-    rules.iter().any(|(s, d)| src_matches(s, src) && dst_matches(d, dst, port))
+    rules.iter().any(|(s, d)| {
+        let named: Vec<u8> =
+            d.split_whitespace().filter_map(|t| t.strip_prefix("proto=")).map(|p| p.parse().unwrap()).collect();
+        let port = match proto {
+            _ if !named.is_empty() && !named.contains(&proto) => return false,
+            PROTO_TCP | PROTO_UDP | PROTO_SCTP => Some(port),
+            PROTO_ICMP | PROTO_ICMPV6 => None,
+            _ => return false,
+        };
+        // A rule without a protocol covers TCP, UDP and ICMP, not SCTP.
+        if named.is_empty() && proto == PROTO_SCTP {
+            return false;
+        }
+        src_matches(s, src) && dst_matches(d, dst, port)
+    })
 }
 
-const PORTS: &[u16] = &[0, 1, 21, 22, 23, 79, 80, 81, 442, 443, 444, 5431, 5432, 5433, 8080, 65535];
+const PORTS: &[u16] = &[0, 1, 21, 22, 23, 52, 53, 54, 79, 80, 81, 442, 443, 444, 5431, 5432, 5433, 8080, 65535];
 
 /// Sources probed besides the nodes: inside `internal` (in and out of the
 /// approved route), inside `subnet24`, in 100.115.92.0/23 (which `*` leaves
