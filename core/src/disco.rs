@@ -80,6 +80,10 @@ pub const MAX_MESSAGE_LEN: usize = HEADER_LEN + MAX_BODY_LEN + TAG_LEN;
 /// forgot to divert it fails instead of leaking.
 pub const RELAY_ENDPOINT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 3, 3, 40), 0));
 
+/// The least time between a ping to an address and a ping back to it
+/// prompted by the peer's ping from there.
+const PING_BACK_SPACING: Duration = Duration::from_secs(1);
+
 const TYPE_PING: u8 = 1;
 const TYPE_PONG: u8 = 2;
 const TYPE_CALL_ME_MAYBE: u8 = 3;
@@ -701,11 +705,30 @@ mod machine {
                         Source::Relay => (Destination::Relay, RELAY_ENDPOINT),
                     };
                     if let Source::Direct(from) = source {
+                        let trust = self.config.trust;
                         let p = self.peers.get_mut(&peer).expect("checked above");
-                        if !p.candidates.iter().any(|c| c.addr == from) {
-                            insert_candidate(&mut p.candidates, Candidate::new(from, false, now));
-                            // Ping back at once: the ping opened our way through
-                            // its NAT, and ours may open its way through ours.
+                        // Ping back at once when the address is new, or known
+                        // but not answering and not pinged in the last
+                        // second: the ping opened our way through its NAT,
+                        // and ours may open its way through ours (a NAT that
+                        // just lifted a block), without waiting for the next
+                        // heartbeat. A live address is not pinged back, so
+                        // two sides never ping each other back and forth.
+                        let ping_back = match p.candidates.iter().find(|c| c.addr == from) {
+                            None => {
+                                insert_candidate(&mut p.candidates, Candidate::new(from, false, now));
+                                true
+                            }
+                            Some(c) => {
+                                !c.alive(now, trust)
+                                    && !c
+                                        .pending
+                                        .iter()
+                                        .flatten()
+                                        .any(|&(_, at)| now.saturating_duration_since(at) < PING_BACK_SPACING)
+                            }
+                        };
+                        if ping_back {
                             self.ping(peer, from, now);
                         }
                     }

@@ -220,3 +220,75 @@ fn without_a_relay_a_dead_path_leaves_no_path() {
     }
     assert_eq!(events, vec![Some(Path::Relay), None, Some(Path::Direct(addr(X))), None]);
 }
+
+/// Everything `d` wants to send now: (destination, bytes).
+fn drain(d: &mut Disco<ChaCha20Rng>) -> Vec<(Destination, Vec<u8>)> {
+    let mut buf = [0u8; MAX_MESSAGE_LEN];
+    let mut out = Vec::new();
+    while let Some(t) = d.poll_transmit(&mut buf).unwrap() {
+        out.push((t.destination, buf[..t.len].to_vec()));
+    }
+    out
+}
+
+/// A ping from a known address of the peer that is not answering (a NAT
+/// that just let it through) is pinged back at once, not at the next
+/// heartbeat; an address pinged less than a second ago, or a live one, is
+/// only answered.
+#[test]
+fn a_ping_from_a_silent_known_address_is_pinged_back_at_once() {
+    let (ka, kb) = (PrivateKey::from_bytes([1; 32]), PrivateKey::from_bytes([2; 32]));
+    let (pa, pb) = (ka.public_key(), kb.public_key());
+    let t0 = Instant::from_duration(Duration::from_secs(100));
+    let wall = |ms: u64| WallTime::new(1_700_000_000 + ms / 1000, (ms % 1000) as u32 * 1_000_000);
+    let mut a = Disco::new(ka, ChaCha20Rng::seed_from_u64(1), DiscoConfig::default(), wall(0));
+    a.add_peer(pb, t0).unwrap();
+    a.set_peer_endpoints(&pb, &[addr(X)], t0);
+    // A pings X at once; nothing answers (B's NAT still blocks).
+    a.handle_timeout(t0);
+    assert_eq!(drain(&mut a).len(), 1);
+    // B's side: a fresh machine for B at `ms` after t0 pings A at once.
+    let b_at = |ms: u64| {
+        let t = t0 + Duration::from_millis(ms);
+        let mut b = Disco::new(kb.clone(), ChaCha20Rng::seed_from_u64(ms), DiscoConfig::default(), wall(ms));
+        b.add_peer(pa, t).unwrap();
+        b.set_peer_endpoints(&pa, &[addr(A_ADDR)], t);
+        b.handle_timeout(t);
+        let out = drain(&mut b);
+        assert_eq!(out.len(), 1);
+        (b, t, out[0].1.clone())
+    };
+    let to_x = |out: &[(Destination, Vec<u8>)]| {
+        assert!(out.iter().all(|(d, _)| *d == Destination::Direct(addr(X))), "{out:?}");
+        out.len()
+    };
+
+    // 0.5 s later B's ping gets through from X: answered, but X was pinged
+    // half a second ago, so no ping back.
+    let (_, t, ping) = b_at(500);
+    a.handle_datagram(Source::Direct(addr(X)), &ping, t).unwrap();
+    assert_eq!(to_x(&drain(&mut a)), 1, "only the pong");
+
+    // 1.5 s after A's ping, before its 2 s heartbeat: another ping from X
+    // gets the pong and a ping back.
+    let (mut b, t, ping) = b_at(1500);
+    a.handle_datagram(Source::Direct(addr(X)), &ping, t).unwrap();
+    let out = drain(&mut a);
+    assert_eq!(to_x(&out), 2, "the pong and a ping back, before the heartbeat");
+
+    // B answers the ping back: X is alive for A, its path.
+    for (_, bytes) in &out {
+        let _ = b.handle_datagram(Source::Direct(addr(A_ADDR)), bytes, t);
+    }
+    for (d, bytes) in drain(&mut b) {
+        if d == Destination::Direct(addr(A_ADDR)) {
+            let _ = a.handle_datagram(Source::Direct(addr(X)), &bytes, t + 10 * MS);
+        }
+    }
+    assert_eq!(a.path(&pb), Some(Path::Direct(addr(X))));
+    let _ = drain(&mut a);
+    // A further ping from the live address is only answered.
+    let (_, t, ping) = b_at(1600);
+    a.handle_datagram(Source::Direct(addr(X)), &ping, t).unwrap();
+    assert_eq!(to_x(&drain(&mut a)), 1, "a live address is only answered");
+}
