@@ -435,6 +435,44 @@ const CASES: &[HsCase] = &[
         )],
     },
     HsCase {
+        id: "ACL-AR04",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:prod"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:router"], "dst": ["tag:server:22"]}]"#,
+        expect: &[(
+            "tagged-server",
+            &[
+                ("tagged-client", "tagged-server:22"),
+                ("tagged-prod", "tagged-server:22"),
+                ("subnet-router", "tagged-server:22"),
+            ],
+        )],
+    },
+    HsCase {
+        id: "ACL-AT04",
+        acls: r#"[{"action": "accept", "src": ["autogroup:tagged"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["autogroup:member"], "dst": ["tag:server:80"]}]"#,
+        expect: &[("tagged-server", &[(TAGGED, "tagged-server:22"), (MEMBERS, "tagged-server:80")])],
+    },
+    HsCase {
+        id: "ACL-AU04",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["group:developers:22"]}]"#,
+        expect: &[("user1", &[(ANY, "user1:22")]), ("user-kris", &[(ANY, "user-kris:22")])],
+    },
+    // A host as a destination is its one address (`webserver:80` is IPv4 only).
+    HsCase {
+        id: "ACL-C03",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22", "tag:prod:5432", "webserver:80"]},
+                  {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]}]"#,
+        expect: &[
+            ("tagged-prod", &[("tagged-client", "tagged-prod:5432")]),
+            ("tagged-server", &[("tagged-client", "tagged-server:22 100.108.74.26/32:80")]),
+            ("user1", &[("user1", "user1:0-65535")]),
+            ("user-kris", &[("user-kris", "user-kris:0-65535")]),
+            ("user-mon", &[("user-mon", "user-mon:0-65535")]),
+        ],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
