@@ -297,13 +297,18 @@ impl App {
     pub fn set_relay(&self, port: u16, advertised: Option<String>) -> Result<(), ApiError> {
         let _ = self.own_relay.set(port);
         let row = advertised.unwrap_or_else(|| format!(":{port}"));
-        blocking(|| lock(&self.db).set_replica_relay(Some(row)))
+        blocking(|| lock(&self.db).set_replica_relay(Some(row)))?;
+        // The snapshot maps are built from must name it before any node
+        // gets a map, or that node's first home relay would be another's.
+        self.request_publish();
+        Ok(())
     }
 
     /// Names relays run elsewhere in every map from the next snapshot on
     /// (set once, at start).
     pub fn set_other_relays(&self, relays: Vec<proto::RelayInfo>) {
         let _ = self.other_relays.set(relays);
+        self.request_publish();
     }
 
     /// The relays maps name: this replica's own first (the home relay of
