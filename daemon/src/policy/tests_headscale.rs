@@ -473,6 +473,50 @@ const CASES: &[HsCase] = &[
         ],
     },
     HsCase {
+        id: "ACL-AR05",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:80"]},
+                  {"action": "accept", "src": ["tag:prod"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:prod"], "dst": ["tag:server:443"]}]"#,
+        expect: &[(
+            "tagged-server",
+            &[
+                ("tagged-client", "tagged-server:22 tagged-server:80"),
+                ("tagged-prod", "tagged-server:22 tagged-server:443"),
+            ],
+        )],
+    },
+    HsCase {
+        id: "ACL-AT05",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:server"], "dst": ["tag:client:22"]}]"#,
+        expect: &[
+            ("tagged-client", &[("tagged-server", "tagged-client:22")]),
+            ("tagged-server", &[("tagged-client", "tagged-server:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-AU06",
+        acls: r#"[{"action": "accept", "src": ["group:admins", "group:developers", "group:monitors"],
+                   "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[(MEMBERS, "tagged-server:22")])],
+    },
+    // `autogroup:internet` gives no node a rule while no exit route is approved.
+    HsCase {
+        id: "ACL-C04",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:server"], "dst": ["tag:prod:5432"]},
+                  {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
+                  {"action": "accept", "src": ["*"], "dst": ["autogroup:internet:*"]}]"#,
+        expect: &[
+            ("tagged-prod", &[("tagged-server", "tagged-prod:5432")]),
+            ("tagged-server", &[("tagged-client", "tagged-server:22")]),
+            ("user1", &[("user1", "user1:0-65535")]),
+            ("user-kris", &[("user-kris", "user-kris:0-65535")]),
+            ("user-mon", &[("user-mon", "user-mon:0-65535")]),
+        ],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
