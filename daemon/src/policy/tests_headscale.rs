@@ -517,6 +517,45 @@ const CASES: &[HsCase] = &[
         ],
     },
     HsCase {
+        id: "ACL-AR06",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["*"], "dst": ["tag:server:80"]}]"#,
+        expect: &[("tagged-server", &[("tagged-client", "tagged-server:22"), (ANY, "tagged-server:80")])],
+    },
+    HsCase {
+        id: "ACL-AT06",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:server"], "dst": ["tag:prod:5432"]},
+                  {"action": "accept", "src": ["tag:prod"], "dst": ["tag:client:80"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:prod:443"]}]"#,
+        expect: &[
+            ("tagged-client", &[("tagged-prod", "tagged-client:80")]),
+            ("tagged-prod", &[("tagged-client", "tagged-prod:443"), ("tagged-server", "tagged-prod:5432")]),
+            ("tagged-server", &[("tagged-client", "tagged-server:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-C06",
+        acls: r#"[{"action": "accept",
+                   "src": ["tag:client", "tag:prod", "tag:server", "autogroup:member", "group:admins"],
+                   "dst": ["tag:server:22"]}]"#,
+        expect: &[(
+            "tagged-server",
+            &[("tagged-client tagged-prod tagged-server user1 user-kris user-mon", "tagged-server:22")],
+        )],
+    },
+    HsCase {
+        id: "ACL-C07",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:80"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:443"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:8080"]}]"#,
+        expect: &[(
+            "tagged-server",
+            &[("tagged-client", "tagged-server:22 tagged-server:80 tagged-server:443 tagged-server:8080")],
+        )],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
