@@ -601,6 +601,45 @@ const CASES: &[HsCase] = &[
         expect: &[("tagged-server", &[("tagged-client", "tagged-server:22 100.108.74.26/32:22")])],
     },
     HsCase {
+        id: "ACL-D03",
+        acls: r#"[{"action": "accept", "src": ["100.108.74.26", "tag:server"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[("tagged-server", "*:0-65535")]),
+            ("user-kris", &[("tagged-server", "*:0-65535")]),
+            ("user-mon", &[("tagged-server", "*:0-65535")]),
+            ("tagged-server", &[("tagged-server", "*:0-65535")]),
+            ("tagged-prod", &[("tagged-server", "*:0-65535")]),
+            ("tagged-client", &[("tagged-server", "*:0-65535")]),
+            ("subnet-router", &[("tagged-server", "*:0-65535")]),
+            ("exit-node", &[("tagged-server", "*:0-65535")]),
+        ],
+    },
+    // An address and a host naming it: the IPv4 address only, everywhere.
+    HsCase {
+        id: "ACL-D04",
+        acls: r#"[{"action": "accept", "src": ["100.108.74.26", "webserver"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[("100.108.74.26/32", "*:0-65535")]),
+            ("user-kris", &[("100.108.74.26/32", "*:0-65535")]),
+            ("user-mon", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-server", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-prod", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-client", &[("100.108.74.26/32", "*:0-65535")]),
+            ("subnet-router", &[("100.108.74.26/32", "*:0-65535")]),
+            ("exit-node", &[("100.108.74.26/32", "*:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-D05",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["100.108.74.26:22", "tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-D06",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["100.108.74.26:22", "webserver:22"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "100.108.74.26/32:22")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
