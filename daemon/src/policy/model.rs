@@ -166,6 +166,28 @@ fn err(pos: Pos, kind: ErrorKind, message: String) -> PolicyError {
     PolicyError { pos: Some(pos), kind, message }
 }
 
+/// `autogroup:self` means the sources' own users' devices, so a rule with
+/// it takes only sources that are users' devices: users, groups,
+/// `autogroup:member` or `*` (a tag, a host or an address has no user; as
+/// Tailscale refuses it, headscale's ACL-ERR08 and ERR09).
+fn check_self_sources(rule: &Rule) -> Result<(), PolicyError> {
+    if !rule.dst.iter().any(|d| d.target.alias == Alias::SelfUser) {
+        return Ok(());
+    }
+    for s in &rule.src {
+        if !matches!(s.alias, Alias::User(_) | Alias::Group(_) | Alias::Member | Alias::Any) {
+            return Err(invalid(
+                s.pos,
+                format!(
+                    "{:?}: a rule to autogroup:self takes only users, groups, autogroup:member or * as sources",
+                    s.text
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn invalid(pos: Pos, message: String) -> PolicyError {
     err(pos, ErrorKind::Invalid, message)
 }
@@ -605,6 +627,9 @@ pub fn from_value(doc: &Value) -> Result<Policy, PolicyError> {
         for v in array(g, "grants")? {
             rules.push(r.grant(v)?);
         }
+    }
+    for rule in &rules {
+        check_self_sources(rule)?;
     }
     let mut tests = Vec::new();
     if let Some(t) = sections.get("tests") {

@@ -822,3 +822,38 @@ fn headscale_recorded_tailscale_filters_match_ours() {
     }
     assert!(probes > 10_000, "{probes}");
 }
+
+/// Policies Tailscale's service refused (headscale's ACL-ERR cases): ours
+/// refuses each too, as invalid.
+const REFUSED: &[(&str, &str)] = &[
+    ("ACL-ERR01", r#"[{"action": "accept", "src": ["tag:nonexistent"], "dst": ["tag:server:22"]}]"#),
+    ("ACL-ERR02", r#"[{"action": "accept", "src": ["autogroup:self"], "dst": ["tag:server:22"]}]"#),
+    ("ACL-ERR03", r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:self"]}]"#),
+    ("ACL-ERR04", r#"[{"action": "accept", "src": ["tag:nonexistent"], "dst": ["*:*"]}]"#),
+    ("ACL-ERR05", r#"[{"action": "accept", "src": ["*"], "dst": ["tag:nonexistent:22"]}]"#),
+    ("ACL-ERR06", r#"[{"action": "deny", "src": ["tag:client"], "dst": ["tag:server:22"]}]"#),
+    ("ACL-ERR07", r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:ssh"]}]"#),
+    (
+        "ACL-ERR08",
+        r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:self:*"]},
+            {"action": "accept", "src": ["tag:client"], "dst": ["autogroup:self:22"]}]"#,
+    ),
+    (
+        "ACL-ERR09",
+        r#"[{"action": "accept", "src": ["*"], "dst": ["autogroup:self:*"]},
+            {"action": "accept", "src": ["autogroup:tagged"], "dst": ["autogroup:self:22"]}]"#,
+    ),
+];
+
+#[test]
+fn policies_tailscale_refused_are_refused() {
+    for (id, acls) in REFUSED {
+        let text = format!("{{{HEADER}\n  \"acls\": {acls},\n}}");
+        match check(&text) {
+            Ok(_) => panic!("{id}: accepted"),
+            Err(e) => {
+                assert!(matches!(e.kind, ErrorKind::Invalid | ErrorKind::Unsupported) && e.pos.is_some(), "{id}: {e}")
+            }
+        }
+    }
+}
