@@ -508,6 +508,12 @@ fn everything_wrong_is_refused_by_name_and_place() {
             "only be a destination",
         ),
         (
+            "{\"tagOwners\": {\"tag:ci\": []}, \"acls\": [{\"action\": \"accept\", \"src\": [\"alice@\", \"tag:ci\"], \"dst\": [\"autogroup:self:*\"]}]}",
+            ErrorKind::Invalid,
+            "\"tag:ci\"]",
+            "a rule to autogroup:self takes only users",
+        ),
+        (
             "{\"acls\": [{\"action\": \"accept\", \"src\": [\"group:nope\"], \"dst\": [\"*:*\"]}]}",
             ErrorKind::Invalid,
             "\"group:nope\"",
