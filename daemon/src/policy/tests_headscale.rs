@@ -693,6 +693,50 @@ const CASES: &[HsCase] = &[
         ],
     },
     HsCase {
+        id: "ACL-E03",
+        acls: r#"[{"action": "accept", "src": ["webserver"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[("100.108.74.26/32", "*:0-65535")]),
+            ("user-kris", &[("100.108.74.26/32", "*:0-65535")]),
+            ("user-mon", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-server", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-prod", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-client", &[("100.108.74.26/32", "*:0-65535")]),
+            ("subnet-router", &[("100.108.74.26/32", "*:0-65535")]),
+            ("exit-node", &[("100.108.74.26/32", "*:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-E04",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["100.108.74.26:22"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "100.108.74.26/32:22")])],
+    },
+    HsCase {
+        id: "ACL-E05",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-E06",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["webserver:22"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "100.108.74.26/32:22")])],
+    },
+    HsCase {
+        id: "ACL-E07",
+        acls: r#"[{"action": "accept", "src": ["kratail2tid@passkey"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("user1", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-E08",
+        acls: r#"[{"action": "accept", "src": ["group:admins"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("user1", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-E09",
+        acls: r#"[{"action": "accept", "src": ["kratail2tid@passkey", "group:admins"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("user1", "tagged-server:22")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
