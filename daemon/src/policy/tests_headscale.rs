@@ -737,6 +737,35 @@ const CASES: &[HsCase] = &[
         expect: &[("tagged-server", &[("user1", "tagged-server:22")])],
     },
     HsCase {
+        id: "ACL-H01",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["webserver:80"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "100.108.74.26/32:80")])],
+    },
+    HsCase {
+        id: "ACL-H02",
+        acls: r#"[{"action": "accept", "src": ["webserver"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[("100.108.74.26/32", "*:0-65535")]),
+            ("user-kris", &[("100.108.74.26/32", "*:0-65535")]),
+            ("user-mon", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-server", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-prod", &[("100.108.74.26/32", "*:0-65535")]),
+            ("tagged-client", &[("100.108.74.26/32", "*:0-65535")]),
+            ("subnet-router", &[("100.108.74.26/32", "*:0-65535")]),
+            ("exit-node", &[("100.108.74.26/32", "*:0-65535")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-H03",
+        acls: r#"[{"action": "accept", "src": ["internal"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("10.0.0.0/8", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-H04",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["internal:22"]}]"#,
+        expect: &[("subnet-router", &[(ANY, "10.0.0.0/8:22")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
