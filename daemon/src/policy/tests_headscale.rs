@@ -766,6 +766,26 @@ const CASES: &[HsCase] = &[
         expect: &[("subnet-router", &[(ANY, "10.0.0.0/8:22")])],
     },
     HsCase {
+        id: "ACL-H05",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["webserver:22", "prodbox:5432"]}]"#,
+        expect: &[
+            ("tagged-prod", &[(ANY, "100.103.8.15/32:5432")]),
+            ("tagged-server", &[(ANY, "100.108.74.26/32:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-H06",
+        acls: r#"[{"action": "accept", "src": ["webserver", "tag:client"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("100.108.74.26/32 tagged-client", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-H07",
+        acls: r#"[{"action": "accept", "src": ["group:admins"], "dst": ["webserver:22"]}]"#,
+        expect: &[("tagged-server", &[("user1", "100.108.74.26/32:22")])],
+    },
+    // A prefix no router serves gives nobody a rule.
+    HsCase { id: "ACL-H08", acls: r#"[{"action": "accept", "src": ["*"], "dst": ["subnet24:80"]}]"#, expect: &[] },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
