@@ -785,6 +785,44 @@ const CASES: &[HsCase] = &[
     },
     // A prefix no router serves gives nobody a rule.
     HsCase { id: "ACL-H08", acls: r#"[{"action": "accept", "src": ["*"], "dst": ["subnet24:80"]}]"#, expect: &[] },
+    // Every kind of source at once: `*` and every node.
+    HsCase {
+        id: "ACL-K01",
+        acls: r#"[{"action": "accept",
+                   "src": ["*", "autogroup:member", "autogroup:tagged", "group:admins", "tag:client",
+                           "webserver", "100.90.199.68"],
+                   "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:22"), (EVERY_NODE, "tagged-server:22")])],
+    },
+    // Every kind of destination at once; hosts and addresses are IPv4 only.
+    HsCase {
+        id: "ACL-K02",
+        acls: r#"[{"action": "accept", "src": ["tag:client"],
+                   "dst": ["tag:server:22", "tag:prod:5432", "webserver:80", "prodbox:443", "group:admins:8080",
+                           "kratail2tid@passkey:3000", "100.108.74.26:9000"]}]"#,
+        expect: &[
+            ("tagged-prod", &[("tagged-client", "tagged-prod:5432 100.103.8.15/32:443")]),
+            ("tagged-server", &[("tagged-client", "tagged-server:22 100.108.74.26/32:80 100.108.74.26/32:9000")]),
+            ("user1", &[("tagged-client", "user1:3000 user1:8080")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-K03",
+        acls: r#"[{"action": "accept",
+                   "src": ["autogroup:member", "autogroup:tagged", "group:admins", "group:developers",
+                           "kratail2tid@passkey", "tag:client", "tag:prod", "tag:server", "webserver", "prodbox"],
+                   "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[(EVERY_NODE, "*:0-65535")]),
+            ("user-kris", &[(EVERY_NODE, "*:0-65535")]),
+            ("user-mon", &[(EVERY_NODE, "*:0-65535")]),
+            ("tagged-server", &[(EVERY_NODE, "*:0-65535")]),
+            ("tagged-prod", &[(EVERY_NODE, "*:0-65535")]),
+            ("tagged-client", &[(EVERY_NODE, "*:0-65535")]),
+            ("subnet-router", &[(EVERY_NODE, "*:0-65535")]),
+            ("exit-node", &[(EVERY_NODE, "*:0-65535")]),
+        ],
+    },
     HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
