@@ -824,6 +824,41 @@ const CASES: &[HsCase] = &[
         ],
     },
     HsCase {
+        id: "ACL-K04",
+        acls: r#"[{"action": "accept", "src": ["*"],
+                   "dst": ["tag:server:22", "tag:server:80", "tag:server:443", "tag:prod:5432", "tag:prod:3306",
+                           "tag:client:80", "tag:client:443", "webserver:8080", "prodbox:8080"]}]"#,
+        expect: &[
+            ("tagged-client", &[(ANY, "tagged-client:80 tagged-client:443")]),
+            ("tagged-prod", &[(ANY, "tagged-prod:5432 tagged-prod:3306 100.103.8.15/32:8080")]),
+            ("tagged-server", &[(ANY, "tagged-server:22 tagged-server:80 tagged-server:443 100.108.74.26/32:8080")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-K05",
+        acls: r#"[{"action": "accept",
+                   "src": ["autogroup:member", "group:admins", "kratail2tid@passkey", "tag:client", "tag:prod",
+                           "100.83.200.69", "100.103.8.15"],
+                   "dst": ["tag:server:22", "webserver:80", "100.108.74.26:443", "group:admins:8080",
+                           "kratail2tid@passkey:9000"]}]"#,
+        expect: &[
+            (
+                "tagged-server",
+                &[(
+                    "user1 user-kris user-mon tagged-client tagged-prod",
+                    "tagged-server:22 100.108.74.26/32:80 100.108.74.26/32:443",
+                )],
+            ),
+            ("user1", &[("user1 user-kris user-mon tagged-client tagged-prod", "user1:8080 user1:9000")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-M01",
+        acls: r#"[{"action": "accept", "src": ["kratail2tid@passkey", "tag:client", "group:monitors"],
+                   "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("user1 tagged-client user-mon", "tagged-server:22")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
@@ -886,7 +921,8 @@ fn recorded_accepts(rules: &[Recorded], src: IpAddr, dst: IpAddr, proto: u8, por
     })
 }
 
-const PORTS: &[u16] = &[0, 1, 21, 22, 23, 52, 53, 54, 79, 80, 81, 442, 443, 444, 5431, 5432, 5433, 8080, 65535];
+const PORTS: &[u16] =
+    &[0, 1, 21, 22, 23, 52, 53, 54, 79, 80, 81, 442, 443, 444, 3000, 3306, 5431, 5432, 5433, 8080, 9000, 65535];
 
 /// Sources probed besides the nodes: inside `internal` (in and out of the
 /// approved route), inside `subnet24`, in 100.115.92.0/23 (which `*` leaves
