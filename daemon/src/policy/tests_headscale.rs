@@ -859,6 +859,26 @@ const CASES: &[HsCase] = &[
         expect: &[("tagged-server", &[("user1 tagged-client user-mon", "tagged-server:22")])],
     },
     HsCase {
+        id: "ACL-M02",
+        acls: r#"[{"action": "accept", "src": ["100.90.199.68", "tag:client"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("100.90.199.68/32 tagged-client", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-M03",
+        acls: r#"[{"action": "accept", "src": ["webserver", "tag:client"], "dst": ["tag:prod:5432"]}]"#,
+        expect: &[("tagged-prod", &[("100.108.74.26/32 tagged-client", "tagged-prod:5432")])],
+    },
+    HsCase {
+        id: "ACL-M04",
+        acls: r#"[{"action": "accept", "src": ["group:admins", "tag:client"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("user1 tagged-client", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-M05",
+        acls: r#"[{"action": "accept", "src": ["kratail2tid@passkey", "group:monitors"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("user1 user-mon", "tagged-server:22")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
