@@ -879,6 +879,24 @@ const CASES: &[HsCase] = &[
         expect: &[("tagged-server", &[("user1 user-mon", "tagged-server:22")])],
     },
     HsCase {
+        id: "ACL-M06",
+        acls: r#"[{"action": "accept", "src": ["*", "tag:client"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:22"), ("tagged-client", "tagged-server:22")])],
+    },
+    HsCase {
+        id: "ACL-M07",
+        acls: r#"[{"action": "accept", "src": ["autogroup:member", "tag:client"], "dst": ["tag:server:22,80,443"]}]"#,
+        expect: &[(
+            "tagged-server",
+            &[("user1 user-kris user-mon tagged-client", "tagged-server:22 tagged-server:80 tagged-server:443")],
+        )],
+    },
+    HsCase {
+        id: "ACL-M08",
+        acls: r#"[{"action": "accept", "src": ["autogroup:member", "tag:client"], "dst": ["tag:server:80-443"]}]"#,
+        expect: &[("tagged-server", &[("user1 user-kris user-mon tagged-client", "tagged-server:80-443")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
