@@ -897,6 +897,17 @@ const CASES: &[HsCase] = &[
         expect: &[("tagged-server", &[("user1 user-kris user-mon tagged-client", "tagged-server:80-443")])],
     },
     HsCase {
+        id: "ACL-M09",
+        acls: r#"[{"action": "accept", "src": ["tag:client", "internal"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("10.0.0.0/8 tagged-client", "tagged-server:22")])],
+    },
+    // The router's IPv4 address as a source: that address only.
+    HsCase {
+        id: "ACL-M10",
+        acls: r#"[{"action": "accept", "src": ["100.92.142.61", "tag:client"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("100.92.142.61/32 tagged-client", "tagged-server:22")])],
+    },
+    HsCase {
         id: "ACL-P01",
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
