@@ -912,6 +912,21 @@ const CASES: &[HsCase] = &[
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"]}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535")])],
     },
+    HsCase {
+        id: "ACL-P02",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:80-443"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:80-443")])],
+    },
+    HsCase {
+        id: "ACL-P03",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:22,80,443"]}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:22 tagged-server:80 tagged-server:443")])],
+    },
+    HsCase {
+        id: "ACL-P04",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:22"], "proto": "tcp"}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:22 proto=6")])],
+    },
 ];
 
 fn node_addrs(name: &str) -> Option<[IpAddr; 2]> {
