@@ -927,6 +927,17 @@ const CASES: &[HsCase] = &[
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:22"], "proto": "tcp"}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:22 proto=6")])],
     },
+    HsCase {
+        id: "ACL-P05",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:53"], "proto": "udp"}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:53 proto=17")])],
+    },
+    // A protocol by number: 1 is ICMP for IPv4 only.
+    HsCase {
+        id: "ACL-P06",
+        acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"], "proto": "1"}]"#,
+        expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535 proto=1")])],
+    },
 ];
 
 fn node_addrs(name: &str) -> Option<[IpAddr; 2]> {
