@@ -938,6 +938,35 @@ const CASES: &[HsCase] = &[
         acls: r#"[{"action": "accept", "src": ["*"], "dst": ["tag:server:*"], "proto": "1"}]"#,
         expect: &[("tagged-server", &[(ANY, "tagged-server:0-65535 proto=1")])],
     },
+    HsCase {
+        id: "ACL-R01",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:prod"], "dst": ["tag:server:80"]}]"#,
+        expect: &[("tagged-server", &[("tagged-client", "tagged-server:22"), ("tagged-prod", "tagged-server:80")])],
+    },
+    HsCase {
+        id: "ACL-R02",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:prod:5432"]}]"#,
+        expect: &[
+            ("tagged-prod", &[("tagged-client", "tagged-prod:5432")]),
+            ("tagged-server", &[("tagged-client", "tagged-server:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-S01",
+        acls: r#"[{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:22"]}]"#,
+        expect: &[
+            ("user1", &[("user1", "user1:22")]),
+            ("user-kris", &[("user-kris", "user-kris:22")]),
+            ("user-mon", &[("user-mon", "user-mon:22")]),
+        ],
+    },
+    HsCase {
+        id: "ACL-T01",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]}]"#,
+        expect: &[("tagged-server", &[("tagged-client", "tagged-server:22")])],
+    },
 ];
 
 fn node_addrs(name: &str) -> Option<[IpAddr; 2]> {
@@ -1024,7 +1053,7 @@ const ROUTED: &[&str] = &["10.33.1.1", "10.33.255.254"];
 
 #[test]
 fn headscale_recorded_tailscale_filters_match_ours() {
-    assert!(CASES.len() >= 96, "{}", CASES.len());
+    assert!(CASES.len() >= 100, "{}", CASES.len());
     let nodes = nodes();
     let network = network();
     let mut sources: Vec<IpAddr> = nodes.iter().flat_map(|n| n.addresses.clone()).collect();
