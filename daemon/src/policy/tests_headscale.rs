@@ -967,6 +967,31 @@ const CASES: &[HsCase] = &[
         acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]}]"#,
         expect: &[("tagged-server", &[("tagged-client", "tagged-server:22")])],
     },
+    HsCase {
+        id: "ACL-R03",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["tag:server:22"]},
+                  {"action": "accept", "src": ["tag:client"], "dst": ["tag:server:80"]}]"#,
+        expect: &[("tagged-server", &[("tagged-client", "tagged-server:22 tagged-server:80")])],
+    },
+    HsCase {
+        id: "ACL-S02",
+        acls: r#"[{"action": "accept", "src": ["group:admins"], "dst": ["autogroup:self:*"]}]"#,
+        expect: &[("user1", &[("user1", "user1:0-65535")])],
+    },
+    HsCase {
+        id: "ACL-T02",
+        acls: r#"[{"action": "accept", "src": ["tag:client"], "dst": ["*:*"]}]"#,
+        expect: &[
+            ("user1", &[("tagged-client", "*:0-65535")]),
+            ("user-kris", &[("tagged-client", "*:0-65535")]),
+            ("user-mon", &[("tagged-client", "*:0-65535")]),
+            ("tagged-server", &[("tagged-client", "*:0-65535")]),
+            ("tagged-prod", &[("tagged-client", "*:0-65535")]),
+            ("tagged-client", &[("tagged-client", "*:0-65535")]),
+            ("subnet-router", &[("tagged-client", "*:0-65535")]),
+            ("exit-node", &[("tagged-client", "*:0-65535")]),
+        ],
+    },
 ];
 
 fn node_addrs(name: &str) -> Option<[IpAddr; 2]> {
@@ -1053,7 +1078,7 @@ const ROUTED: &[&str] = &["10.33.1.1", "10.33.255.254"];
 
 #[test]
 fn headscale_recorded_tailscale_filters_match_ours() {
-    assert!(CASES.len() >= 100, "{}", CASES.len());
+    assert!(CASES.len() >= 103, "{}", CASES.len());
     let nodes = nodes();
     let network = network();
     let mut sources: Vec<IpAddr> = nodes.iter().flat_map(|n| n.addresses.clone()).collect();
