@@ -94,31 +94,7 @@ pub fn natted(lab: &mut Lab, name: &str, key: &str, private: u8, nat: Nat) -> Na
 
 /// [`natted`] with the agent given `--control control` (one URL or several).
 pub fn natted_on(lab: &mut Lab, control: &str, name: &str, key: &str, private: u8, nat: Nat) -> Natted {
-    let router = Netns::new();
-    let host = lab.next_host;
-    lab.next_host += 1;
-    let uplink = Lab::attach(&lab.hub, &router, &lab.subnet.v4_cidr(host));
-    let public_ip = lab.subnet.v4(host);
-    let ns = Netns::new();
-    let private_ip = format!("10.{private}.0.2");
-    let inner = veth_pair(&ns, &format!("{private_ip}/24"), Some(&router), &format!("10.{private}.0.1/24"));
-    ns.run_ok(&["ip", "route", "add", "default", "via", &format!("10.{private}.0.1")]);
-    router.run_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
-    router.run_ok(&["nft", "add table ip wmnat"]);
-    router.run_ok(&["nft", "add chain ip wmnat post { type nat hook postrouting priority 100 ; }"]);
-    router.run_ok(&["nft", &format!("add rule ip wmnat post oifname \"{}\" {}", uplink.a_if, nat.masquerade())]);
-    // Like a home router's firewall: nothing new comes in from outside.
-    // (Dropped before conntrack confirms it, so a peer's early probe leaves
-    // no entry that would later clash with the node's own mapping and make
-    // masquerade pick another port.)
-    router.run_ok(&["nft", "add chain ip wmnat in { type filter hook input priority 0 ; }"]);
-    router.run_ok(&["nft", &format!("add rule ip wmnat in iifname \"{}\" ct state new drop", uplink.a_if)]);
-    let tun = netns::unique_ifname("wmn");
-    let state = tmpdir(name);
-    let socket = state.join("api.sock");
-    let mut node = Node { ns, _link: inner, tun, state, socket, proc: None };
-    lab.start_agent_on(&mut node, control, name, key, &[]);
-    Natted { router, uplink, public_ip, private_ip, node }
+    natted_with(lab, control, name, key, private, nat, &[])
 }
 
 /// `wg show TUN endpoints`: one `KEY\tENDPOINT` line per peer.
@@ -221,6 +197,10 @@ pub fn natted_with(
     router.run_ok(&["nft", "add table ip wmnat"]);
     router.run_ok(&["nft", "add chain ip wmnat post { type nat hook postrouting priority 100 ; }"]);
     router.run_ok(&["nft", &format!("add rule ip wmnat post oifname \"{}\" {}", uplink.a_if, nat.masquerade())]);
+    // Like a home router's firewall: nothing new comes in from outside.
+    // (Dropped before conntrack confirms it, so a peer's early probe leaves
+    // no entry that would later clash with the node's own mapping and make
+    // masquerade pick another port.)
     router.run_ok(&["nft", "add chain ip wmnat in { type filter hook input priority 0 ; }"]);
     router.run_ok(&["nft", &format!("add rule ip wmnat in iifname \"{}\" ct state new drop", uplink.a_if)]);
     let tun = netns::unique_ifname("wmn");
