@@ -151,6 +151,16 @@ fn check_relayed(test: &str, lab: &Lab, a: &Natted, b: &Natted) {
     assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
     for n in all {
         assert_eq!(status_path(n), "relay", "{}'s status path", n.tun);
+        // The status names the home relay, connected.
+        let st = n.status();
+        let relays = st["relays"].as_object().cloned().unwrap_or_default();
+        assert!(
+            relays.values().any(|r| r["home"] == true && r["connected"] == true),
+            "{}: no connected home relay in the status: {st}",
+            n.tun
+        );
+        let text = String::from_utf8_lossy(&n.cli(&["status"]).stdout).into_owned();
+        assert!(text.contains(" (home): connected"), "{text}");
     }
     // Each echo request and each reply crosses the relay once.
     const N: u32 = 20;

@@ -536,6 +536,14 @@ fn status(socket: &std::path::Path, json: bool) -> Result<ExitCode, String> {
     if !s.drops.is_empty() {
         println!("dropped: {}", drops_line(&s.drops));
     }
+    for (relay, c) in &s.relays {
+        println!(
+            "relay {relay}{}: {}{}",
+            if c.home { " (home)" } else { "" },
+            if c.connected { "connected" } else { "not connected" },
+            c.last_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default(),
+        );
+    }
     for p in &s.peers {
         println!(
             "{}  {}  {}  {}  handshake {}  rx {} tx {}  endpoint {}{}",

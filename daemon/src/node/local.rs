@@ -137,6 +137,9 @@ pub struct Status {
     /// Every packet the data plane dropped, by reason.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// The relay connections, by `HOST:PORT` (docs/nat.md).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub relays: std::collections::BTreeMap<String, super::relay::ConnectionState>,
 }
 
 /// An answer.
@@ -219,6 +222,8 @@ pub struct AgentInfo<'a> {
     pub disco: Option<wiremesh_dataplane::disco::DiscoStatus>,
     /// The data plane's drop counters.
     pub drops: Option<wiremesh_dataplane::driver::DropReport>,
+    /// The relay client's connections, by `HOST:PORT`.
+    pub relays: std::collections::BTreeMap<String, super::relay::ConnectionState>,
 }
 
 /// Builds the status from the map and a `get=1` answer.
@@ -272,6 +277,7 @@ pub fn status(map: Option<&NetworkMap>, get: &str, agent: AgentInfo<'_>) -> Stat
         listen_port: agent.listen_port,
         peers,
         drops: agent.drops.map(|d| d.total.into_iter().map(|(r, n)| (r.to_string(), n)).collect()).unwrap_or_default(),
+        relays: agent.relays,
     }
 }
 

@@ -174,6 +174,8 @@ struct Agent {
     reported: Mutex<Vec<String>>,
     /// The relay client task and the relay it serves (docs/nat.md).
     relay: Mutex<Option<RelayRun>>,
+    /// The relay client's connections, for `wiremesh status`.
+    relay_connections: relay::Connections,
 }
 
 /// The running relay client: its home relay, the node key it proves, the
@@ -280,6 +282,7 @@ fn start(opts: Options) -> Result<(Arc<Agent>, userspace::DataPlane), String> {
         disco: Mutex::new(None),
         reported: Mutex::new(Vec::new()),
         relay: Mutex::new(None),
+        relay_connections: relay::Connections::default(),
     });
     Ok((agent, dp))
 }
@@ -786,7 +789,8 @@ impl Agent {
         // task goes, so the worker never holds a link nobody serves.
         let Some(port) = self.control.relay_link(wiremesh_dataplane::relay::DEFAULT_QUEUE) else { return };
         let (via, via_rx) = tokio::sync::watch::channel(plan.via.clone());
-        let task = rt.spawn(relay::run(plan.home.clone(), key, port, via_rx)).abort_handle();
+        let task =
+            rt.spawn(relay::run(plan.home.clone(), key, port, via_rx, self.relay_connections.clone())).abort_handle();
         if let Some(old) = current.replace(RelayRun { home: plan.home, node_key, via, task }) {
             old.task.abort();
         }
@@ -905,6 +909,7 @@ impl Agent {
                     listen_port: self.listen_port,
                     disco,
                     drops,
+                    relays: lock(&self.relay_connections).clone(),
                 };
                 LocalResponse::Status(local::status(map.as_ref(), &get, agent))
             }

@@ -46,6 +46,41 @@ impl std::fmt::Display for RelayTarget {
     }
 }
 
+/// One relay connection as `wiremesh status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConnectionState {
+    /// Whether it is this node's home relay (where peers reach it).
+    pub home: bool,
+    /// Whether the connection is up now.
+    pub connected: bool,
+    /// Why the last attempt failed or the connection broke.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The relay connections of a running client, by `HOST:PORT`.
+pub type Connections = std::sync::Arc<std::sync::Mutex<BTreeMap<String, ConnectionState>>>;
+
+/// Removes a connection's entry when its task ends (or is dropped).
+struct Listed {
+    connections: Connections,
+    name: String,
+}
+
+impl Listed {
+    fn set(&self, f: impl FnOnce(&mut ConnectionState)) {
+        if let Some(c) = self.connections.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.name) {
+            f(c);
+        }
+    }
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.name);
+    }
+}
+
 /// Which relays this node uses: its home relay (where its peers reach it)
 /// and, for each peer whose home relay is another one, that relay.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,18 +134,25 @@ pub async fn run(
     key: PrivateKey,
     mut port: RelayPort,
     mut via: watch::Receiver<BTreeMap<PublicKey, RelayTarget>>,
+    connections: Connections,
 ) {
     let deliver = port.deliverer();
     let mut conns: HashMap<RelayTarget, mpsc::Sender<RelayDatagram>> = HashMap::new();
-    conns.insert(home.clone(), spawn_conn(home.clone(), key.clone(), deliver.clone()));
+    let spawn = |target: RelayTarget| {
+        let listed = Listed { connections: connections.clone(), name: target.to_string() };
+        connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(listed.name.clone(), ConnectionState { home: target == home, ..Default::default() });
+        spawn_conn(target, key.clone(), deliver.clone(), listed)
+    };
+    conns.insert(home.clone(), spawn(home.clone()));
     loop {
         tokio::select! {
             d = port.next_outbound() => {
                 let Some(d) = d else { return };
                 let target = via.borrow().get(&d.peer).cloned().unwrap_or_else(|| home.clone());
-                let tx = conns
-                    .entry(target.clone())
-                    .or_insert_with(|| spawn_conn(target, key.clone(), deliver.clone()));
+                let tx = conns.entry(target.clone()).or_insert_with(|| spawn(target));
                 // A full queue drops, as a full socket buffer would.
                 let _ = tx.try_send(d);
             }
@@ -128,13 +170,24 @@ pub async fn run(
 
 /// Starts the task that keeps one relay connection; it ends when the
 /// returned sender is dropped.
-fn spawn_conn(target: RelayTarget, key: PrivateKey, deliver: RelayDeliverer) -> mpsc::Sender<RelayDatagram> {
+fn spawn_conn(
+    target: RelayTarget,
+    key: PrivateKey,
+    deliver: RelayDeliverer,
+    listed: Listed,
+) -> mpsc::Sender<RelayDatagram> {
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
-    tokio::spawn(conn(target, key, rx, deliver));
+    tokio::spawn(conn(target, key, rx, deliver, listed));
     tx
 }
 
-async fn conn(target: RelayTarget, key: PrivateKey, mut queue: mpsc::Receiver<RelayDatagram>, deliver: RelayDeliverer) {
+async fn conn(
+    target: RelayTarget,
+    key: PrivateKey,
+    mut queue: mpsc::Receiver<RelayDatagram>,
+    deliver: RelayDeliverer,
+    listed: Listed,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut discarded: u64 = 0;
     loop {
@@ -143,10 +196,20 @@ async fn conn(target: RelayTarget, key: PrivateKey, mut queue: mpsc::Receiver<Re
         let pause = match connect(&target, &key).await {
             Ok((tx, rx)) => {
                 println!("relay: connected to {target}");
+                listed.set(|c| {
+                    c.connected = true;
+                    c.last_error = None;
+                });
                 let since = tokio::time::Instant::now();
                 match carry(tx, rx, &mut queue, deliver.clone()).await {
                     Ok(()) => return,
-                    Err(e) => println!("relay: connection to {target} lost: {e}; reconnecting"),
+                    Err(e) => {
+                        println!("relay: connection to {target} lost: {e}; reconnecting");
+                        listed.set(|c| {
+                            c.connected = false;
+                            c.last_error = Some(e);
+                        });
+                    }
                 }
                 if since.elapsed() >= BACKOFF_MIN {
                     backoff = BACKOFF_MIN;
@@ -160,6 +223,7 @@ async fn conn(target: RelayTarget, key: PrivateKey, mut queue: mpsc::Receiver<Re
             }
             Err(e) => {
                 eprintln!("relay: cannot connect to {target}: {e}");
+                listed.set(|c| c.last_error = Some(e));
                 let pause = backoff;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 pause
