@@ -1,7 +1,8 @@
 //! A relay client: connects over TLS to a pinned certificate, proves its
 //! node key, then sends frames to node keys and receives frames from them.
 
-use super::{AUTH_LEN, FRAME_HEADER_LEN, FRAME_RECV, FRAME_SEND, HELLO_LEN, HELLO_MAGIC, MAX_PAYLOAD};
+use super::wire::{Auth, FrameHeader, Hello, WireError};
+use super::{AUTH_ACCEPTED, FRAME_HEADER_LEN, FRAME_RECV, HELLO_LEN, MAX_PAYLOAD};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -20,6 +21,9 @@ pub enum RelayError {
     Refused,
     /// A payload over [`MAX_PAYLOAD`] bytes, or empty.
     BadLength(usize),
+    /// The relay sent a frame header it never sends (another type, an empty
+    /// or oversized payload).
+    Frame(WireError),
 }
 
 impl std::fmt::Display for RelayError {
@@ -29,6 +33,7 @@ impl std::fmt::Display for RelayError {
             RelayError::Protocol(what) => write!(f, "relay protocol: {what}"),
             RelayError::Refused => f.write_str("the relay refused the node key proof"),
             RelayError::BadLength(n) => write!(f, "relay payload of {n} bytes (1 to {MAX_PAYLOAD} allowed)"),
+            RelayError::Frame(e) => write!(f, "bad frame from the relay: {e}"),
         }
     }
 }
@@ -77,23 +82,14 @@ pub async fn connect_claiming(
     let mut tls = connector.connect(crate::control::tls::server_name(), tcp).await?;
     let mut hello = [0u8; HELLO_LEN];
     tls.read_exact(&mut hello).await?;
-    if &hello[..8] != HELLO_MAGIC {
-        return Err(RelayError::Protocol("bad hello"));
-    }
-    let mut relay_key = [0u8; 32];
-    relay_key.copy_from_slice(&hello[8..40]);
-    let mut nonce = [0u8; 32];
-    nonce.copy_from_slice(&hello[40..]);
-    let proof = wiremesh_core::disco::relay_proof(key, &PublicKey(relay_key), &claimed, &nonce)
+    let hello = Hello::parse(&hello).map_err(|_| RelayError::Protocol("bad hello"))?;
+    let proof = wiremesh_core::disco::relay_proof(key, &PublicKey(hello.relay_key), &claimed, &hello.nonce)
         .map_err(|_| RelayError::Protocol("unusable relay key"))?;
-    let mut auth = [0u8; AUTH_LEN];
-    auth[..32].copy_from_slice(&claimed.0);
-    auth[32..].copy_from_slice(&proof);
-    tls.write_all(&auth).await?;
+    tls.write_all(&Auth { key: claimed.0, proof }.encode()).await?;
     tls.flush().await?;
     let mut ok = [0u8; 1];
     match tls.read_exact(&mut ok).await {
-        Ok(_) if ok[0] == 0 => {}
+        Ok(_) if ok[0] == AUTH_ACCEPTED => {}
         Ok(_) => return Err(RelayError::Protocol("bad handshake status")),
         Err(_) => return Err(RelayError::Refused),
     }
@@ -110,14 +106,8 @@ impl RelaySender {
 
     /// Writes a frame without flushing (batch several, then [`RelaySender::flush`]).
     pub async fn queue(&mut self, to: &PublicKey, payload: &[u8]) -> Result<(), RelayError> {
-        if payload.is_empty() || payload.len() > MAX_PAYLOAD {
-            return Err(RelayError::BadLength(payload.len()));
-        }
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        header[0] = FRAME_SEND;
-        header[1..33].copy_from_slice(&to.0);
-        header[33..].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-        self.wr.write_all(&header).await?;
+        let header = FrameHeader::send(to.0, payload.len()).map_err(|_| RelayError::BadLength(payload.len()))?;
+        self.wr.write_all(&header.encode()).await?;
         self.wr.write_all(payload).await?;
         Ok(())
     }
@@ -136,8 +126,9 @@ impl RelaySender {
 
 impl RelayReceiver {
     /// Receives the next frame into `buf` (at least [`MAX_PAYLOAD`] bytes):
-    /// the sender's key and the payload length. `Ok(None)` when the relay
-    /// closed the connection.
+    /// the sender's key and the payload length (1 or more: an empty frame,
+    /// like any header the relay would not send, is a protocol error).
+    /// `Ok(None)` when the relay closed the connection.
     pub async fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(PublicKey, usize)>, RelayError> {
         let mut header = [0u8; FRAME_HEADER_LEN];
         match self.rd.read_exact(&mut header).await {
@@ -145,13 +136,12 @@ impl RelayReceiver {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let len = usize::from(u16::from_be_bytes([header[33], header[34]]));
-        if header[0] != FRAME_RECV || len > MAX_PAYLOAD || len > buf.len() {
-            return Err(RelayError::Protocol("bad frame from the relay"));
+        let frame = FrameHeader::parse(&header, FRAME_RECV).map_err(RelayError::Frame)?;
+        let len = frame.payload_len();
+        if len > buf.len() {
+            return Err(RelayError::Protocol("frame longer than the receive buffer"));
         }
         self.rd.read_exact(&mut buf[..len]).await?;
-        let mut k = [0u8; 32];
-        k.copy_from_slice(&header[1..33]);
-        Ok(Some((PublicKey(k), len)))
+        Ok(Some((PublicKey(frame.key()), len)))
     }
 }

@@ -14,9 +14,11 @@
 //! 4. Frames both ways: type (1), node key (32), length (2, big-endian),
 //!    payload (at most [`MAX_PAYLOAD`]). A client sends type 1 (the key
 //!    names the destination); the relay sends type 2 (the key names the
-//!    source). Anything else, or a longer payload, closes the connection.
+//!    source). Anything else, or an empty or longer payload, closes the
+//!    connection. The byte layouts are in [`wire`].
 
 pub mod client;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,21 +30,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use wiremesh_core::keys::{PrivateKey, PublicKey};
 
-/// The first bytes the relay sends.
-pub const HELLO_MAGIC: &[u8; 8] = b"WMRELAY1";
-/// Length of the relay's hello.
-pub const HELLO_LEN: usize = 8 + 32 + 32;
-/// Length of the client's answer.
-pub const AUTH_LEN: usize = 32 + 32;
-/// Length of a frame header.
-pub const FRAME_HEADER_LEN: usize = 1 + 32 + 2;
-/// The largest payload a frame may carry: a WireGuard message for an MTU
-/// far above any the agent sets, or a probe.
-pub const MAX_PAYLOAD: usize = 4096;
-/// Frame type: client to relay, "send to this key".
-pub const FRAME_SEND: u8 = 1;
-/// Frame type: relay to client, "from this key".
-pub const FRAME_RECV: u8 = 2;
+pub use wire::{
+    WireError, AUTH_ACCEPTED, AUTH_LEN, FRAME_HEADER_LEN, FRAME_RECV, FRAME_SEND, HELLO_LEN, HELLO_MAGIC, MAX_PAYLOAD,
+};
 /// How long a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -239,12 +229,10 @@ impl Relay {
         // A newer connection for the same key replaces an older one.
         self.clients.write().unwrap_or_else(|e| e.into_inner()).insert(key, Client { conn, tx });
         let writer = tokio::spawn(async move {
-            let mut header = [0u8; FRAME_HEADER_LEN];
             while let Some((src, payload)) = rx.recv().await {
-                header[0] = FRAME_RECV;
-                header[1..33].copy_from_slice(&src.0);
-                header[33..35].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-                if wr.write_all(&header).await.is_err() || wr.write_all(&payload).await.is_err() {
+                // Only frames that parsed as 1..=MAX_PAYLOAD bytes are queued.
+                let Ok(header) = wire::FrameHeader::recv(src.0, payload.len()) else { continue };
+                if wr.write_all(&header.encode()).await.is_err() || wr.write_all(&payload).await.is_err() {
                     break;
                 }
                 if rx.is_empty() && wr.flush().await.is_err() {
@@ -269,22 +257,18 @@ impl Relay {
         W: tokio::io::AsyncWrite + Unpin,
     {
         let nonce = random32();
-        let mut hello = [0u8; HELLO_LEN];
-        hello[..8].copy_from_slice(HELLO_MAGIC);
-        hello[8..40].copy_from_slice(&self.key.public_key().0);
-        hello[40..].copy_from_slice(&nonce);
-        wr.write_all(&hello).await.map_err(|_| ())?;
+        let hello = wire::Hello { relay_key: self.key.public_key().0, nonce };
+        wr.write_all(&hello.encode()).await.map_err(|_| ())?;
         wr.flush().await.map_err(|_| ())?;
-        let mut auth = [0u8; AUTH_LEN];
-        rd.read_exact(&mut auth).await.map_err(|_| ())?;
-        let mut k = [0u8; 32];
-        k.copy_from_slice(&auth[..32]);
-        let claimed = PublicKey(k);
+        let mut bytes = [0u8; AUTH_LEN];
+        rd.read_exact(&mut bytes).await.map_err(|_| ())?;
+        let auth = wire::Auth::parse(&bytes).map_err(|_| ())?;
+        let claimed = PublicKey(auth.key);
         let expected = wiremesh_core::disco::relay_proof(&self.key, &claimed, &claimed, &nonce).map_err(|_| ())?;
-        if !wiremesh_core::crypto::ct_eq(&expected, &auth[32..]) {
+        if !wiremesh_core::crypto::ct_eq(&expected, &auth.proof) {
             return Err(());
         }
-        wr.write_all(&[0]).await.map_err(|_| ())?;
+        wr.write_all(&[AUTH_ACCEPTED]).await.map_err(|_| ())?;
         wr.flush().await.map_err(|_| ())?;
         Ok(claimed)
     }
@@ -298,11 +282,11 @@ impl Relay {
             if rd.read_exact(&mut header).await.is_err() {
                 return;
             }
-            let len = usize::from(u16::from_be_bytes([header[33], header[34]]));
-            if header[0] != FRAME_SEND || len > MAX_PAYLOAD || len == 0 {
+            let Ok(frame) = wire::FrameHeader::parse(&header, FRAME_SEND) else {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 return;
-            }
+            };
+            let len = frame.payload_len();
             let mut payload = vec![0u8; len];
             if rd.read_exact(&mut payload).await.is_err() {
                 return;
@@ -311,9 +295,7 @@ impl Relay {
                 self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&header[1..33]);
-            let dst = PublicKey(k);
+            let dst = PublicKey(frame.key());
             let tx = self.clients.read().unwrap_or_else(|e| e.into_inner()).get(&dst).map(|c| c.tx.clone());
             let Some(tx) = tx else {
                 self.stats.no_peer.fetch_add(1, Ordering::Relaxed);
