@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedReceiver;
-use wiremesh_daemon::control::client::Client;
+use wiremesh_daemon::control::client::{Client, ClientError};
 use wiremesh_daemon::control::proto::{self, NetworkMap, NodeInfo, StreamMessage};
 
 #[path = "support/control.rs"]
@@ -177,7 +177,16 @@ fn tailnet_postgres_replicas_share_every_change_within_a_second() {
         assert!(ended >= 4, "two store and two listener connections, at least: {ended}");
         let n5 = TestNode::new(5);
         let t0 = Instant::now();
-        let i5 = n5.register(&ca, &key.key, "five").await.unwrap();
+        // A request whose transaction was open when its connection ended
+        // fails (500, nothing stored) and is sent again, as agents do; the
+        // statement after a lost connection reconnects.
+        let i5 = match n5.register(&ca, &key.key, "five").await {
+            Err(ClientError::Api { status: 500, body }) if body.error.contains("57P01") => {
+                eprintln!("registration in flight when PostgreSQL ended the connection: {}; sent again", body.error);
+                n5.register(&ca, &key.key, "five").await.unwrap()
+            }
+            r => r.unwrap(),
+        };
         map_until(&mut s1, Duration::from_secs(3), "registration via A on B after lost connections", |m| {
             peer(m, i5.id).is_some()
         })

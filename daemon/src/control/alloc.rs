@@ -272,7 +272,7 @@ pub(super) fn test_registration(auth_key: &str, n: u8, hostname: &str) -> Regist
 /// allocator's SQL is proven on both stores.
 #[cfg(test)]
 #[path = "../../tests/support/postgres.rs"]
-mod pg_cluster;
+pub(super) mod pg_cluster;
 
 #[cfg(test)]
 mod tests {

@@ -333,6 +333,26 @@ impl Drop for PgClient {
 pub struct Conn {
     inner: Inner,
     in_tx: bool,
+    /// The PostgreSQL server ended the connection (an administrator's
+    /// `pg_terminate_backend`, a restart), as the last error said, before the
+    /// client noticed it closed.
+    lost: bool,
+}
+
+/// Whether a PostgreSQL error means the connection is gone: closed, a
+/// connection exception (class 08), or the server shutting the session
+/// down (57P01 to 57P03).
+fn connection_lost(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_some_and(|c| c.code().starts_with("08") || matches!(c.code(), "57P01" | "57P02" | "57P03"))
+}
+
+/// [`postgres_error`], noting in `lost` an error that ended the connection.
+fn pg_error(lost: &mut bool, e: postgres::Error) -> ApiError {
+    if connection_lost(&e) {
+        *lost = true;
+    }
+    postgres_error(e)
 }
 
 /// The `application_name` of the store's connection (`pg_stat_activity`).
@@ -354,7 +374,7 @@ pub fn connect_postgres(url: &str, application_name: &str) -> Result<postgres::C
 impl Conn {
     /// Wraps an open SQLite connection.
     pub fn sqlite(conn: rusqlite::Connection) -> Conn {
-        Conn { inner: Inner::Sqlite(conn), in_tx: false }
+        Conn { inner: Inner::Sqlite(conn), in_tx: false, lost: false }
     }
 
     /// Connects to PostgreSQL.
@@ -367,6 +387,7 @@ impl Conn {
                 statements: HashMap::new(),
             },
             in_tx: false,
+            lost: false,
         })
     }
 
@@ -382,9 +403,10 @@ impl Conn {
     /// dropped) is opened again before the next statement outside a transaction.
     fn reconnect_if_closed(&mut self) -> Result<(), ApiError> {
         if let Inner::Postgres { client, url, statements } = &mut self.inner {
-            if client.is_closed() && !self.in_tx {
+            if (client.is_closed() || self.lost) && !self.in_tx {
                 **client = connect_postgres(url, APPLICATION_NAME)?;
                 statements.clear();
+                self.lost = false;
             }
         }
         Ok(())
@@ -394,11 +416,12 @@ impl Conn {
         client: &mut postgres::Client,
         statements: &mut HashMap<String, postgres::Statement>,
         sql: &str,
+        lost: &mut bool,
     ) -> Result<postgres::Statement, ApiError> {
         if let Some(st) = statements.get(sql) {
             return Ok(st.clone());
         }
-        let st = client.prepare(sql).map_err(postgres_error)?;
+        let st = client.prepare(sql).map_err(|e| pg_error(lost, e))?;
         statements.insert(sql.to_string(), st.clone());
         Ok(st)
     }
@@ -407,7 +430,7 @@ impl Conn {
     /// connection: the old one is gone and no transaction was open (a
     /// statement outside a transaction here is a read or an idempotent write).
     fn retry_on_new_connection(&self) -> bool {
-        matches!(&self.inner, Inner::Postgres { client, .. } if client.is_closed()) && !self.in_tx
+        matches!(&self.inner, Inner::Postgres { client, .. } if client.is_closed() || self.lost) && !self.in_tx
     }
 
     /// Runs one statement; returns the rows it changed.
@@ -434,9 +457,9 @@ impl Conn {
                 st.execute(rusqlite::params_from_iter(params)).map(|n| n as u64).map_err(sqlite_error)
             }
             Inner::Postgres { client, statements, .. } => {
-                let st = Self::pg_statement(client, statements, sql)?;
+                let st = Self::pg_statement(client, statements, sql, &mut self.lost)?;
                 let p: Vec<&(dyn postgres::types::ToSql + Sync)> = params.iter().map(|v| v as _).collect();
-                client.execute(&st, &p).map_err(postgres_error)
+                client.execute(&st, &p).map_err(|e| pg_error(&mut self.lost, e))
             }
         }
     }
@@ -459,9 +482,9 @@ impl Conn {
                 Ok(out)
             }
             Inner::Postgres { client, statements, .. } => {
-                let st = Self::pg_statement(client, statements, sql)?;
+                let st = Self::pg_statement(client, statements, sql, &mut self.lost)?;
                 let p: Vec<&(dyn postgres::types::ToSql + Sync)> = params.iter().map(|v| v as _).collect();
-                client.query(&st, &p).map_err(postgres_error)?.iter().map(postgres_row).collect()
+                client.query(&st, &p).map_err(|e| pg_error(&mut self.lost, e))?.iter().map(postgres_row).collect()
             }
         }
     }
@@ -488,7 +511,7 @@ impl Conn {
         self.reconnect_if_closed()?;
         match &mut self.inner {
             Inner::Sqlite(c) => c.execute_batch(sql).map_err(sqlite_error),
-            Inner::Postgres { client, .. } => client.batch_execute(sql).map_err(postgres_error),
+            Inner::Postgres { client, .. } => client.batch_execute(sql).map_err(|e| pg_error(&mut self.lost, e)),
         }
     }
 
@@ -544,6 +567,32 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection the server ended (`pg_terminate_backend`) is made again
+    /// for the next transaction, five times over.
+    #[test]
+    fn a_connection_the_server_ended_is_made_again() {
+        let Some(cluster) = super::super::alloc::pg_cluster::Cluster::start_or_skip(
+            "store::a_connection_the_server_ended_is_made_again",
+        ) else {
+            return;
+        };
+        let url = cluster.create_db("store_reconnect");
+        let mut c = Conn::postgres(&url).unwrap();
+        c.batch("CREATE TABLE t (n BIGINT)").unwrap();
+        let mut admin = cluster.client("store_reconnect");
+        for round in 0..5 {
+            let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().int(0).unwrap() as i32;
+            let ended: bool = admin.query_one("SELECT pg_terminate_backend($1)", &[&pid]).unwrap().get(0);
+            assert!(ended, "round {round}");
+            // The server's notice is on the socket; the client learns of it
+            // only from the next statement's error.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            c.transaction(Some("me"), |c| c.execute("INSERT INTO t (n) VALUES ($1)", params![round as i64]))
+                .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        }
+        assert_eq!(c.query_one("SELECT COUNT(*) FROM t", &[]).unwrap().int(0).unwrap(), 5);
+    }
 
     #[test]
     fn placeholders_and_types_per_dialect() {
