@@ -223,6 +223,12 @@ impl PathAgent {
         self.relay.as_mut()?.try_recv()
     }
 
+    /// Asks STUN for the reflexive address at the next turn (the owner saw
+    /// a sign the NAT changed: its relay connection was reset).
+    pub fn stun_now(&mut self) {
+        self.next_stun = Instant::ZERO;
+    }
+
     /// Takes the next datagram the relay delivered: a probe is handled here
     /// and a relayed STUN message refused (STUN is only spoken directly);
     /// a WireGuard message is returned for the device (as a datagram from
@@ -568,6 +574,18 @@ mod tests {
         assert!(a.poll_timeout().is_some_and(|t| t <= at(2)));
         let (to, _) = a.poll_transmit(at(2), &mut buf).unwrap();
         assert_eq!(to, server);
+        // The owner may ask for it at once too (a relay connection reset).
+        let n = stun::encode_binding_response(
+            &stun::parse(&buf[..BINDING_REQUEST_LEN]).unwrap().transaction_id,
+            addr(200, 40001),
+            &mut resp,
+        )
+        .unwrap();
+        assert!(a.handle_stun(server, &resp[..n], at(3)));
+        assert!(a.next_stun > at(3));
+        a.stun_now();
+        assert!(a.poll_timeout().is_some_and(|t| t <= at(3)));
+        assert_eq!(a.poll_transmit(at(3), &mut buf).map(|(to, _)| to), Some(server));
     }
 
     #[test]

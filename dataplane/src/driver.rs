@@ -253,6 +253,8 @@ pub(crate) enum ControlMsg {
     Relay(Option<RelayLink>),
     /// The device's drop counters (`None`: no device yet).
     Drops(mpsc::SyncSender<Option<DropReport>>),
+    /// Ask STUN for the reflexive address now.
+    StunNow,
 }
 
 /// Packets the device dropped, by reason (only reasons with drops), in all
@@ -396,6 +398,15 @@ impl Control {
         self.tx.send(ControlMsg::Drops(tx)).ok()?;
         self.wake();
         rx.recv().ok().flatten()
+    }
+
+    /// Has path discovery ask STUN for the reflexive address now, not at its
+    /// next refresh: the owner saw a sign that the NAT changed (a relay
+    /// connection reset by it). Returns `false` if the worker is gone.
+    pub fn stun_now(&self) -> bool {
+        let sent = self.tx.send(ControlMsg::StunNow).is_ok();
+        self.wake();
+        sent
     }
 
     /// Asks the worker to stop.
@@ -1266,6 +1277,12 @@ impl Worker {
                 }
                 ControlMsg::Drops(reply) => {
                     let _ = reply.send(self.device.as_ref().map(DropReport::of));
+                }
+                ControlMsg::StunNow => {
+                    if let Some(agent) = self.disco.as_mut() {
+                        agent.stun_now();
+                    }
+                    self.flush_control_output();
                 }
                 ControlMsg::Relay(link) => {
                     let now = self.now();

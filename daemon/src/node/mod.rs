@@ -789,8 +789,15 @@ impl Agent {
         // task goes, so the worker never holds a link nobody serves.
         let Some(port) = self.control.relay_link(wiremesh_dataplane::relay::DEFAULT_QUEUE) else { return };
         let (via, via_rx) = tokio::sync::watch::channel(plan.via.clone());
-        let task =
-            rt.spawn(relay::run(plan.home.clone(), key, port, via_rx, self.relay_connections.clone())).abort_handle();
+        // A relay connection reset by the way often means a NAT on it
+        // changed: the reflexive address is asked for again at once.
+        let control = self.control.clone();
+        let on_lost: relay::OnLost = std::sync::Arc::new(move || {
+            control.stun_now();
+        });
+        let task = rt
+            .spawn(relay::run(plan.home.clone(), key, port, via_rx, self.relay_connections.clone(), on_lost))
+            .abort_handle();
         if let Some(old) = current.replace(RelayRun { home: plan.home, node_key, via, task }) {
             old.task.abort();
         }

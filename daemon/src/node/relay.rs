@@ -58,6 +58,10 @@ pub struct ConnectionState {
     pub last_error: Option<String>,
 }
 
+/// Called when an established relay connection breaks: a reset is often
+/// a NAT on the way that changed (the node agent has STUN asked again).
+pub type OnLost = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// The relay connections of a running client, by `HOST:PORT`.
 pub type Connections = std::sync::Arc<std::sync::Mutex<BTreeMap<String, ConnectionState>>>;
 
@@ -135,6 +139,7 @@ pub async fn run(
     mut port: RelayPort,
     mut via: watch::Receiver<BTreeMap<PublicKey, RelayTarget>>,
     connections: Connections,
+    on_lost: OnLost,
 ) {
     let deliver = port.deliverer();
     let mut conns: HashMap<RelayTarget, mpsc::Sender<RelayDatagram>> = HashMap::new();
@@ -144,7 +149,7 @@ pub async fn run(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(listed.name.clone(), ConnectionState { home: target == home, ..Default::default() });
-        spawn_conn(target, key.clone(), deliver.clone(), listed)
+        spawn_conn(target, key.clone(), deliver.clone(), listed, on_lost.clone())
     };
     conns.insert(home.clone(), spawn(home.clone()));
     loop {
@@ -175,9 +180,10 @@ fn spawn_conn(
     key: PrivateKey,
     deliver: RelayDeliverer,
     listed: Listed,
+    on_lost: OnLost,
 ) -> mpsc::Sender<RelayDatagram> {
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
-    tokio::spawn(conn(target, key, rx, deliver, listed));
+    tokio::spawn(conn(target, key, rx, deliver, listed, on_lost));
     tx
 }
 
@@ -187,6 +193,7 @@ async fn conn(
     mut queue: mpsc::Receiver<RelayDatagram>,
     deliver: RelayDeliverer,
     listed: Listed,
+    on_lost: OnLost,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut discarded: u64 = 0;
@@ -209,6 +216,7 @@ async fn conn(
                             c.connected = false;
                             c.last_error = Some(e);
                         });
+                        on_lost();
                     }
                 }
                 if since.elapsed() >= BACKOFF_MIN {

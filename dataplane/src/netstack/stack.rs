@@ -463,6 +463,11 @@ impl Inner {
                 ControlMsg::Drops(reply) => {
                     let _ = reply.send(self.phy.core.as_ref().map(crate::driver::DropReport::of));
                 }
+                ControlMsg::StunNow => {
+                    if let Some(agent) = self.phy.disco.as_mut() {
+                        agent.stun_now();
+                    }
+                }
                 ControlMsg::Relay(link) => {
                     let now = self.core_now();
                     match self.phy.disco.as_mut() {
