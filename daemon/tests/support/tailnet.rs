@@ -185,26 +185,8 @@ impl Lab {
     }
 
     fn on_store(identity: bool, store: Option<&str>, n: u16) -> Lab {
-        let hub = Netns::new();
-        hub.run_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
-        hub.run_ok(&["ip", "link", "set", "br0", "up"]);
-        let subnet = Subnet::next();
-        let server_ns = Netns::new();
-        let server_link = Self::attach(&hub, &server_ns, &subnet.v4_cidr(1));
-        let mut lab = Lab {
-            hub,
-            subnet,
-            server_ns,
-            _server_link: server_link,
-            server_state: tmpdir("control"),
-            server: None,
-            url: String::new(),
-            token: String::new(),
-            next_host: 10,
-            identity,
-            replicas: Vec::new(),
-            replica_urls: Vec::new(),
-        };
+        let mut lab = Lab::unstarted();
+        lab.identity = identity;
         let Some(store) = store else {
             lab.start_server();
             return lab;
@@ -229,26 +211,22 @@ impl Lab {
     }
 
     pub fn start_server(&mut self) {
-        let state = self.server_state.to_str().unwrap().to_string();
-        let (proc, url) = self.spawn_control(&state, 8443);
-        (self.server, self.url) = (Some(proc), url);
+        self.start_server_with(&[]);
     }
 
     /// A control server on `state` listening on `port`; the admin token,
     /// when it prints one (a new store), is kept.
     fn spawn_control(&mut self, state: &str, port: u16) -> (Proc, String) {
+        self.spawn_control_with(state, port, &[])
+    }
+
+    /// [`Lab::spawn_control`] with `extra` flags for the server.
+    fn spawn_control_with(&mut self, state: &str, port: u16, extra: &[&str]) -> (Proc, String) {
         let listen = format!("{}:{port}", self.subnet.v4(1));
         let identity = if self.identity { "on" } else { "off" };
-        let mut child = self.server_ns.spawn(&[
-            WIREMESHD,
-            "control",
-            "--listen",
-            &listen,
-            "--state",
-            state,
-            "--identity",
-            identity,
-        ]);
+        let mut args = vec![WIREMESHD, "control", "--listen", &listen, "--state", state, "--identity", identity];
+        args.extend_from_slice(extra);
+        let mut child = self.server_ns.spawn(&args);
         let out = Output::attach(&mut child);
         let url = out.wait_for("control URL: ", Duration::from_secs(30));
         if self.token.is_empty() {
@@ -377,16 +355,7 @@ impl Lab {
     /// [`Lab::start_server`] does, with `extra` flags after the usual ones.
     pub fn start_server_with(&mut self, extra: &[&str]) {
         let state = self.server_state.to_str().unwrap().to_string();
-        let listen = format!("{}:8443", self.subnet.v4(1));
-        let identity = if self.identity { "on" } else { "off" };
-        let mut args = vec![WIREMESHD, "control", "--listen", &listen, "--state", &state, "--identity", identity];
-        args.extend_from_slice(extra);
-        let mut child = self.server_ns.spawn(&args);
-        let out = Output::attach(&mut child);
-        let url = out.wait_for("control URL: ", Duration::from_secs(30));
-        if self.token.is_empty() {
-            self.token = out.wait_for("admin token (shown once, stored hashed): ", Duration::from_secs(5));
-        }
-        (self.server, self.url) = (Some(Proc { child, out }), url);
+        let (proc, url) = self.spawn_control_with(&state, 8443, extra);
+        (self.server, self.url) = (Some(proc), url);
     }
 }
