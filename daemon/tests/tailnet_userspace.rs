@@ -11,72 +11,9 @@ mod netns;
 mod tailnet;
 
 use netns::Netns;
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 use tailnet::*;
-
-/// A tiny HTTP server inside a namespace (a thread of this process moved
-/// there), answering every request with `greeting` and the path asked for.
-struct WebServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl WebServer {
-    fn start(ns: &Netns, addr: &str, greeting: &str) -> WebServer {
-        let path = format!("/run/netns/{}", ns.name());
-        let (addr, greeting) = (addr.to_string(), greeting.to_string());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let stop2 = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let f = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on a namespace file we hold open; it moves only this thread.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            let listener = std::net::TcpListener::bind(&addr).unwrap();
-            listener.set_nonblocking(true).unwrap();
-            ready_tx.send(()).unwrap();
-            while !stop2.load(Ordering::Relaxed) {
-                let Ok((mut s, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                let path = text.split(' ').nth(1).unwrap_or("?").to_string();
-                let body = format!("{greeting} {path}\n");
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        ready_rx.recv_timeout(Duration::from_secs(10)).expect("web server up");
-        WebServer { stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for WebServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// Like `Lab::spawn_node`, for `wiremeshd node --userspace` with `extra`
 /// flags, run as `nobody`: the userspace node needs no privilege at all.
@@ -159,8 +96,8 @@ fn tailnet_userspace_node_talks_with_a_tun_node_and_proxies_by_name() {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_string();
     assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
-    let _beta_web = WebServer::start(&beta.ns, "[::]:8000", "hello from beta");
-    let _alpha_app = WebServer::start(&alpha.ns, "127.0.0.1:3000", "alpha's local app");
+    let _beta_web = WebServer::start(&beta.ns, "[::]:8000", "hello from beta", 0);
+    let _alpha_app = WebServer::start(&alpha.ns, "127.0.0.1:3000", "alpha's local app", 0);
     let (alpha4, alpha6) = (alpha.ipv4(), alpha.ipv6());
     let (beta4, beta6) = (beta.ipv4(), beta.ipv6());
 
@@ -244,7 +181,7 @@ fn tailnet_embedded_node_joins_with_an_auth_key_and_knows_its_callers() {
     let mut lab = Lab::new();
     let key = lab.new_key(true);
     let beta = lab.spawn_node("beta", &key);
-    let _beta_web = WebServer::start(&beta.ns, "[::]:8000", "hello from beta");
+    let _beta_web = WebServer::start(&beta.ns, "[::]:8000", "hello from beta", 0);
     // The embedded node lives in this test process, on a thread moved into
     // a namespace on the lab's bridge.
     let gamma_ns = Netns::new();

@@ -359,3 +359,76 @@ impl Lab {
         (self.server, self.url) = (Some(proc), url);
     }
 }
+
+/// A tiny HTTP server on one address in a namespace (a thread of this
+/// process moved there), answering each request with `greeting`, the path
+/// asked for, and `filler` bytes of padding (so a response spans many
+/// packets), or as many as the path's `?bytes=N` asks for.
+pub struct WebServer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WebServer {
+    pub fn start(ns: &Netns, addr: &str, greeting: &str, filler: usize) -> WebServer {
+        let path = format!("/run/netns/{}", ns.name());
+        let (addr, greeting) = (addr.to_string(), greeting.to_string());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).expect("namespace file");
+            // SAFETY: setns on a namespace file we hold open; it moves only this thread.
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0, "setns");
+            let listener = std::net::TcpListener::bind(&addr).expect("web server bind");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("ready");
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match std::io::Read::read(&mut s, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let asked = text.split(' ').nth(1).unwrap_or("?").to_string();
+                // `?bytes=N` asks for N bytes of padding instead (16 MiB at most).
+                let padding = asked
+                    .split_once("?bytes=")
+                    .and_then(|(_, n)| n.parse::<usize>().ok())
+                    .map_or(filler, |n| n.min(16 << 20));
+                let body = match padding {
+                    0 => format!("{greeting} {asked}\n"),
+                    n => format!("{greeting} {asked}\n{}\n", "x".repeat(n)),
+                };
+                let _ = std::io::Write::write_fmt(
+                    &mut s,
+                    format_args!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                    ),
+                );
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("web server up");
+        WebServer { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for WebServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
