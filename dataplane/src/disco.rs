@@ -374,6 +374,68 @@ pub(crate) fn apply_path(device: &mut Device, change: PathChanged) {
     }
 }
 
+/// Makes, updates or drops `agent` after a change of `settings` or of the
+/// device key, and puts its chosen paths on `device` (the TUN worker's and
+/// the netstack's shared step). A new key gets a new agent, to which the
+/// relay link moves; without settings or a key the agent goes, its link is
+/// kept in `parked`, and every peer is handed back to WireGuard's roaming.
+pub(crate) fn refresh_agent(
+    agent: &mut Option<PathAgent>,
+    parked: &mut Option<RelayLink>,
+    settings: Option<&DiscoSettings>,
+    key: Option<PrivateKey>,
+    wall: WallTime,
+    device: Option<&mut Device>,
+    now: Instant,
+) {
+    match (settings, key) {
+        (Some(settings), Some(key)) => {
+            match agent.as_mut().filter(|a| a.public_key() == key.public_key()) {
+                Some(a) => a.apply(settings.clone(), now),
+                None => {
+                    let link = agent.as_mut().and_then(|a| a.take_relay(now)).or(parked.take());
+                    let mut fresh = PathAgent::new(key, settings.clone(), wall, now);
+                    if link.is_some() {
+                        fresh.set_relay(link, now);
+                    }
+                    *agent = Some(fresh);
+                }
+            }
+            if let (Some(a), Some(device)) = (agent.as_ref(), device) {
+                a.apply_all(device);
+            }
+        }
+        _ => {
+            if let Some(mut a) = agent.take() {
+                *parked = a.take_relay(now);
+                if let Some(device) = device {
+                    let ids: Vec<_> = device.peer_ids().collect();
+                    for id in ids {
+                        release_peer(device, id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gives `agent` the relay link (or takes it away), or keeps it in
+/// `parked` while there is no agent.
+pub(crate) fn set_relay_link(
+    agent: &mut Option<PathAgent>,
+    parked: &mut Option<RelayLink>,
+    link: Option<RelayLink>,
+    now: Instant,
+) {
+    match agent.as_mut() {
+        Some(a) => {
+            a.set_relay(link, now);
+            *parked = None;
+        }
+        None => *parked = link,
+    }
+}
+
 /// Hands a peer back to WireGuard's own roaming; a relay endpoint left on
 /// it is cleared (nothing can be sent there without the agent).
 pub(crate) fn release_peer(device: &mut Device, id: wiremesh_core::device::PeerId) {

@@ -1220,38 +1220,15 @@ impl Worker {
     /// of the device key, and puts its chosen paths on the device.
     fn refresh_disco(&mut self) {
         let now = self.now();
-        let key = self.config.private_key.clone();
-        match (&self.disco_settings, key) {
-            (Some(settings), Some(key)) => {
-                match self.disco.as_mut().filter(|a| a.public_key() == key.public_key()) {
-                    Some(agent) => agent.apply(settings.clone(), now),
-                    None => {
-                        // A new key: the relay link moves to the new agent.
-                        let link = self.disco.as_mut().and_then(|a| a.take_relay(now)).or(self.parked_relay.take());
-                        let mut agent = PathAgent::new(key, settings.clone(), Self::wall(), now);
-                        if link.is_some() {
-                            agent.set_relay(link, now);
-                        }
-                        self.disco = Some(agent);
-                    }
-                }
-                if let (Some(agent), Some(device)) = (self.disco.as_ref(), self.device.as_mut()) {
-                    agent.apply_all(device);
-                }
-            }
-            _ => {
-                if let Some(mut agent) = self.disco.take() {
-                    self.parked_relay = agent.take_relay(now);
-                    // Hand every peer back to WireGuard's own roaming.
-                    if let Some(device) = self.device.as_mut() {
-                        let ids: Vec<_> = device.peer_ids().collect();
-                        for id in ids {
-                            crate::disco::release_peer(device, id);
-                        }
-                    }
-                }
-            }
-        }
+        crate::disco::refresh_agent(
+            &mut self.disco,
+            &mut self.parked_relay,
+            self.disco_settings.as_ref(),
+            self.config.private_key.clone(),
+            Self::wall(),
+            self.device.as_mut(),
+            now,
+        );
     }
 
     fn drain_control(&mut self) {
@@ -1286,13 +1263,7 @@ impl Worker {
                 }
                 ControlMsg::Relay(link) => {
                     let now = self.now();
-                    match self.disco.as_mut() {
-                        Some(agent) => {
-                            agent.set_relay(link, now);
-                            self.parked_relay = None;
-                        }
-                        None => self.parked_relay = link,
-                    }
+                    crate::disco::set_relay_link(&mut self.disco, &mut self.parked_relay, link, now);
                     self.flush_control_output();
                 }
             }

@@ -15,7 +15,7 @@
 
 use super::phy::{Phy, RecvOutcome, RELAY_DRAIN_BUDGET};
 use super::Options;
-use crate::disco::{release_peer, DiscoSettings, PathAgent};
+use crate::disco::{DiscoSettings, PathAgent};
 use crate::driver::{next_config, reconcile_device, sync_stats, ControlInbox, ControlMsg, DataplaneStats, Worker};
 use crate::uapi::{DeviceConfig, Request, Response, UapiError};
 use crate::udp::UdpSock;
@@ -403,38 +403,15 @@ impl Inner {
     /// of the device key, and puts its chosen paths on the device.
     fn refresh_disco(&mut self) {
         let now = self.core_now();
-        match (&self.disco_settings, self.config.private_key.clone()) {
-            (Some(settings), Some(key)) => {
-                match self.phy.disco.as_mut().filter(|a| a.public_key() == key.public_key()) {
-                    Some(agent) => agent.apply(settings.clone(), now),
-                    None => {
-                        // A new key: the relay link moves to the new agent.
-                        let link =
-                            self.phy.disco.as_mut().and_then(|a| a.take_relay(now)).or(self.phy.parked_relay.take());
-                        let mut agent = PathAgent::new(key, settings.clone(), Worker::wall(), now);
-                        if link.is_some() {
-                            agent.set_relay(link, now);
-                        }
-                        self.phy.disco = Some(agent);
-                    }
-                }
-                if let (Some(agent), Some(core)) = (self.phy.disco.as_ref(), self.phy.core.as_mut()) {
-                    agent.apply_all(core);
-                }
-            }
-            _ => {
-                if let Some(mut agent) = self.phy.disco.take() {
-                    self.phy.parked_relay = agent.take_relay(now);
-                    // Hand every peer back to WireGuard's own roaming.
-                    if let Some(core) = self.phy.core.as_mut() {
-                        let ids: Vec<_> = core.peer_ids().collect();
-                        for id in ids {
-                            release_peer(core, id);
-                        }
-                    }
-                }
-            }
-        }
+        crate::disco::refresh_agent(
+            &mut self.phy.disco,
+            &mut self.phy.parked_relay,
+            self.disco_settings.as_ref(),
+            self.config.private_key.clone(),
+            Worker::wall(),
+            self.phy.core.as_mut(),
+            now,
+        );
     }
 
     /// One turn of the worker: requests, datagrams, timers. Returns how long
@@ -470,13 +447,7 @@ impl Inner {
                 }
                 ControlMsg::Relay(link) => {
                     let now = self.core_now();
-                    match self.phy.disco.as_mut() {
-                        Some(agent) => {
-                            agent.set_relay(link, now);
-                            self.phy.parked_relay = None;
-                        }
-                        None => self.phy.parked_relay = link,
-                    }
+                    crate::disco::set_relay_link(&mut self.phy.disco, &mut self.phy.parked_relay, link, now);
                     self.pump();
                 }
             }
