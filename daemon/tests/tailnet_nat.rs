@@ -141,16 +141,8 @@ fn relayed_pair(test: &str) -> (Lab, Natted, Natted) {
 fn check_relayed(test: &str, lab: &Lab, a: &Natted, b: &Natted) {
     let all = [&a.node, &b.node];
     let (va, vb) = (a.node.ipv4(), b.node.ipv4());
-    let took = wait_until(Duration::from_secs(20), "alpha -> beta", || a.node.ping(&vb), || logs(&all));
-    assert!(b.node.ping(&va), "beta -> alpha\n{}", logs(&all));
-    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
-    wait_logged(&a.node, 0, &format!("path to {kb}: relay"), Duration::from_secs(10), &all);
-    wait_logged(&b.node, 0, &format!("path to {ka}: relay"), Duration::from_secs(10), &all);
-    let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
-    assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
-    assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
+    let (took, ka, kb, ea, eb) = wait_relayed(a, b);
     for n in all {
-        assert_eq!(status_path(n), "relay", "{}'s status path", n.tun);
         // The status names the home relay, connected.
         let st = n.status();
         let relays = st["relays"].as_object().cloned().unwrap_or_default();

@@ -76,17 +76,7 @@ fn a_standalone_relay_carries_a_pair_no_direct_path_joins() {
     let ports: std::collections::BTreeSet<u16> = maps.iter().map(|&(_, p)| p).collect();
     assert_eq!(ports.len(), maps.len(), "masquerade random reused a public port: {maps:?}");
     let (va, vb) = (a.node.ipv4(), b.node.ipv4());
-    let took = wait_until(Duration::from_secs(20), "alpha -> beta", || a.node.ping(&vb), || logs(&all));
-    assert!(b.node.ping(&va), "beta -> alpha\n{}", logs(&all));
-    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
-    wait_logged(&a.node, 0, &format!("path to {kb}: relay"), Duration::from_secs(10), &all);
-    wait_logged(&b.node, 0, &format!("path to {ka}: relay"), Duration::from_secs(10), &all);
-    let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
-    assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
-    assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
-    for n in all {
-        assert_eq!(status_path(n), "relay", "{}'s status path", n.tun);
-    }
+    let (took, ka, kb, _, _) = wait_relayed(&a, &b);
 
     // Each echo request and each reply crosses the standalone relay once.
     const N: u32 = 20;

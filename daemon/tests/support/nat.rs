@@ -279,3 +279,24 @@ impl Drop for StandaloneRelay {
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }
+
+/// Waits until `a` and `b` ping each other and both are on the relay path:
+/// each logged it, WireGuard's endpoint is the relay marker, and the status
+/// says `relay`. Returns the time to the first ping, both node keys and
+/// both `wg show` endpoint lists.
+pub fn wait_relayed(a: &Natted, b: &Natted) -> (Duration, String, String, String, String) {
+    let all = [&a.node, &b.node];
+    let (va, vb) = (a.node.ipv4(), b.node.ipv4());
+    let took = wait_until(Duration::from_secs(20), "alpha -> beta", || a.node.ping(&vb), || logs(&all));
+    assert!(b.node.ping(&va), "beta -> alpha\n{}", logs(&all));
+    let (ka, kb) = (node_key(&a.node), node_key(&b.node));
+    wait_logged(&a.node, 0, &format!("path to {kb}: relay"), Duration::from_secs(10), &all);
+    wait_logged(&b.node, 0, &format!("path to {ka}: relay"), Duration::from_secs(10), &all);
+    let (ea, eb) = (wg_endpoints(&a.node), wg_endpoints(&b.node));
+    assert!(ea.contains(&format!("{kb}\t{RELAY_MARKER}")), "alpha's endpoint for beta: {ea:?}");
+    assert!(eb.contains(&format!("{ka}\t{RELAY_MARKER}")), "beta's endpoint for alpha: {eb:?}");
+    for n in all {
+        assert_eq!(status_path(n), "relay", "{}'s status path", n.tun);
+    }
+    (took, ka, kb, ea, eb)
+}
