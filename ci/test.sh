@@ -26,6 +26,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 if [ -n "${CI:-}" ]; then
     export CARGO_TERM_COLOR=never
+    # A fresh clone has nothing to reuse, and incremental state doubles the
+    # target directory's size.
+    export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 fi
 FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
 THUMB=thumbv7em-none-eabihf
@@ -41,8 +44,16 @@ RESULTS=()
 FAILED=0
 TEST_TOTALS=""
 
+# disk_report: free space where the build goes, and the build's own size.
+disk_report() {
+    mkdir -p "$CARGO_TARGET_DIR"
+    echo "disk: $(df -h --output=avail "$CARGO_TARGET_DIR" | tail -n 1 | tr -d ' ') free at $CARGO_TARGET_DIR;" \
+        "target dir $(du -sh "$CARGO_TARGET_DIR" 2>/dev/null | cut -f1)"
+}
+
 summary() {
     echo
+    disk_report
     echo "==================== ci/test.sh summary ===================="
     local r
     for r in "${RESULTS[@]}"; do
@@ -105,6 +116,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 echo "$(rustc --version) / $(cargo --version)"
+disk_report
 
 # --- dependencies ---------------------------------------------------------------
 if [ "${SKIP_DEPS:-0}" = 1 ]; then

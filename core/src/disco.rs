@@ -80,10 +80,6 @@ pub const MAX_MESSAGE_LEN: usize = HEADER_LEN + MAX_BODY_LEN + TAG_LEN;
 /// forgot to divert it fails instead of leaking.
 pub const RELAY_ENDPOINT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 3, 3, 40), 0));
 
-/// The least time between a ping to an address and a ping back to it
-/// prompted by the peer's ping from there.
-const PING_BACK_SPACING: Duration = Duration::from_secs(1);
-
 const TYPE_PING: u8 = 1;
 const TYPE_PONG: u8 = 2;
 const TYPE_CALL_ME_MAYBE: u8 = 3;
@@ -432,6 +428,9 @@ mod machine {
     const PENDING_PINGS: usize = 4;
     /// Probes waiting for `poll_transmit` beyond this are dropped (oldest first).
     const MAX_QUEUED: usize = 1024;
+    /// The least time between a ping to an address and a ping back to it
+    /// prompted by the peer's ping from there.
+    const PING_BACK_SPACING: Duration = Duration::from_secs(1);
 
     /// Where a probe came from.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
