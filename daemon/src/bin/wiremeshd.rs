@@ -61,6 +61,16 @@ enum Command {
         /// (default: its bound address, or the listen address's host).
         #[arg(long, value_parser = host_port)]
         relay_advertise: Option<String>,
+        /// Payload bytes per second one client may send through the
+        /// embedded relay (as `wiremeshd relay --rate-limit`).
+        #[arg(long, default_value_t = 64 << 20)]
+        relay_rate_limit: u64,
+        /// Payload bytes one client may send through the embedded relay in a burst.
+        #[arg(long, default_value_t = 4 << 20)]
+        relay_burst: u64,
+        /// Frames the embedded relay queues towards one client before more are dropped.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        relay_queue: u64,
         /// A relay run elsewhere (`wiremeshd relay` prints its URL:
         /// relay://HOST:PORT#sha256=HEX), named in every map; repeatable.
         #[arg(long = "relay-url", value_parser = wiremesh_daemon::control::proto::RelayInfo::from_url)]
@@ -275,6 +285,9 @@ fn main() -> ExitCode {
             presence_timeout_secs,
             relay,
             relay_advertise,
+            relay_rate_limit,
+            relay_burst,
+            relay_queue,
             relay_urls,
             identity,
             identity_key_rotation,
@@ -320,6 +333,11 @@ fn main() -> ExitCode {
                 presence_timeout,
                 relay,
                 relay_advertise,
+                relay_limits: wiremesh_daemon::relay::Limits {
+                    rate_bytes_per_sec: relay_rate_limit,
+                    burst_bytes: relay_burst,
+                    queue_frames: relay_queue as usize,
+                },
                 relays: relay_urls,
                 federation_ca,
                 identity,

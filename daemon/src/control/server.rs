@@ -59,6 +59,9 @@ pub struct Options {
     /// `None`: its bound address, or the listen address's host when it
     /// binds every address.
     pub relay_advertise: Option<String>,
+    /// Per-client limits of the embedded relay (`--relay-rate-limit`,
+    /// `--relay-burst`, `--relay-queue`).
+    pub relay_limits: crate::relay::Limits,
     /// Relays run elsewhere (`wiremeshd relay`), named in every map after
     /// the embedded one (`--relay-url`).
     pub relays: Vec<proto::RelayInfo>,
@@ -773,7 +776,7 @@ async fn serve(opts: &Options) -> Result<(), String> {
     // The embedded relay shares the control channel's certificate, so the
     // nodes' pin covers it; a port it cannot bind disables it, not the server.
     let relay_addr = match opts.relay {
-        Some(at) => match crate::relay::start(at, identity.config.clone(), crate::relay::Limits::default()).await {
+        Some(at) => match crate::relay::start(at, identity.config.clone(), opts.relay_limits).await {
             Ok((relay, bound)) => {
                 app.set_embedded_relay(relay, bound);
                 // Other replicas' nodes reach it at its own address, or at

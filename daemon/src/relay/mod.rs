@@ -214,7 +214,7 @@ impl Relay {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (mut rd, wr) = tokio::io::split(stream);
-        let mut wr = BufWriter::new(wr);
+        let mut wr = BufWriter::with_capacity(client::WRITE_BUFFER, wr);
         let Ok(Ok(key)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.authenticate(&mut rd, &mut wr)).await else {
             self.stats.auth_failed.fetch_add(1, Ordering::Relaxed);
             return;
