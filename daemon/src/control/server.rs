@@ -786,6 +786,13 @@ async fn serve(opts: &Options) -> Result<(), String> {
                     .relay_advertise
                     .clone()
                     .or_else(|| (!ip.is_unspecified()).then(|| SocketAddr::new(ip, bound.port()).to_string()));
+                if advertised.is_none() && matches!(opts.state, db::Location::Postgres(_)) {
+                    eprintln!(
+                        "wiremeshd control: warning: the embedded relay on {bound} has no address that other \
+                         replicas' nodes can reach (both it and --listen bind every address): only this \
+                         replica's nodes will use it; set --relay-advertise HOST:PORT"
+                    );
+                }
                 if let Err(e) = app.set_relay(bound.port(), advertised) {
                     eprintln!("wiremeshd control: cannot record the relay: {e}");
                 }
