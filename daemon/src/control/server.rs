@@ -100,7 +100,19 @@ pub struct Snapshot {
     /// The relays maps name (this replica's first, then other live
     /// replicas' with an address), JSON; empty: none.
     pub relays: Arc<str>,
+    /// Each node's index in `nodes`, by id.
+    pub index: HashMap<i64, usize>,
+    /// What the last [`RECENT_CHANGES`] versions changed, oldest first: the
+    /// version and the ids of the nodes whose JSON changed, that appeared
+    /// or that went; `None` for a version that may have changed who sees
+    /// whom (a recompiled policy, a key that expired or was renewed). A
+    /// stream one or a few versions behind sends its delta from these ids
+    /// alone; one further behind walks every node.
+    pub recent: Vec<(u64, Option<Arc<[i64]>>)>,
 }
+
+/// Change lists a snapshot keeps (see [`Snapshot::recent`]).
+const RECENT_CHANGES: usize = 32;
 
 /// What the policy gives one node, serialized once per policy and tailnet.
 #[derive(Debug, Clone)]
@@ -161,6 +173,27 @@ type GrantsKey = (
 );
 
 impl Snapshot {
+    /// The ids of the nodes changed since version `since` (sorted, each
+    /// once), or `None` when some version since then may have changed who
+    /// sees whom or is no longer kept: then only a walk over every node
+    /// tells what changed.
+    fn changed_since(&self, since: u64) -> Option<Vec<i64>> {
+        if since >= self.version {
+            return Some(Vec::new());
+        }
+        let first = self.recent.iter().position(|(v, _)| *v > since)?;
+        if self.recent[first].0 != since + 1 {
+            return None;
+        }
+        let mut ids = Vec::new();
+        for (_, changed) in &self.recent[first..] {
+            ids.extend_from_slice(changed.as_deref()?);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Some(ids)
+    }
+
     /// Whether node index `me` gets node index `i` in its peer list.
     fn visible(&self, me: usize, i: usize) -> bool {
         i != me
@@ -390,17 +423,23 @@ impl App {
         // A node whose JSON did not change keeps the previous snapshot's Arc,
         // so streams tell unchanged peers apart by pointer, not by content.
         let previous = self.snapshot();
-        let old: HashMap<i64, &Arc<str>> = previous.nodes.iter().map(|n| n.id).zip(&previous.json).collect();
+        let mut old: HashMap<i64, &Arc<str>> = previous.nodes.iter().map(|n| n.id).zip(&previous.json).collect();
+        let mut changed = Vec::new();
         let json = nodes
             .iter()
             .map(|n| {
                 let j = serde_json::to_string(n).unwrap_or_default();
-                match old.get(&n.id) {
-                    Some(o) if ***o == *j => Arc::clone(o),
-                    _ => Arc::from(j),
+                match old.remove(&n.id) {
+                    Some(o) if **o == *j => Arc::clone(o),
+                    _ => {
+                        changed.push(n.id);
+                        Arc::from(j)
+                    }
                 }
             })
             .collect();
+        // Whatever is left of the old ones went.
+        changed.extend(old.keys());
         let now = db::unix_now();
         let expired: HashSet<i64> = key_expiries.iter().filter(|(_, &at)| at <= now).map(|(&id, _)| id).collect();
         // Routes need the parsed policy (autoApprovers, who may use them) only when there are any.
@@ -427,6 +466,25 @@ impl App {
             }
         });
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+        // Who sees whom depends on the compiled policy and on which keys
+        // expired; while both stay, only the changed nodes need a look.
+        let same_sight = expired == previous.expired
+            && match (&grants, &previous.grants) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+        let mut recent = previous.recent.clone();
+        if previous.version + 1 != version {
+            // Versions are taken before the snapshot that carries them is
+            // sent, so a list with a gap would be wrong: start again.
+            recent.clear();
+        }
+        recent.push((version, same_sight.then(|| Arc::from(changed))));
+        if recent.len() > RECENT_CHANGES {
+            recent.drain(..recent.len() - RECENT_CHANGES);
+        }
+        let index = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         self.snapshot.send_replace(Arc::new(Snapshot {
             version,
             nodes,
@@ -436,6 +494,8 @@ impl App {
             grants,
             routing,
             relays,
+            index,
+            recent,
         }));
     }
 
@@ -528,7 +588,7 @@ impl App {
     /// The JSON of node `id`'s map without its version (what decides whether
     /// it changed), or `None` if the node is gone.
     pub fn map_body(&self, snap: &Snapshot, id: i64) -> Option<String> {
-        let me = snap.nodes.iter().position(|n| n.id == id)?;
+        let &me = snap.index.get(&id)?;
         let domain = serde_json::to_string(&self.tailnet.domain).unwrap_or_default();
         let (filter, capabilities) = snap.grants_json(me);
         let size: usize = snap.json.iter().map(|j| j.len() + 1).sum();
@@ -1335,6 +1395,8 @@ fn map_version(query: Option<&str>) -> Result<u32, ApiError> {
 /// What a version 2 stream last sent: each peer's JSON and its own.
 #[derive(Default)]
 struct Sent {
+    /// The snapshot version it was brought to.
+    version: u64,
     me: Arc<str>,
     peers: HashMap<i64, Arc<str>>,
     filter: Arc<str>,
@@ -1354,12 +1416,47 @@ impl Sent {
             .map(|(_, (n, j))| (n.id, j.clone()))
             .collect();
         let (filter, capabilities) = snap.grants_json(me);
-        Sent { me: snap.json[me].clone(), peers, filter, capabilities, routes: snap.routing.json_of(me) }
+        Sent {
+            version: snap.version,
+            me: snap.json[me].clone(),
+            peers,
+            filter,
+            capabilities,
+            routes: snap.routing.json_of(me),
+        }
     }
 
-    /// The delta line bringing the last map to `snap`'s, or `None` if nothing
-    /// changed; updates what was sent.
-    fn delta(&mut self, snap: &Snapshot, me: usize) -> Option<Bytes> {
+    /// Brings `peers` to `snap` looking only at the nodes `ids`; returns
+    /// the JSON to upsert (comma-separated) and the ids to remove.
+    fn diff_of(&mut self, snap: &Snapshot, me: usize, ids: &[i64]) -> (String, Vec<i64>) {
+        let mut upsert = String::new();
+        let mut remove = Vec::new();
+        for id in ids {
+            match snap.index.get(id) {
+                Some(&i) if snap.visible(me, i) => {
+                    let j = &snap.json[i];
+                    if self.peers.get(id).is_some_and(|old| Arc::ptr_eq(old, j) || old == j) {
+                        continue;
+                    }
+                    if !upsert.is_empty() {
+                        upsert.push(',');
+                    }
+                    upsert.push_str(j);
+                    self.peers.insert(*id, j.clone());
+                }
+                _ => {
+                    if self.peers.remove(id).is_some() {
+                        remove.push(*id);
+                    }
+                }
+            }
+        }
+        (upsert, remove)
+    }
+
+    /// Brings `peers` to `snap` by walking every node (as
+    /// [`Sent::diff_of`]).
+    fn diff_all(&mut self, snap: &Snapshot, me: usize) -> (String, Vec<i64>) {
         let mut upsert = String::new();
         let mut visible = 0usize;
         for (i, (n, j)) in snap.nodes.iter().zip(&snap.json).enumerate() {
@@ -1389,6 +1486,25 @@ impl Sent {
                 self.peers.remove(id);
             }
         }
+        (upsert, remove)
+    }
+
+    /// The delta line bringing the last map to `snap`'s, or `None` if nothing
+    /// changed; updates what was sent. A stream a few versions behind looks
+    /// only at the nodes those versions changed (O(changes)); one further
+    /// behind, or past a change of who sees whom, walks every node.
+    fn delta(&mut self, snap: &Snapshot, me: usize) -> Option<Bytes> {
+        let (upsert, remove) = match snap.changed_since(self.version) {
+            Some(ids) => self.diff_of(snap, me, &ids),
+            None => self.diff_all(snap, me),
+        };
+        self.version = snap.version;
+        self.line(snap, me, upsert, remove)
+    }
+
+    /// The delta line for the peers found changed, and for this node's own
+    /// entry, filter, capabilities and routes when they changed.
+    fn line(&mut self, snap: &Snapshot, me: usize, upsert: String, remove: Vec<i64>) -> Option<Bytes> {
         let self_changed = self.me != snap.json[me];
         let (filter, capabilities) = snap.grants_json(me);
         let filter_changed = self.filter != filter;
@@ -1482,7 +1598,7 @@ async fn map_stream(app: Arc<App>, rr: proto::RoutedMapRequest, version: u32) ->
                 break;
             }
             if version >= 2 {
-                let Some(me) = snap.nodes.iter().position(|n| n.id == id) else {
+                let Some(&me) = snap.index.get(&id) else {
                     let err = ApiError::new(410, "node_removed", "this node was removed from the tailnet");
                     let _ = tx.send(line(&StreamMessage::Error(err.body()))).await;
                     break;
@@ -1634,6 +1750,100 @@ mod tests {
         step(&mut map, &mut sent);
         assert_eq!(map.peers.len(), 19);
         assert!(added * 5 < full_len && removed * 20 < full_len, "full {full_len}, delta {added}/{removed}");
+    }
+
+    /// Streams one, a few and many versions behind, across endpoint
+    /// changes, registrations, removals, expiries and a policy: each delta
+    /// rebuilds the full map, whether it came from the change lists or
+    /// from a walk over every node.
+    #[test]
+    fn change_lists_give_the_deltas_a_walk_gives() {
+        let (mut db, _) = Db::open_in_memory().unwrap();
+        let (key, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
+        let reg = |n: u8| Registration {
+            auth_key: key.clone(),
+            machine_key: [n; 32],
+            node_key: [n + 100; 32],
+            hostname: format!("c{n}"),
+            endpoints: vec![format!("192.0.2.{n}:1")],
+        };
+        for n in 1..=12u8 {
+            db.register(&reg(n)).unwrap();
+        }
+        let app = App::new(db, [0; 32], Duration::from_secs(1));
+        let snap = app.snapshot();
+        let me_id = snap.nodes[0].id;
+        // (map, what was sent, publishes between its deltas)
+        let mut streams: Vec<(NetworkMap, Sent, usize)> = [1, 3, RECENT_CHANGES + 5]
+            .into_iter()
+            .map(|every| (full_map(&app, &snap, me_id), Sent::full(&snap, 0), every))
+            .collect();
+        let catch_up = |map: &mut NetworkMap, sent: &mut Sent| {
+            let snap = app.snapshot();
+            let me = snap.index[&me_id];
+            match sent.delta(&snap, me) {
+                Some(line) => {
+                    let proto::StreamMessageV2::Delta(d) = serde_json::from_slice(&line).unwrap() else { panic!() };
+                    map.apply(*d);
+                }
+                // Nothing to send: the map the node holds is this version's.
+                None => map.version = snap.version,
+            }
+            assert_eq!(*map, full_map(&app, &snap, me_id), "at version {}", snap.version);
+        };
+        let mut fast = 0;
+        for round in 0..(2 * RECENT_CHANGES + 12) {
+            let n = (round % 11 + 2) as u8;
+            {
+                let mut db = lock(&app.db);
+                match round % 7 {
+                    0..=2 => {
+                        let id = db.nodes().unwrap().iter().find(|x| x.name == format!("c{n}")).map(|x| x.id);
+                        if let Some(id) = id {
+                            db.update_node(id, &[n + 100; 32], &[format!("198.51.100.{round}:9")]).unwrap();
+                        }
+                    }
+                    3 => {
+                        let _ = db.remove_node(&format!("c{n}"));
+                    }
+                    4 => {
+                        let _ = db.register(&reg(n));
+                    }
+                    5 => {
+                        let _ = db.set_node_key_expiry(&format!("c{n}"), if round % 2 == 0 { Some(1) } else { None });
+                    }
+                    _ => {
+                        let text = if round % 2 == 0 {
+                            format!(r#"{{"acls": [{{"action": "accept", "src": ["*"], "dst": ["c{n}:*"]}}]}}"#)
+                        } else {
+                            r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#.to_string()
+                        };
+                        db.set_policy(&text).unwrap();
+                    }
+                }
+            }
+            app.publish();
+            let snap = app.snapshot();
+            for (map, sent, every) in &mut streams {
+                if round % *every == 0 {
+                    fast += usize::from(snap.changed_since(sent.version).is_some());
+                    catch_up(map, sent);
+                }
+            }
+        }
+        assert!(fast > RECENT_CHANGES, "the change lists served {fast} deltas");
+        // Too far behind, or past a policy change: a walk.
+        let snap = app.snapshot();
+        assert!(snap.changed_since(snap.version - RECENT_CHANGES as u64 - 1).is_none());
+        assert_eq!(snap.changed_since(snap.version), Some(vec![]));
+        lock(&app.db).set_policy(r#"{"acls": []}"#).unwrap();
+        app.publish();
+        let after = app.snapshot();
+        assert!(after.changed_since(snap.version).is_none());
+        let id = after.nodes[3].id;
+        lock(&app.db).update_node(id, &[1; 32], &["203.0.113.1:1".into()]).unwrap();
+        app.publish();
+        assert_eq!(app.snapshot().changed_since(after.version), Some(vec![id]));
     }
 
     #[test]
