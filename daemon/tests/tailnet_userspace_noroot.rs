@@ -209,29 +209,8 @@ async fn userspace_interface_runs_unprivileged_and_proxies_both_ways() {
     } else {
         Command::new(WIREMESHD)
     };
-    let mut child = cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let (line_tx, line_rx) = mpsc::channel();
-    for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
-    ] {
-        let tx = line_tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let daemon = Daemon(child);
-    let mut log = Vec::new();
-    loop {
-        let line = line_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("no start: {log:?}"));
-        let up = line.contains("(userspace)");
-        log.push(line);
-        if up {
-            break;
-        }
-    }
+    let child = cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (daemon, _lines, log) = follow_until(child, "(userspace)", "no start");
     // Unprivileged for real: the process runs as nobody (when we are root).
     if root {
         let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap();
@@ -365,7 +344,7 @@ fn node_keeps_to(
     socket: &std::path::Path,
 ) {
     let url = server.url.to_string();
-    let mut child = unprivileged(
+    let child = unprivileged(
         WIREMESHD,
         &["node", "--control", &url, "--auth-key", key, "--hostname", name, "--userspace"],
         env,
@@ -375,28 +354,7 @@ fn node_keeps_to(
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let (line_tx, line_rx) = mpsc::channel();
-    for pipe in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
-    ] {
-        let tx = line_tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let daemon = Daemon(child);
-    let mut log = Vec::new();
-    loop {
-        let line = line_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("no map: {log:?}"));
-        let up = line.contains("map stream open");
-        log.push(line);
-        if up {
-            break;
-        }
-    }
+    let (daemon, _lines, log) = follow_until(child, "map stream open", "no map");
     // The keys are in the user's state directory, private to the user.
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let keys: Vec<_> = std::fs::read_dir(state).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -453,4 +411,37 @@ fn node_userspace_without_flags_keeps_to_the_users_dirs() {
 
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads `child`'s stdout and stderr lines into a channel and waits (20 s at
+/// most, else panics with `what` and the lines so far) for one containing
+/// `marker`; returns the daemon, the channel (keep it: dropped, the readers
+/// stop and a full pipe would stall the daemon) and the lines read.
+fn follow_until(
+    mut child: std::process::Child,
+    marker: &str,
+    what: &str,
+) -> (Daemon, mpsc::Receiver<String>, Vec<String>) {
+    let (line_tx, line_rx) = mpsc::channel();
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+    ] {
+        let tx = line_tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let daemon = Daemon(child);
+    let mut log = Vec::new();
+    loop {
+        let line = line_rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("{what}: {log:?}"));
+        let up = line.contains(marker);
+        log.push(line);
+        if up {
+            return (daemon, line_rx, log);
+        }
+    }
 }
