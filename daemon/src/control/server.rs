@@ -1392,13 +1392,16 @@ fn map_version(query: Option<&str>) -> Result<u32, ApiError> {
     Ok(asked.clamp(1, proto::MAP_VERSION))
 }
 
-/// What a version 2 stream last sent: each peer's JSON and its own.
-#[derive(Default)]
+/// What a version 2 stream last sent: the snapshot its map was last brought
+/// to (whose peers, as this node saw them then, are what the node holds;
+/// shared with every other stream at that version, so a stream costs the
+/// same memory whatever the tailnet's size), and its own entry, filter,
+/// capabilities and routes.
 struct Sent {
-    /// The snapshot version it was brought to.
-    version: u64,
+    /// This node's id.
+    id: i64,
+    last: Arc<Snapshot>,
     me: Arc<str>,
-    peers: HashMap<i64, Arc<str>>,
     filter: Arc<str>,
     capabilities: Arc<str>,
     routes: Arc<str>,
@@ -1406,86 +1409,75 @@ struct Sent {
 
 impl Sent {
     /// Records the full map just sent for node index `me`.
-    fn full(snap: &Snapshot, me: usize) -> Sent {
-        let peers = snap
-            .nodes
-            .iter()
-            .zip(&snap.json)
-            .enumerate()
-            .filter(|(i, _)| snap.visible(me, *i))
-            .map(|(_, (n, j))| (n.id, j.clone()))
-            .collect();
+    fn full(snap: &Arc<Snapshot>, me: usize) -> Sent {
         let (filter, capabilities) = snap.grants_json(me);
         Sent {
-            version: snap.version,
+            id: snap.nodes[me].id,
+            last: snap.clone(),
             me: snap.json[me].clone(),
-            peers,
             filter,
             capabilities,
             routes: snap.routing.json_of(me),
         }
     }
 
-    /// Brings `peers` to `snap` looking only at the nodes `ids`; returns
-    /// the JSON to upsert (comma-separated) and the ids to remove.
-    fn diff_of(&mut self, snap: &Snapshot, me: usize, ids: &[i64]) -> (String, Vec<i64>) {
+    /// The JSON of node `id` as the node last got it, if it was a peer.
+    fn sent_json(&self, id: i64) -> Option<&Arc<str>> {
+        let last = &self.last;
+        let &me = last.index.get(&self.id)?;
+        let &i = last.index.get(&id)?;
+        last.visible(me, i).then(|| &last.json[i])
+    }
+
+    /// What `snap` changes among the nodes `ids` (sorted): the JSON to
+    /// upsert (comma-separated) and the ids to remove.
+    fn diff_of(&self, snap: &Snapshot, me: usize, ids: &[i64]) -> (String, Vec<i64>) {
         let mut upsert = String::new();
         let mut remove = Vec::new();
-        for id in ids {
-            match snap.index.get(id) {
-                Some(&i) if snap.visible(me, i) => {
-                    let j = &snap.json[i];
-                    if self.peers.get(id).is_some_and(|old| Arc::ptr_eq(old, j) || old == j) {
-                        continue;
-                    }
+        for &id in ids {
+            let now = snap.index.get(&id).filter(|&&i| snap.visible(me, i)).map(|&i| &snap.json[i]);
+            match (self.sent_json(id), now) {
+                (Some(old), Some(j)) if Arc::ptr_eq(old, j) || old == j => {}
+                (_, Some(j)) => {
                     if !upsert.is_empty() {
                         upsert.push(',');
                     }
                     upsert.push_str(j);
-                    self.peers.insert(*id, j.clone());
                 }
-                _ => {
-                    if self.peers.remove(id).is_some() {
-                        remove.push(*id);
-                    }
-                }
+                (Some(_), None) => remove.push(id),
+                (None, None) => {}
             }
         }
         (upsert, remove)
     }
 
-    /// Brings `peers` to `snap` by walking every node (as
-    /// [`Sent::diff_of`]).
-    fn diff_all(&mut self, snap: &Snapshot, me: usize) -> (String, Vec<i64>) {
+    /// What `snap` changes, found by walking every node of it and of the
+    /// snapshot last sent (as [`Sent::diff_of`]).
+    fn diff_all(&self, snap: &Snapshot, me: usize) -> (String, Vec<i64>) {
         let mut upsert = String::new();
-        let mut visible = 0usize;
         for (i, (n, j)) in snap.nodes.iter().zip(&snap.json).enumerate() {
             if !snap.visible(me, i) {
                 continue;
             }
-            visible += 1;
             // Unchanged nodes keep their Arc across snapshots: a pointer compare.
-            if self.peers.get(&n.id).is_some_and(|old| Arc::ptr_eq(old, j) || old == j) {
+            if self.sent_json(n.id).is_some_and(|old| Arc::ptr_eq(old, j) || old == j) {
                 continue;
             }
             if !upsert.is_empty() {
                 upsert.push(',');
             }
             upsert.push_str(j);
-            self.peers.insert(n.id, j.clone());
         }
-        // Every visible peer is in `peers` now, so it holds others only if it
-        // is larger: then (removals are rare) find them with a set.
-        let mut remove: Vec<i64> = Vec::new();
-        if self.peers.len() > visible {
-            let current: HashSet<i64> =
-                snap.nodes.iter().enumerate().filter(|(i, _)| snap.visible(me, *i)).map(|(_, n)| n.id).collect();
-            remove = self.peers.keys().filter(|id| !current.contains(id)).copied().collect();
-            remove.sort_unstable();
-            for id in &remove {
-                self.peers.remove(id);
+        let mut remove = Vec::new();
+        let last = &self.last;
+        if let Some(&was_me) = last.index.get(&self.id) {
+            for (o, n) in last.nodes.iter().enumerate() {
+                if last.visible(was_me, o) && !snap.index.get(&n.id).is_some_and(|&i| snap.visible(me, i)) {
+                    remove.push(n.id);
+                }
             }
         }
+        remove.sort_unstable();
         (upsert, remove)
     }
 
@@ -1493,12 +1485,12 @@ impl Sent {
     /// changed; updates what was sent. A stream a few versions behind looks
     /// only at the nodes those versions changed (O(changes)); one further
     /// behind, or past a change of who sees whom, walks every node.
-    fn delta(&mut self, snap: &Snapshot, me: usize) -> Option<Bytes> {
-        let (upsert, remove) = match snap.changed_since(self.version) {
+    fn delta(&mut self, snap: &Arc<Snapshot>, me: usize) -> Option<Bytes> {
+        let (upsert, remove) = match snap.changed_since(self.last.version) {
             Some(ids) => self.diff_of(snap, me, &ids),
             None => self.diff_all(snap, me),
         };
-        self.version = snap.version;
+        self.last = snap.clone();
         self.line(snap, me, upsert, remove)
     }
 
@@ -1826,7 +1818,7 @@ mod tests {
             let snap = app.snapshot();
             for (map, sent, every) in &mut streams {
                 if round % *every == 0 {
-                    fast += usize::from(snap.changed_since(sent.version).is_some());
+                    fast += usize::from(snap.changed_since(sent.last.version).is_some());
                     catch_up(map, sent);
                 }
             }
