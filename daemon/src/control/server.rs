@@ -1691,21 +1691,32 @@ mod tests {
         *map
     }
 
-    #[test]
-    fn deltas_rebuild_the_full_maps_and_are_small() {
-        let (mut db, _) = Db::open_in_memory().unwrap();
-        let (key, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
-        let reg = |n: u8| Registration {
-            auth_key: key.clone(),
+    /// Node `n`'s registration with `key`: host `h{n}`, endpoint 192.0.2.n:1.
+    fn registration(key: &str, n: u8) -> Registration {
+        Registration {
+            auth_key: key.to_string(),
             machine_key: [n; 32],
             node_key: [n + 100; 32],
             hostname: format!("h{n}"),
             endpoints: vec![format!("192.0.2.{n}:1")],
-        };
-        for n in 1..=20u8 {
-            db.register(&reg(n)).unwrap();
         }
-        let app = App::new(db, [0; 32], Duration::from_secs(1));
+    }
+
+    /// A server on an in-memory store with nodes h1 to h`count` registered,
+    /// and the reusable auth key they used.
+    fn app_with_nodes(count: u8) -> (Arc<App>, String) {
+        let (mut db, _) = Db::open_in_memory().unwrap();
+        let (key, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
+        for n in 1..=count {
+            db.register(&registration(&key, n)).unwrap();
+        }
+        (App::new(db, [0; 32], Duration::from_secs(1)), key)
+    }
+
+    #[test]
+    fn deltas_rebuild_the_full_maps_and_are_small() {
+        let (app, key) = app_with_nodes(20);
+        let reg = |n: u8| registration(&key, n);
         let me_id = app.snapshot().nodes[0].id;
         let snap = app.snapshot();
         let mut map = full_map(&app, &snap, me_id);
@@ -1750,19 +1761,8 @@ mod tests {
     /// from a walk over every node.
     #[test]
     fn change_lists_give_the_deltas_a_walk_gives() {
-        let (mut db, _) = Db::open_in_memory().unwrap();
-        let (key, _) = db.create_auth_key(true, false, &[], None, None).unwrap();
-        let reg = |n: u8| Registration {
-            auth_key: key.clone(),
-            machine_key: [n; 32],
-            node_key: [n + 100; 32],
-            hostname: format!("c{n}"),
-            endpoints: vec![format!("192.0.2.{n}:1")],
-        };
-        for n in 1..=12u8 {
-            db.register(&reg(n)).unwrap();
-        }
-        let app = App::new(db, [0; 32], Duration::from_secs(1));
+        let (app, key) = app_with_nodes(12);
+        let reg = |n: u8| registration(&key, n);
         let snap = app.snapshot();
         let me_id = snap.nodes[0].id;
         // (map, what was sent, publishes between its deltas)
@@ -1790,23 +1790,23 @@ mod tests {
                 let mut db = lock(&app.db);
                 match round % 7 {
                     0..=2 => {
-                        let id = db.nodes().unwrap().iter().find(|x| x.name == format!("c{n}")).map(|x| x.id);
+                        let id = db.nodes().unwrap().iter().find(|x| x.name == format!("h{n}")).map(|x| x.id);
                         if let Some(id) = id {
                             db.update_node(id, &[n + 100; 32], &[format!("198.51.100.{round}:9")]).unwrap();
                         }
                     }
                     3 => {
-                        let _ = db.remove_node(&format!("c{n}"));
+                        let _ = db.remove_node(&format!("h{n}"));
                     }
                     4 => {
                         let _ = db.register(&reg(n));
                     }
                     5 => {
-                        let _ = db.set_node_key_expiry(&format!("c{n}"), if round % 2 == 0 { Some(1) } else { None });
+                        let _ = db.set_node_key_expiry(&format!("h{n}"), if round % 2 == 0 { Some(1) } else { None });
                     }
                     _ => {
                         let text = if round % 2 == 0 {
-                            format!(r#"{{"acls": [{{"action": "accept", "src": ["*"], "dst": ["c{n}:*"]}}]}}"#)
+                            format!(r#"{{"acls": [{{"action": "accept", "src": ["*"], "dst": ["h{n}:*"]}}]}}"#)
                         } else {
                             r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#.to_string()
                         };
