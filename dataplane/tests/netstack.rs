@@ -10,6 +10,9 @@ use wiremesh_core::keys::{PrivateKey, PublicKey};
 use wiremesh_dataplane::netstack::{Netstack, Options};
 use wiremesh_dataplane::uapi::{parse_set, DeviceConfig, Request};
 
+mod support;
+use support::hex;
+
 const A4: &str = "100.64.0.1";
 const B4: &str = "100.64.0.2";
 const A6: &str = "fd7a:115c:a1e0::1";
@@ -24,10 +27,6 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.stack.shutdown();
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn node(v4: &str, v6: &str, seed: u64) -> (Node, PrivateKey) {

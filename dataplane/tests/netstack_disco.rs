@@ -9,13 +9,12 @@ use rand::{RngCore, SeedableRng};
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wiremesh_core::disco::{Path, RELAY_ENDPOINT};
 use wiremesh_core::keys::{PrivateKey, PublicKey};
-use wiremesh_dataplane::disco::DiscoSettings;
-use wiremesh_dataplane::driver::Control;
 use wiremesh_dataplane::netstack::{Netstack, Options, TcpStream};
-use wiremesh_dataplane::relay::{RelayDeliverer, RelayPort};
-use wiremesh_dataplane::uapi::{parse_set, DeviceConfig, Request};
+use wiremesh_dataplane::uapi::{parse_set, DeviceConfig};
+
+mod support;
+use support::*;
 
 const A4: &str = "100.64.0.1";
 const B4: &str = "100.64.0.2";
@@ -31,10 +30,6 @@ impl Drop for Node {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// A netstack at `v4` whose one peer is `peer` at `peer_v4`; `endpoint`
 /// (with a keepalive every second) or none.
 fn node(key: PrivateKey, v4: &str, peer: &PublicKey, peer_v4: &str, endpoint: Option<SocketAddr>) -> Node {
@@ -47,35 +42,6 @@ fn node(key: PrivateKey, v4: &str, peer: &PublicKey, peer_v4: &str, endpoint: Op
     config.apply(&parse_set(&body).unwrap()).unwrap();
     let opts = Options { addresses: vec![(v4.parse().unwrap(), 10)], ..Options::default() };
     Node { stack: Netstack::start(config, opts).unwrap(), key }
-}
-
-fn get(control: &Control) -> String {
-    String::from_utf8(control.uapi(Request::Get).as_bytes().to_vec()).unwrap()
-}
-
-fn field(text: &str, name: &str) -> Option<String> {
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name}=")).map(str::to_owned))
-}
-
-fn rx_bytes(text: &str) -> u64 {
-    field(text, "rx_bytes").and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-fn settings(peer: &PublicKey, candidate: SocketAddr, own: SocketAddr) -> DiscoSettings {
-    DiscoSettings { stun_server: None, local_endpoints: vec![own], peers: vec![(*peer, vec![candidate])] }
-}
-
-/// Carries what one link sends to the other link, tagged with the sender's
-/// key, as the relay does (its TLS transport is tested in the daemon).
-fn shuttle(mut from: RelayPort, from_key: PublicKey, to: RelayDeliverer, to_key: PublicKey) {
-    tokio::spawn(async move {
-        while let Some(d) = from.next_outbound().await {
-            // Only frames addressed to the other side are carried.
-            if d.peer == to_key && !to.deliver(from_key, &d.bytes).await {
-                break;
-            }
-        }
-    });
 }
 
 /// Echoes every connection's bytes back.
@@ -130,32 +96,20 @@ async fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_d
 
     // Every direct candidate is dead, and so are the endpoints each
     // advertises: only the relay can carry them.
-    assert!(ca.set_disco(Some(settings(&pb, dead, dead))));
-    assert!(cb.set_disco(Some(settings(&pa, dead, dead))));
+    assert!(ca.set_disco(Some(settings(&pb, dead, dead, None))));
+    assert!(cb.set_disco(Some(settings(&pa, dead, dead, None))));
     let port_a = ca.relay_link(256).unwrap();
     let port_b = cb.relay_link(256).unwrap();
     let (deliver_a, deliver_b) = (port_a.deliverer(), port_b.deliverer());
-    shuttle(port_a, a.key.public_key(), deliver_b, pb);
-    shuttle(port_b, b.key.public_key(), deliver_a, pa);
+    tokio::spawn(shuttle(port_a, a.key.public_key(), deliver_b, pb));
+    tokio::spawn(shuttle(port_b, b.key.public_key(), deliver_a, pa));
 
-    let relay = RELAY_ENDPOINT.to_string();
     let deadline = Instant::now() + Duration::from_secs(15);
     let first_handshake = loop {
-        let (sa, sb) = (ca.disco_status().unwrap(), cb.disco_status().unwrap());
-        let (ta, tb) = (get(&ca), get(&cb));
-        let hs = field(&ta, "last_handshake_time_sec").filter(|s| s != "0");
-        if sa.paths[0].1 == Some(Path::Relay)
-            && sb.paths[0].1 == Some(Path::Relay)
-            && field(&ta, "endpoint").as_deref() == Some(relay.as_str())
-            && field(&tb, "endpoint").as_deref() == Some(relay.as_str())
-            && rx_bytes(&ta) > 0
-            && rx_bytes(&tb) > 0
-        {
-            if let Some(hs) = hs {
-                break hs;
-            }
+        match relayed_session(&ca, &cb) {
+            Ok(handshake) => break handshake,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
         }
-        assert!(Instant::now() < deadline, "no session over the relay: a={sa:?} b={sb:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
@@ -175,20 +129,11 @@ async fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_d
     assert_eq!(field(&get(&ca), "last_handshake_time_sec").unwrap(), first_handshake);
 
     // The true addresses become known: both move to the direct path.
-    assert!(ca.set_disco(Some(settings(&pb, addr_b, addr_a))));
-    assert!(cb.set_disco(Some(settings(&pa, addr_a, addr_b))));
+    assert!(ca.set_disco(Some(settings(&pb, addr_b, addr_a, None))));
+    assert!(cb.set_disco(Some(settings(&pa, addr_a, addr_b, None))));
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (sa, sb) = (ca.disco_status().unwrap(), cb.disco_status().unwrap());
-        let (ta, tb) = (get(&ca), get(&cb));
-        if sa.paths[0].1 == Some(Path::Direct(addr_b))
-            && sb.paths[0].1 == Some(Path::Direct(addr_a))
-            && field(&ta, "endpoint").as_deref() == Some(&addr_b.to_string())
-            && field(&tb, "endpoint").as_deref() == Some(&addr_a.to_string())
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no move to direct: a={sa:?} b={sb:?}");
+    while let Err(e) = direct_session(&ca, &cb, addr_a, addr_b) {
+        assert!(Instant::now() < deadline, "{e}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 

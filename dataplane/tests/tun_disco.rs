@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 use wiremesh_core::disco::Path;
 use wiremesh_core::keys::PrivateKey;
 use wiremesh_core::stun;
-use wiremesh_dataplane::disco::DiscoSettings;
 use wiremesh_dataplane::driver::{Control, Worker};
 use wiremesh_dataplane::tun::{Options, Tun};
 use wiremesh_dataplane::uapi::{parse_set, DeviceConfig, Request};
+
+mod support;
+use support::*;
 
 fn usable() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -26,18 +28,6 @@ fn usable() -> bool {
         return false;
     }
     true
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn get(control: &Control) -> String {
-    String::from_utf8(control.uapi(Request::Get).as_bytes().to_vec()).unwrap()
-}
-
-fn field(text: &str, name: &str) -> Option<String> {
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name}=")).map(str::to_owned))
 }
 
 fn start(name: &str, key: &PrivateKey, peer: &PrivateKey, endpoint: Option<&str>) -> (Control, u16) {
@@ -80,11 +70,8 @@ fn disco_finds_the_path_and_wireguard_uses_it() {
 
         let stun_server = UdpSocket::bind("127.0.0.1:0").unwrap();
         stun_server.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let settings = |peer: &PrivateKey, cand: SocketAddr, own: SocketAddr| DiscoSettings {
-            stun_server: Some(stun_server.local_addr().unwrap()),
-            local_endpoints: vec![own],
-            peers: vec![(peer.public_key(), vec![cand])],
-        };
+        let stun = Some(stun_server.local_addr().unwrap());
+        let settings = |peer: &PrivateKey, cand, own| settings(&peer.public_key(), cand, own, stun);
         assert!(a.set_disco(Some(settings(&kb, addr_b, addr_a))));
         assert!(b.set_disco(Some(settings(&ka, addr_a, addr_b))));
 
@@ -139,26 +126,6 @@ fn disco_finds_the_path_and_wireguard_uses_it() {
     .unwrap();
 }
 
-/// Moves what each worker's relay link sends to the other worker's link,
-/// tagged with the sender's key, as the relay does (its TLS transport is
-/// tested in the daemon's relay tests and the namespace tests).
-fn shuttle(
-    rt: &tokio::runtime::Runtime,
-    mut from: wiremesh_dataplane::relay::RelayPort,
-    from_key: wiremesh_core::keys::PublicKey,
-    to: wiremesh_dataplane::relay::RelayDeliverer,
-    to_key: wiremesh_core::keys::PublicKey,
-) {
-    rt.spawn(async move {
-        while let Some(d) = from.next_outbound().await {
-            // Only frames addressed to the other side are carried.
-            if d.peer == to_key && !to.deliver(from_key, &d.bytes).await {
-                break;
-            }
-        }
-    });
-}
-
 #[test]
 fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_direct() {
     if !usable() {
@@ -179,11 +146,7 @@ fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_direct(
         let (addr_a, addr_b): (SocketAddr, SocketAddr) =
             (format!("127.0.0.1:{pa}").parse().unwrap(), format!("127.0.0.1:{pb}").parse().unwrap());
         let dead: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let settings = |peer: &PrivateKey, cand: SocketAddr, own: SocketAddr| DiscoSettings {
-            stun_server: None,
-            local_endpoints: vec![own],
-            peers: vec![(peer.public_key(), vec![cand])],
-        };
+        let settings = |peer: &PrivateKey, cand, own| settings(&peer.public_key(), cand, own, None);
         // Every direct candidate is dead, and so are the endpoints each
         // advertises (through the relay, in call-me-maybe): only the relay
         // can carry them.
@@ -192,33 +155,15 @@ fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_direct(
         let port_a = a.relay_link(64).unwrap();
         let port_b = b.relay_link(64).unwrap();
         let (deliver_a, deliver_b) = (port_a.deliverer(), port_b.deliverer());
-        shuttle(&rt, port_a, ka.public_key(), deliver_b, kb.public_key());
-        shuttle(&rt, port_b, kb.public_key(), deliver_a, ka.public_key());
+        rt.spawn(shuttle(port_a, ka.public_key(), deliver_b, kb.public_key()));
+        rt.spawn(shuttle(port_b, kb.public_key(), deliver_a, ka.public_key()));
 
-        let relay = wiremesh_core::disco::RELAY_ENDPOINT.to_string();
         let deadline = Instant::now() + Duration::from_secs(15);
         let first_handshake = loop {
-            let (sa, sb) = (a.disco_status().unwrap(), b.disco_status().unwrap());
-            let (ta, tb) = (get(&a), get(&b));
-            let hs = field(&ta, "last_handshake_time_sec").filter(|s| s != "0");
-            let rx = |t: &str| field(t, "rx_bytes").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            if sa.paths[0].1 == Some(Path::Relay)
-                && sb.paths[0].1 == Some(Path::Relay)
-                && field(&ta, "endpoint").as_deref() == Some(relay.as_str())
-                && field(&tb, "endpoint").as_deref() == Some(relay.as_str())
-                && rx(&ta) > 0
-                && rx(&tb) > 0
-                && hs.is_some()
-            {
-                let (la, lb) = (sa.relay.unwrap(), sb.relay.unwrap());
-                assert!(la.sent > 0 && la.received > 0 && lb.sent > 0 && lb.received > 0, "{la:?} {lb:?}");
-                break hs.unwrap_or_default();
+            match relayed_session(&a, &b) {
+                Ok(handshake) => break handshake,
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
             }
-            assert!(
-                Instant::now() < deadline,
-                "no session over the relay: a={sa:?} b={sb:?} get(a)={}",
-                ta.lines().filter(|l| !l.starts_with("private_key")).collect::<Vec<_>>().join(" ")
-            );
             std::thread::sleep(Duration::from_millis(100));
         };
 
@@ -227,25 +172,15 @@ fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_direct(
         assert!(a.set_disco(Some(settings(&kb, addr_b, addr_a))));
         assert!(b.set_disco(Some(settings(&ka, addr_a, addr_b))));
         let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let (sa, sb) = (a.disco_status().unwrap(), b.disco_status().unwrap());
-            let (ta, tb) = (get(&a), get(&b));
-            if sa.paths[0].1 == Some(Path::Direct(addr_b))
-                && sb.paths[0].1 == Some(Path::Direct(addr_a))
-                && field(&ta, "endpoint").as_deref() == Some(&addr_b.to_string())
-                && field(&tb, "endpoint").as_deref() == Some(&addr_a.to_string())
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no move to direct: a={sa:?} b={sb:?}");
+        while let Err(e) = direct_session(&a, &b, addr_a, addr_b) {
+            assert!(Instant::now() < deadline, "{e}");
             std::thread::sleep(Duration::from_millis(100));
         }
         // Keepalives now cross directly: the relay link's traffic stops
         // growing (beyond what was already queued) while B still receives.
-        let rx_b = |t: &str| field(t, "rx_bytes").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let before = (a.disco_status().unwrap().relay.unwrap().sent, rx_b(&get(&b)));
+        let before = (a.disco_status().unwrap().relay.unwrap().sent, rx_bytes(&get(&b)));
         std::thread::sleep(Duration::from_millis(2500));
-        let after = (a.disco_status().unwrap().relay.unwrap().sent, rx_b(&get(&b)));
+        let after = (a.disco_status().unwrap().relay.unwrap().sent, rx_bytes(&get(&b)));
         assert!(after.1 > before.1, "B receives A's keepalives directly: {before:?} -> {after:?}");
         assert!(after.0 - before.0 <= 2, "traffic left the relay: {before:?} -> {after:?}");
         assert_eq!(
