@@ -110,18 +110,6 @@ fn a_standalone_relay_carries_a_pair_no_direct_path_joins() {
     drop(lab.server.take());
 }
 
-/// `curl` in `ns` (10 s at most): success, body, stderr.
-fn curl(ns: &Netns, args: &[&str]) -> (bool, String, String) {
-    let mut full = vec!["curl", "-sS", "--max-time", "10"];
-    full.extend_from_slice(args);
-    let out = ns.exec(&full);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Fetches `url` in `ns` through the SOCKS5 proxy at `socks` and returns
 /// the body's length and curl's download speed in Mbit/s.
 fn download(ns: &Netns, socks: &str, url: &str, all: &[&Node]) -> (usize, f64) {

@@ -54,17 +54,6 @@ fn spawn_userspace(lab: &mut Lab, name: &str, key: &str, extra: &[&str]) -> Node
     Node { ns, _link: link, tun, state, socket, proc: Some(Proc { child, out }) }
 }
 
-fn curl(ns: &Netns, args: &[&str]) -> (bool, String, String) {
-    let mut full = vec!["curl", "-sS", "--max-time", "10"];
-    full.extend_from_slice(args);
-    let out = ns.exec(&full);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn tailnet_userspace_node_talks_with_a_tun_node_and_proxies_by_name() {
     let test = "tailnet_userspace_node_talks_with_a_tun_node_and_proxies_by_name";

@@ -336,22 +336,9 @@ async fn http_error<S: AsyncWrite + Unpin>(s: &mut S, status: u16, code: &str, e
 /// Reads up to the end of the request head; returns the head and any bytes after it.
 async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Result<(Vec<u8>, Vec<u8>), HttpError>> {
     let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    loop {
-        match wire::head_end(&buf) {
-            Ok(Some(end)) => {
-                let rest = buf.split_off(end);
-                return Ok(Ok((buf, rest)));
-            }
-            Ok(None) => {}
-            Err(e) => return Ok(Err(e)),
-        }
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let head =
+        read_message(s, &mut buf, |b| wire::head_end(b).map(|end| end.map(|end| (b[..end].to_vec(), end)))).await?;
+    Ok(head.map(|head| (head, buf)))
 }
 
 async fn http_proxy(mut client: tokio::net::TcpStream, dialer: &Dialer) -> io::Result<()> {

@@ -432,3 +432,15 @@ impl Drop for WebServer {
         }
     }
 }
+
+/// `curl -sS --max-time 10 ARGS` in `ns`: success, body, stderr.
+pub fn curl(ns: &Netns, args: &[&str]) -> (bool, String, String) {
+    let mut full = vec!["curl", "-sS", "--max-time", "10"];
+    full.extend_from_slice(args);
+    let out = ns.exec(&full);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
