@@ -48,16 +48,26 @@ fn start(name: &str, key: &PrivateKey, peer: &PrivateKey, endpoint: Option<&str>
     (control, port)
 }
 
+/// Runs `f` on a thread of its own in a fresh network namespace with
+/// loopback up, and waits for it (its panic is the test's).
+fn in_fresh_netns(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        // SAFETY: unshare changes only this thread's namespaces.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+        assert!(Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap().success());
+        f()
+    })
+    .join()
+    .unwrap();
+}
+
 #[test]
 fn disco_finds_the_path_and_wireguard_uses_it() {
     if !usable() {
         return;
     }
-    std::thread::spawn(|| {
-        // SAFETY: unshare changes only this thread's namespaces.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-        assert!(Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap().success());
+    in_fresh_netns(|| {
         let ka = PrivateKey::from_bytes([0x11; 32]);
         let kb = PrivateKey::from_bytes([0x22; 32]);
         // A's endpoint for B is a port nobody listens on; B has none for A.
@@ -121,9 +131,7 @@ fn disco_finds_the_path_and_wireguard_uses_it() {
         assert_eq!(a.disco_status(), None);
         a.stop();
         b.stop();
-    })
-    .join()
-    .unwrap();
+    });
 }
 
 #[test]
@@ -131,11 +139,7 @@ fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_direct(
     if !usable() {
         return;
     }
-    std::thread::spawn(|| {
-        // SAFETY: unshare changes only this thread's namespaces.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-        assert!(Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap().success());
+    in_fresh_netns(|| {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let ka = PrivateKey::from_bytes([0x33; 32]);
         let kb = PrivateKey::from_bytes([0x44; 32]);
@@ -193,7 +197,5 @@ fn without_a_direct_path_the_session_runs_over_the_relay_link_then_moves_direct(
         assert_eq!(a.disco_status().unwrap().relay, None);
         a.stop();
         b.stop();
-    })
-    .join()
-    .unwrap();
+    });
 }
