@@ -900,7 +900,7 @@ async fn serve(opts: &Options) -> Result<(), String> {
             let running = crate::identity::service::start(app.clone(), &issuer, settings.clone(), control, node_state)
                 .await
                 .map_err(|e| format!("identity service: {e}"))?;
-            println!("identity issuer: {}", running.service.issuer());
+            crate::say!("identity issuer: {}", running.service.issuer());
             Some(running)
         }
         None => None,

@@ -529,7 +529,7 @@ async fn run_node(service: Arc<Service>, control: crate::control::client::Contro
                 match crate::node::userspace::join(opts).await {
                     Ok(e) => match e.ready(Duration::from_secs(30)).await {
                         Ok((v4, _)) => {
-                            println!("identity service on http://{v4}:{PORT}");
+                            crate::say!("identity service on http://{v4}:{PORT}");
                             let serve = tokio::spawn(service.clone().serve_tailnet(e.netstack().clone()));
                             node = Some((e, serve));
                         }

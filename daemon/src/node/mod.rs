@@ -330,7 +330,7 @@ impl Agent {
                 tokio::spawn(async move { me.serve_local(stream).await });
             }
         });
-        println!(
+        crate::say!(
             "node agent on {} (port {}), local API {}",
             self.opts.tun,
             self.listen_port,
@@ -427,7 +427,7 @@ impl Agent {
             }
             *lock(&self.addresses) = None;
         }
-        println!("{to}: peers removed, map stream closed");
+        crate::say!("{to}: peers removed, map stream closed");
     }
 
     /// Opens the map stream (registering first if the server does not know
@@ -460,7 +460,7 @@ impl Agent {
                     self.register(auth_key, &endpoints).await
                 };
                 match registered {
-                    Ok(node) => println!("registered as {} ({}, {})", node.fqdn, node.ipv4, node.ipv6),
+                    Ok(node) => crate::say!("registered as {} ({}, {})", node.fqdn, node.ipv4, node.ipv6),
                     Err(ClientError::Api { status, body }) if status != 401 || body.code != "bad_challenge" => {
                         return Stop::Refused(format!("registration refused: {} ({})", body.error, body.code));
                     }
@@ -483,7 +483,7 @@ impl Agent {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(1);
         let from = self.client.url();
-        println!("map stream open (version {version}) from {}:{}", from.host, from.port);
+        crate::say!("map stream open (version {version}) from {}:{}", from.host, from.port);
         lock(&self.shared).connected = true;
         // The map deltas apply to: the last full map with every delta since.
         let mut current: Option<NetworkMap> = None;
@@ -502,7 +502,7 @@ impl Agent {
                     let status = self.control.disco_status();
                     let now = status.as_ref().and_then(|s| s.reflexive).map(|r| r.to_string());
                     if let Some(r) = now.filter(|r| !lock(&self.reported).contains(r)) {
-                        println!("reflexive address {r}: reporting it");
+                        crate::say!("reflexive address {r}: reporting it");
                         self.reopen.notify_one();
                     }
                     // Each peer's chosen path, logged when it changes.
@@ -511,10 +511,10 @@ impl Agent {
                             let b64 = proto::b64_key(&key.0);
                             match path {
                                 Some(wiremesh_core::disco::Path::Direct(a)) => {
-                                    println!("path to {b64}: direct {a} (rtt {rtt:?})")
+                                    crate::say!("path to {b64}: direct {a} (rtt {rtt:?})")
                                 }
-                                Some(wiremesh_core::disco::Path::Relay) => println!("path to {b64}: relay"),
-                                None => println!("path to {b64}: none found (WireGuard's own endpoint)"),
+                                Some(wiremesh_core::disco::Path::Relay) => crate::say!("path to {b64}: relay"),
+                                None => crate::say!("path to {b64}: none found (WireGuard's own endpoint)"),
                             }
                             paths_seen.insert(key, path);
                         }
@@ -682,14 +682,14 @@ impl Agent {
                 if !self.control.set_filter(change.filter.clone()) {
                     return Err("the data plane is gone: cannot set the packet filter".into());
                 }
-                println!("{kind} {}: packet filter of {} rules", map.version, change.rules.len());
+                crate::say!("{kind} {}: packet filter of {} rules", map.version, change.rules.len());
                 rec.commit_filter(change);
             }
             let plan = rec.plan(Some(&map));
             if !plan.body.is_empty() {
                 self.uapi_set(&plan.body)?;
                 let (a, c, r) = plan.counts;
-                println!("{kind} {}: {} peers ({a} added, {c} changed, {r} removed)", map.version, plan.next.len());
+                crate::say!("{kind} {}: {} peers ({a} added, {c} changed, {r} removed)", map.version, plan.next.len());
             }
             rec.commit(plan);
         }
@@ -762,7 +762,7 @@ impl Agent {
             if let Some(run) = current.take() {
                 run.task.abort();
                 self.control.clear_relay();
-                println!("relay: none in the map; relay client stopped");
+                crate::say!("relay: none in the map; relay client stopped");
             }
             return;
         };

@@ -202,7 +202,7 @@ async fn conn(
         // that cannot be made waits a growing pause.
         let pause = match connect(&target, &key).await {
             Ok((tx, rx)) => {
-                println!("relay: connected to {target}");
+                crate::say!("relay: connected to {target}");
                 listed.set(|c| {
                     c.connected = true;
                     c.last_error = None;
@@ -211,7 +211,7 @@ async fn conn(
                 match carry(tx, rx, &mut queue, deliver.clone()).await {
                     Ok(()) => return,
                     Err(e) => {
-                        println!("relay: connection to {target} lost: {e}; reconnecting");
+                        crate::say!("relay: connection to {target} lost: {e}; reconnecting");
                         listed.set(|c| {
                             c.connected = false;
                             c.last_error = Some(e);
@@ -247,7 +247,7 @@ async fn conn(
             }
         }
         if discarded > 0 {
-            println!("relay: {discarded} datagrams discarded while disconnected from {target}");
+            crate::say!("relay: {discarded} datagrams discarded while disconnected from {target}");
             discarded = 0;
         }
     }

@@ -243,7 +243,7 @@ impl HostRoutes {
                 }
                 Err(e) if e.contains("File exists") => {
                     if inst.kept.insert(p.clone()) {
-                        println!("routes: {p} is already routed on this host; keeping the host's route");
+                        crate::say!("routes: {p} is already routed on this host; keeping the host's route");
                     }
                 }
                 Err(e) => errors.push(e),

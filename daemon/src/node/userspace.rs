@@ -153,7 +153,7 @@ pub(super) async fn start_proxies(agent: &Arc<Agent>, stack: Netstack) -> Result
     proxy::start(&us.proxies, dialer).await?;
     for (what, addr) in [("SOCKS5", us.proxies.socks5), ("HTTP", us.proxies.http)] {
         if let Some(a) = addr {
-            println!("{what} proxy on {a}");
+            crate::say!("{what} proxy on {a}");
         }
     }
     Ok(())
@@ -219,7 +219,7 @@ pub fn run_interface(ifname: &str, config: DeviceConfig, us: &Interface, ready: 
     let result = rt.block_on(async {
         let dialer = Dialer { stack: stack.clone(), resolve: Arc::new(|_: &str| None) };
         proxy::start(&us.proxies, dialer).await?;
-        println!("interface {ifname} (userspace) on UDP port {}", stack.listen_port());
+        crate::say!("interface {ifname} (userspace) on UDP port {}", stack.listen_port());
         ready();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;

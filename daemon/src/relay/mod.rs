@@ -428,7 +428,7 @@ pub fn run(opts: &Options) -> Result<(), String> {
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    println!("relay stats: {}", stats_line(relay.clients(), &relay.stats.snapshot()));
+                    crate::say!("relay stats: {}", stats_line(relay.clients(), &relay.stats.snapshot()));
                 }
             });
         }
