@@ -142,6 +142,15 @@ fn tailnet_keeps_flowing_through_a_control_sigkill_and_resumes_after_restart() {
     }
     let ips: Vec<String> = nodes.iter().map(Node::ipv4).collect();
     wait_until(Duration::from_secs(10), "one -> two", || nodes[0].ping(&ips[1]), || logs(&all));
+    // The control server's embedded relay dies with it: what keeps flowing
+    // is what runs on direct paths, so every pair must have found one (a
+    // pair starts on the relay and moves direct once probes answer).
+    let all_direct = |n: &Node| {
+        let status = n.status();
+        let peers = status["peers"].as_array().cloned().unwrap_or_default();
+        peers.len() == 2 && peers.iter().all(|p| p["path"].as_str().is_some_and(|s| s.starts_with("direct")))
+    };
+    wait_until(Duration::from_secs(20), "direct paths", || nodes.iter().all(all_direct), || logs(&all));
 
     lab.server.as_mut().unwrap().kill9();
     // Traffic keeps flowing without the control server, for longer than
