@@ -365,11 +365,14 @@ echo
 say "alpha\$ wiremesh ping beta          (by name, through the tunnel)"
 cli alpha ping beta || die "wiremesh ping beta from alpha failed"
 echo
-say "gamma\$ ping -c 2 $ALPHA_V4         (alpha's tailnet IPv4)"
-in_ns gamma timeout --foreground -k 2 "$CMD_TIMEOUT" ping -c 2 -W 2 "$ALPHA_V4" || die "ping from gamma to alpha ($ALPHA_V4) failed"
+# A pair's first packets can be lost while its path is set up (it starts
+# on the relay, which needs both nodes connected to it, and moves direct
+# once probes answer): ping until two replies came, 10 s at most.
+say "gamma\$ ping -c 2 -w 10 $ALPHA_V4         (alpha's tailnet IPv4)"
+in_ns gamma timeout --foreground -k 2 "$CMD_TIMEOUT" ping -c 2 -w 10 "$ALPHA_V4" || die "ping from gamma to alpha ($ALPHA_V4) failed"
 echo
-say "gamma\$ ping -c 2 $BETA_V6   (beta's tailnet IPv6)"
-in_ns gamma timeout --foreground -k 2 "$CMD_TIMEOUT" ping -c 2 -W 2 "$BETA_V6" || die "ping from gamma to beta ($BETA_V6) failed"
+say "gamma\$ ping -c 2 -w 10 $BETA_V6   (beta's tailnet IPv6)"
+in_ns gamma timeout --foreground -k 2 "$CMD_TIMEOUT" ping -c 2 -w 10 "$BETA_V6" || die "ping from gamma to beta ($BETA_V6) failed"
 echo
 say "alpha\$ wiremesh status"
 cli alpha status || die "wiremesh status on alpha failed"
